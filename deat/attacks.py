@@ -1,0 +1,172 @@
+"""Projected gradient descent (PGD) attacks and the accuracies measured with them.
+
+PGD (Madry et al., ICLR 2018) maximises the cross-entropy of `model` inside an ε-ball around x, intersected with
+the pixel box [0, 1]; it is both the inner loop of PGD-AT / DEAT (PAPER.md, Algorithm 2) and the evaluation attack.
+
+These are pure functions: they never call model.train()/model.eval() (the paper attacks with BatchNorm in eval
+mode during training; the caller sets that) and never write into parameter .grad (gradients are taken with
+torch.autograd.grad w.r.t. the input only). The step loop has fixed shapes, no .item() and no branching on
+tensor values, so it runs under bf16 autocast and can be captured in a CUDA graph.
+
+Random start (one draw per restart, from `generator`, in this order):
+- ℓ∞: δ ~ Uniform[-ε, ε] elementwise.
+- ℓ2: δ = ε·u·v with v a Gaussian vector normalised to unit ℓ2 norm (a uniform direction; drawn first) and
+  u ~ Uniform[0, 1] per example (drawn second). The radius is uniform, not uniform in volume: in 3072 dimensions
+  the latter puts almost every start on the sphere, leaving no small starts at all.
+The start is then clipped to [0, 1]. Restart r of `pgd(..., restarts=R)` therefore starts exactly where the r-th
+of R successive `pgd(..., restarts=1)` calls on the same generator would.
+"""
+
+import torch
+import torch.nn.functional as F
+
+NORMS = ("linf", "l2")
+
+# Floor for per-example norms we divide by: a zero gradient (or zero perturbation) stays zero instead of NaN.
+_TINY = 1e-12
+
+
+def _check_attack_args(x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int, norm: str,
+                       random_start: bool, restarts: int, generator: torch.Generator | None) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
+    if restarts > 1 and not random_start:
+        raise ValueError("restarts > 1 needs random_start=True: without a random start every restart is identical")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor with pixels in [0, 1], got dtype {x.dtype}")
+    if y.shape != x.shape[:1]:
+        raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
+    if generator is not None and generator.device.type != x.device.type:
+        raise ValueError(f"generator must be on x's device type {x.device.type!r}, got {generator.device.type!r}")
+
+
+def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
+    """ℓ2 norm of each example, shaped (B, 1, ..., 1) to broadcast against t."""
+    return t.flatten(1).norm(dim=1).view(-1, *[1] * (t.dim() - 1))
+
+
+def _random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:
+    if norm == "linf":
+        delta = (2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1) * eps
+    else:
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        direction = direction / _per_example_norm(direction).clamp_min(_TINY)
+        radius = eps * torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
+        delta = direction * radius.view(-1, *[1] * (x.dim() - 1))
+    return (x + delta).clamp(0, 1)
+
+
+def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Nearest point of the ε-ball to delta (Euclidean projection for both norms)."""
+    if norm == "linf":
+        return delta.clamp(-eps, eps)
+    return delta * (eps / _per_example_norm(delta).clamp_min(_TINY)).clamp(max=1)
+
+
+def _ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """Steepest-ascent direction of unit norm: sign for ℓ∞, the per-example normalised gradient for ℓ2."""
+    if norm == "linf":
+        return grad.sign()
+    return grad / _per_example_norm(grad).clamp_min(_TINY)
+
+
+def _per_example_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # float() so bf16-autocast logits give a float32 loss: bf16 rounding would blur the comparison of restarts.
+    return F.cross_entropy(model(x).float(), y, reduction="none")
+
+
+def _pgd_from(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, eps: float,
+              alpha: float, steps: int, norm: str) -> torch.Tensor:
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        # Summed, not averaged, loss: each example's gradient is then independent of the batch size.
+        loss = _per_example_loss(model, x_adv, y).sum()
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        delta = _project(x_adv.detach() - x + alpha * _ascent_direction(grad, norm), eps, norm)
+        # Clipping a point of the ball to the box keeps it in the ball, as x itself lies in the box.
+        x_adv = (x + delta).clamp(0, 1)
+    return x_adv.detach()
+
+
+def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
+        norm: str = "linf", random_start: bool = True, restarts: int = 1,
+        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Adversarial examples maximising the cross-entropy of `model` within the ε-ball around x and within [0, 1].
+
+    x: (B, C, H, W) floats in [0, 1]; y: (B,) class indices; eps, alpha: ball radius and step size in pixel units.
+    Each step ascends by alpha along the sign of the gradient (ℓ∞) or the per-example unit-norm gradient (ℓ2),
+    projects onto the ε-ball, then clips to [0, 1]. With restarts > 1 each example keeps the restart whose final
+    loss is highest, so adding restarts never lowers an example's loss. steps == 0 or eps == 0 returns x clipped
+    to [0, 1] (K = 0: standard training). The random start is drawn from `generator` (on x's device) if given.
+    Returns a detached tensor shaped like x.
+    """
+    _check_attack_args(x, y, eps, alpha, steps, norm, random_start, restarts, generator)
+    x = x.detach().clamp(0, 1)
+    if steps == 0 or eps == 0:
+        return x
+    # enable_grad: the attack needs input gradients even when the caller evaluates under torch.no_grad().
+    with torch.enable_grad():
+        best = _pgd_from(model, x, y, _random_start(x, eps, norm, generator) if random_start else x,
+                         eps, alpha, steps, norm)
+        if restarts == 1:
+            return best
+        with torch.no_grad():
+            best_loss = _per_example_loss(model, best, y)
+        for _ in range(restarts - 1):
+            candidate = _pgd_from(model, x, y, _random_start(x, eps, norm, generator), eps, alpha, steps, norm)
+            with torch.no_grad():
+                loss = _per_example_loss(model, candidate, y)
+            improved = (loss > best_loss).view(-1, *[1] * (x.dim() - 1))
+            best = torch.where(improved, candidate, best)
+            best_loss = torch.maximum(loss, best_loss)
+    return best
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+@torch.no_grad()
+def _correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N,) bool: whether model classifies each example of x correctly, predicted batch by batch."""
+    return torch.cat([model(x[i:i + batch_size]).argmax(dim=1) == y[i:i + batch_size]
+                      for i in range(0, x.shape[0], batch_size)])
+
+
+def clean_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    """Fraction of x that model classifies correctly; x and y on model's device. Leaves the model mode alone."""
+    _check_batch_size(batch_size)
+    return _correct(model, x, y, batch_size).float().mean().item()
+
+
+@torch.no_grad()
+def robust_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
+                    steps: int, norm: str = "linf", restarts: int = 1, batch_size: int = 500,
+                    generator: torch.Generator | None = None) -> float:
+    """Fraction of x classified correctly under every one of `restarts` randomly started PGD attacks.
+
+    An example counts as broken if it is misclassified clean or if ANY restart misclassifies it, so each restart
+    attacks only the examples still robust (as AutoAttack does), and more restarts never raise the accuracy.
+    Restarts form the outer loop, batches the inner one: the first restart then draws the same random starts
+    whatever `restarts` is, so with a fixed generator seed restarts=R is never above restarts=1.
+    x and y on model's device. Leaves the model mode alone.
+    """
+    _check_batch_size(batch_size)
+    _check_attack_args(x, y, eps, alpha, steps, norm, True, restarts, generator)
+    robust = _correct(model, x, y, batch_size)
+    for _ in range(restarts):
+        still_robust = robust.nonzero().squeeze(1)
+        for i in range(0, still_robust.numel(), batch_size):
+            index = still_robust[i:i + batch_size]
+            x_adv = pgd(model, x[index], y[index], eps, alpha, steps, norm, generator=generator)
+            robust[index] = model(x_adv).argmax(dim=1) == y[index]
+    return robust.float().mean().item()
