@@ -1,0 +1,223 @@
+"""Every training option in one dataclass: its default, its help text, and its validation.
+
+One name per option everywhere: `pgd_steps` in YAML run files, `--pgd-steps` on the command line, `pgd_steps` in
+metrics.json, checkpoints and MLflow. A run file (YAML) and flags combine; flags win. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("pgd_at", "deat")
+ARCHITECTURES = ("preact_resnet18", "senet18", "vgg19", "wrn34_10", "small_cnn")
+SCHEDULES = ("piecewise", "cosine", "constant")
+NORMS = ("linf", "l2")
+AUGMENTS = ("auto", "none", "crop", "crop_flip")
+PRECISIONS = ("fp32", "bf16")
+
+# Options that do not change what a run computes: a checkpoint written under other values still resumes.
+NON_RESULT_KEYS = ("out", "device", "data_root", "log_interval_s")
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # --- data
+    dataset: str = _opt("mnist5k", "cifar10 | cifar100 | svhn | mnist5k (offline) | npz:<path>")
+    data_root: str = _opt("data", "where torchvision datasets are (or are downloaded to)")
+    val_size: int | None = _opt(None, "held-out training images that pick best.pt (null: min(1000, n_train // 10))")
+    augment: str = _opt("auto", "auto | none | crop | crop_flip (auto: crop_flip for 32x32 colour, crop for svhn)")
+    # --- model
+    arch: str = _opt("small_cnn", " | ".join(ARCHITECTURES))
+    width: int | None = _opt(None, "base channel width (wrn34_10: widen factor); null: the architecture's usual")
+    # --- outer step
+    method: str = _opt("deat", "pgd_at (SGD) | deat (two-buffer positive-negative momentum, Algorithm 2)")
+    lr: float = _opt(0.1, "learning rate alpha")
+    batch_size: int = _opt(128, "training batch size b")
+    momentum: float = _opt(0.9, "pgd_at only: SGD momentum (0 = the paper's Algorithm 1 as printed)")
+    weight_decay: float = _opt(5e-4, "weight decay")
+    decoupled_weight_decay: bool = _opt(True, "deat only: theta *= 1 - lr*wd (PNM's default) instead of g += wd*theta")
+    k1: float = _opt(1.0, "deat only: negative-momentum coefficient k1")
+    k2: float = _opt(0.8, "deat only: buffer decay k2")
+    epochs: int = _opt(110, "training epochs")
+    schedule: str = _opt("piecewise", "piecewise | cosine | constant, stepped every iteration")
+    milestones: list[float] | None = _opt(None, "piecewise: epochs where lr *= gamma (null: 100/110 and 105/110 of epochs)")
+    gamma: float = _opt(0.1, "piecewise: lr factor at each milestone")
+    # --- inner attack (training)
+    eps: float | None = _opt(None, "attack radius in [0,1] pixels, '8/255' accepted (null: 0.3 for mnist5k, else 8/255)")
+    norm: str = _opt("linf", "linf | l2")
+    pgd_steps: int = _opt(10, "PGD steps K in training (0 = standard training)")
+    pgd_step_size: float | None = _opt(None, "PGD step size (null: 2.5 * eps / pgd_steps, i.e. 2/255 for 8/255, K=10)")
+    random_start: bool = _opt(True, "uniform random start in the eps-ball (Algorithm 2 writes delta_0 = 0)")
+    attack_bn_eval: bool = _opt(True, "BatchNorm in eval mode while attacking (the paper's setting)")
+    # --- per-epoch evaluation (the paper's per-epoch curve)
+    eval_pgd_steps: int = _opt(10, "PGD steps for the per-epoch validation and test accuracy (step 2.5*eps/steps)")
+    eval_examples: int | None = _opt(None, "test images evaluated each epoch (null: all); a fixed subset")
+    # --- run
+    seed: int = _opt(0, "seed for initialisation, batch order, augmentation and attack starts")
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N (auto: cuda when available)")
+    precision: str = _opt("fp32", "fp32 | bf16 (bf16 autocast, CUDA only)")
+    channels_last: bool = _opt(False, "channels_last memory format (CUDA)")
+    out: str | None = _opt(None, "run directory: metrics.json, best.pt, last.pt, train.log")
+    log_interval_s: float = _opt(60.0, "seconds between in-epoch progress lines")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        parsed = {name: _coerce(value, known[name].type, f"{source}: {name}") for name, value in values.items()}
+        cfg = cls(**parsed)
+        cfg.validate(source)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self, source: str = "config") -> None:
+        def check(ok: bool, key: str, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"{source}: {key}={getattr(self, key)!r} is invalid; expected {expected}")
+
+        check(self.dataset in ("cifar10", "cifar100", "svhn", "mnist5k") or self.dataset.startswith("npz:"),
+              "dataset", "one of cifar10, cifar100, svhn, mnist5k or npz:<path>")
+        check(self.arch in ARCHITECTURES, "arch", f"one of {ARCHITECTURES}")
+        check(self.method in METHODS, "method", f"one of {METHODS}")
+        check(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
+        check(self.norm in NORMS, "norm", f"one of {NORMS}")
+        check(self.augment in AUGMENTS, "augment", f"one of {AUGMENTS}")
+        check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
+        check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device", "auto, cpu, cuda or cuda:N")
+        check(self.lr > 0, "lr", "a number > 0")
+        check(self.batch_size >= 1, "batch_size", "an integer >= 1")
+        check(self.epochs >= 1, "epochs", "an integer >= 1")
+        check(0 <= self.momentum < 1, "momentum", "0 <= momentum < 1")
+        check(self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        check(self.k1 >= 0, "k1", "a number >= 0")
+        check(0 <= self.k2 < 1, "k2", "0 <= k2 < 1")
+        check(0 < self.gamma <= 1, "gamma", "0 < gamma <= 1")
+        check(self.eps is None or self.eps >= 0, "eps", "a number >= 0")
+        check(self.pgd_steps >= 0, "pgd_steps", "an integer >= 0")
+        check(self.pgd_step_size is None or self.pgd_step_size >= 0, "pgd_step_size", "a number >= 0")
+        check(self.eval_pgd_steps >= 1, "eval_pgd_steps", "an integer >= 1")
+        check(self.eval_examples is None or self.eval_examples >= 1, "eval_examples", "null or an integer >= 1")
+        check(self.val_size is None or self.val_size >= 0, "val_size", "null or an integer >= 0")
+        check(self.width is None or self.width >= 1, "width", "null or an integer >= 1")
+        check(self.log_interval_s > 0, "log_interval_s", "a number > 0")
+        check(self.milestones is None or (list(self.milestones) == sorted(self.milestones)
+                                          and all(0 < m <= self.epochs for m in self.milestones)),
+              "milestones", f"increasing epochs within (0, epochs={self.epochs}]")
+
+    def resolved(self) -> "TrainConfig":
+        """Fill the per-dataset defaults (eps, step size, milestones) so that the saved config is explicit."""
+        eps = self.eps if self.eps is not None else (0.3 if self.dataset == "mnist5k" else 8 / 255)
+        # Madry et al.'s rule, step = 2.5 * eps / K: 2/255 for eps 8/255 and K = 10, the paper's setting.
+        step = self.pgd_step_size if self.pgd_step_size is not None else 2.5 * eps / max(self.pgd_steps, 1)
+        # The paper decays at epochs 100 and 105 of 110; shorter runs keep the same fractions.
+        milestones = self.milestones if self.milestones is not None else [self.epochs * 100 / 110,
+                                                                          self.epochs * 105 / 110]
+        return dataclasses.replace(self, eps=eps, pgd_step_size=step, milestones=list(milestones))
+
+
+def parse_number(text: str) -> float:
+    """A float, or a fraction such as '8/255' (radii are usually quoted in 1/255 units)."""
+    match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*", text)
+    if match:
+        return float(match.group(1)) / float(match.group(2))
+    return float(text)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check/convert one value against a field's annotation, e.g. `float | None`, `list[float] | None`."""
+    hint = _resolve_annotation(annotation)
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ValueError(f"{where}: null is not allowed")
+    base = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) in (
+        typing.Union, types.UnionType) else hint
+    if typing.get_origin(base) is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list of numbers, got {value!r}")
+        return [_coerce(v, float, where) for v in value]
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return parse_number(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{where}: expected a number (or a fraction like 8/255), got {value!r}")
+    if base is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"{where}: unsupported annotation {hint}")
+
+
+def _resolve_annotation(annotation: Any) -> Any:
+    return eval(annotation, vars(typing), {"list": list}) if isinstance(annotation, str) else annotation
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: malformed YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type = TrainConfig) -> None:
+    """One flag per dataclass field, with its help and default; defaults are SUPPRESSed so we see what was given."""
+    parser.add_argument("--config", metavar="FILE", help="YAML run file with any of the options below; flags win")
+    for f in dataclasses.fields(config_cls):
+        hint = _resolve_annotation(f.type)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif "list" in str(hint):
+            parser.add_argument(flag, nargs="+", type=parse_number, metavar="X", **kwargs)
+        else:
+            kind = str(hint)
+            convert = parse_number if "float" in kind else int if "int" in kind else str
+            parser.add_argument(flag, type=convert, metavar=f.name.upper(), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, config_cls: type = TrainConfig):
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    source = args.config if getattr(args, "config", None) else "command line"
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return config_cls.from_dict(values, source=source)

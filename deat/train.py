@@ -1,0 +1,285 @@
+"""Train one adversarially robust classifier with PGD-AT or DEAT, with per-epoch checkpoints and exact resume.
+
+    python -m deat train --dataset cifar10 --arch preact_resnet18 --method deat --lr 0.1 --batch-size 128 \\
+        --seed 0 --epochs 110 --out results/runs/example
+
+Run directory layout: while training, `running/` holds the resumable state (`checkpoint.pt` after every epoch,
+`best.pt`, `metrics.json`); on completion `last.pt`, `best.pt` and `metrics.json` are published in the run
+directory and `running/` is removed. Rerunning the same command continues from the last complete epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import platform
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .attacks import clean_accuracy, pgd, robust_accuracy
+from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
+from .config import NON_RESULT_KEYS, TrainConfig, add_config_arguments, config_from_args
+from .data import Batches, augment_policy, load_dataset
+from .models import build_model
+from .optim import build_optimizer, build_scheduler, effective_step
+
+EVAL_SEED = 0  # per-epoch evaluation uses the same attack starts every epoch, so curves are comparable
+
+
+@dataclass
+class RunLogger:
+    """Hooks a tracker (MLflow, see tracking.py) plugs into; train.py itself never imports one."""
+
+    start: Callable[[dict[str, Any]], None] = lambda params: None
+    epoch: Callable[[dict[str, Any]], None] = lambda record: None
+    end: Callable[[dict[str, Any], Path], None] = lambda metrics, out: None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if cfg.precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def adversarial_step(model, optimizer, x, y, cfg: TrainConfig, attack_gen: torch.Generator):
+    """One iteration: PGD-K on the batch (inner max), then the method's outer step. Returns (loss, n_correct) tensors.
+
+    Kept free of .item() and host syncs so a CUDA-graph or compile path can wrap it.
+    """
+    if cfg.pgd_steps > 0:
+        if cfg.attack_bn_eval:
+            model.eval()
+        with autocast(cfg, x.device):
+            x = pgd(model, x, y, cfg.eps, cfg.pgd_step_size, cfg.pgd_steps, cfg.norm, cfg.random_start,
+                    generator=attack_gen)
+        model.train()
+    with autocast(cfg, x.device):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def train_one_epoch(model, optimizer, scheduler, batches, cfg, attack_gen, epoch, log) -> dict[str, float]:
+    model.train()
+    loss_sum = torch.zeros((), device=batches.x.device)
+    correct = torch.zeros((), device=batches.x.device, dtype=torch.long)
+    seen, start, last_log = 0, time.perf_counter(), time.perf_counter()
+    for i, (x, y) in enumerate(batches, 1):
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss, n_correct = adversarial_step(model, optimizer, x, y, cfg, attack_gen)
+        scheduler.step()
+        loss_sum += loss * len(y)
+        correct += n_correct
+        seen += len(y)
+        if time.perf_counter() - last_log > cfg.log_interval_s:  # .item() syncs: only at log steps
+            last_log = time.perf_counter()
+            rate = seen / (last_log - start)
+            log(f"  epoch {epoch} [{i}/{len(batches)}] loss {loss_sum.item() / seen:.4f} "
+                f"robust acc {correct.item() / seen:.2%} {rate:.0f} img/s, epoch ETA "
+                f"{_hms((len(batches) - i) * (last_log - start) / i)}")
+    if batches.x.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    train_loss = loss_sum.item() / max(seen, 1)
+    if not math.isfinite(train_loss):
+        raise FloatingPointError(f"training loss is {train_loss} in epoch {epoch} (lr {cfg.lr}, method "
+                                 f"{cfg.method}): the run diverged; lower the learning rate")
+    return {"train_loss": train_loss, "train_robust_acc": correct.item() / max(seen, 1),
+            "images_per_s": seen / elapsed, "epoch_time_s": elapsed}
+
+
+@torch.no_grad()
+def evaluate_epoch(model, data, test_index, cfg: TrainConfig) -> dict[str, float]:
+    """Clean and PGD accuracy on the validation split (picks best.pt) and the test split (the paper's curve)."""
+    model.eval()
+    step = 2.5 * cfg.eps / cfg.eval_pgd_steps
+    result = {}
+    for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x[test_index], data.test_y[test_index])):
+        if len(y) == 0:
+            result[f"{split}_clean_acc"] = result[f"{split}_pgd_acc"] = None
+            continue
+        x = x.float() / 255
+        gen = torch.Generator(device=x.device).manual_seed(EVAL_SEED)
+        with autocast(cfg, x.device):
+            result[f"{split}_clean_acc"] = clean_accuracy(model, x, y)
+            result[f"{split}_pgd_acc"] = robust_accuracy(model, x, y, cfg.eps, step, cfg.eval_pgd_steps, cfg.norm,
+                                                         generator=gen)
+    return result
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return {"device": str(device), "device_name": name, "torch": torch.__version__, "deat": __version__,
+            "python": platform.python_version(), "hostname": socket.gethostname(),
+            "cpu_threads": torch.get_num_threads()}
+
+
+def rng_state(device: torch.device, data_gen: torch.Generator, attack_gen: torch.Generator) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "data": data_gen.get_state(), "attack": attack_gen.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device, data_gen, attack_gen) -> None:
+    torch.set_rng_state(state["torch"])
+    data_gen.set_state(state["data"])
+    attack_gen.set_state(state["attack"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    differ = {k: (saved.get(k), v) for k, v in current.items() if k not in NON_RESULT_KEYS and saved.get(k) != v}
+    if differ:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(differ.items()))
+        raise ValueError(f"checkpoint {path} belongs to a different run ({details}); "
+                         f"use another --out or delete that directory")
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train (or resume, or skip if complete) the run in `cfg.out`; returns the metrics dict written there."""
+    if cfg.out is None:
+        raise ValueError("out: a run directory is required (--out DIR)")
+    logger = logger or RunLogger()
+    out, running = Path(cfg.out), Path(cfg.out) / "running"
+    final_metrics = out / "metrics.json"
+    if final_metrics.is_file():
+        log(f"{final_metrics} exists: run already complete, nothing to do")
+        return _read_json(final_metrics)
+
+    device = resolve_device(cfg.device)
+    cfg = cfg.resolved()
+    data = load_dataset(cfg.dataset, cfg.data_root, cfg.val_size).to(device)
+    torch.manual_seed(cfg.seed)
+    model_spec = {"arch": cfg.arch, "num_classes": data.num_classes, "in_channels": data.train_x.shape[1],
+                  "mean": list(data.mean), "std": list(data.std), "width": cfg.width}
+    model = build_model(model_spec["arch"], model_spec["num_classes"], in_channels=model_spec["in_channels"],
+                        mean=model_spec["mean"], std=model_spec["std"], width=cfg.width).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.method, model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, k1=cfg.k1, k2=cfg.k2,
+                                decoupled_weight_decay=cfg.decoupled_weight_decay)
+    data_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    attack_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003)
+    batches = Batches(data.train_x, data.train_y, cfg.batch_size, shuffle=True, drop_last=True,
+                      augment=augment_policy(cfg.augment, data), generator=data_gen)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.epochs, len(batches), cfg.milestones, cfg.gamma)
+    n_test = len(data.test_y)
+    test_index = torch.randperm(n_test, generator=torch.Generator().manual_seed(EVAL_SEED))[:cfg.eval_examples]
+    test_index = test_index.sort().values.to(device)
+
+    config = cfg.to_dict()
+    metrics: dict[str, Any] = {"config": config, "status": "running", "environment": environment(device),
+                               "effective_step": effective_step(cfg.method, cfg.lr, cfg.momentum, cfg.k1),
+                               "model": model_spec, "epochs": [], "best": None, "last": None, "wall_time_s": 0.0}
+    checkpoint_path = running / "checkpoint.pt"
+    if checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path, map_location=device)
+        check_same_run(state["config"], config, checkpoint_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"], device, data_gen, attack_gen)
+        metrics.update(epochs=state["metrics"]["epochs"], best=state["metrics"]["best"],
+                       wall_time_s=state["metrics"]["wall_time_s"])
+        log(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}")
+    start_epoch = len(metrics["epochs"]) + 1
+    log(f"{cfg.method} {cfg.arch} on {cfg.dataset}: lr {cfg.lr} batch {cfg.batch_size} seed {cfg.seed}, "
+        f"{len(batches)} iterations/epoch on {device} ({metrics['environment']['device_name']})")
+    logger.start({**config, **{f"model_{k}": v for k, v in model_spec.items()},
+                  "effective_step": metrics["effective_step"]})
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        started = time.perf_counter()
+        record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        record.update(train_one_epoch(model, optimizer, scheduler, batches, cfg, attack_gen, epoch, log))
+        record.update(evaluate_epoch(model, data, test_index, cfg))
+        metrics["wall_time_s"] += time.perf_counter() - started
+        metrics["epochs"].append(record)
+        summary = {k: record[k] for k in ("epoch", "val_pgd_acc", "test_pgd_acc", "test_clean_acc")}
+        metrics["last"] = summary
+        # best.pt is picked on held-out training images, never on the test set; without a validation split
+        # the latest epoch stands in.
+        if metrics["best"] is None or record["val_pgd_acc"] is None or record["val_pgd_acc"] > metrics["best"][
+                "val_pgd_acc"]:
+            metrics["best"] = summary
+            save_checkpoint(running / "best.pt", {"config": config, "model_spec": model_spec, "epoch": epoch,
+                                                  "model": model.state_dict(), "metrics": summary})
+        save_checkpoint(checkpoint_path, {"config": config, "model_spec": model_spec, "epoch": epoch,
+                                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "scheduler": scheduler.state_dict(),
+                                          "rng": rng_state(device, data_gen, attack_gen), "metrics": metrics})
+        write_json(running / "metrics.json", metrics)
+        logger.epoch(record)
+        log(_epoch_line(record, cfg.epochs, eta_s=(cfg.epochs - epoch) * metrics["wall_time_s"] / epoch))
+
+    for name, source in (("last.pt", checkpoint_path), ("best.pt", running / "best.pt")):
+        atomic_write(out / name, lambda f, source=source: f.write(source.read_bytes()))
+    metrics["status"] = "complete"
+    write_json(final_metrics, metrics)
+    shutil.rmtree(running)
+    logger.end(metrics, out)
+    log(f"done: best epoch {metrics['best']['epoch']} (val PGD {_pct(metrics['best']['val_pgd_acc'])}), "
+        f"last test PGD {_pct(metrics['last']['test_pgd_acc'])}, {_hms(metrics['wall_time_s'])} in all")
+    return metrics
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2%}"
+
+
+def _epoch_line(r: dict[str, Any], epochs: int, eta_s: float) -> str:
+    return (f"epoch {r['epoch']}/{epochs} | lr {r['lr']:.4g} | loss {r['train_loss']:.4f} | "
+            f"train robust {_pct(r['train_robust_acc'])} | val clean/PGD {_pct(r['val_clean_acc'])}/"
+            f"{_pct(r['val_pgd_acc'])} | test clean/PGD {_pct(r['test_clean_acc'])}/{_pct(r['test_pgd_acc'])} | "
+            f"{r['images_per_s']:.0f} img/s | {r['epoch_time_s']:.1f} s | ETA {_hms(eta_s)}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    train(config_from_args(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,138 @@
+"""The real `snakemake` on a tiny study in a temp directory: every output, MLflow's runs, and bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 2
+TINY = {
+    "run": ["tiny"],
+    "device": "cpu",
+    "studies": {
+        "tiny": {
+            "dataset": "mnist5k",
+            "archs": ["small_cnn"],
+            "methods": ["pgd_at", "deat"],
+            "lrs": [0.05, 0.1],
+            "batch_sizes": [256],
+            "seeds": [0],
+            "train": {"epochs": EPOCHS, "eps": 0.1, "pgd_steps": 2, "val_size": 200, "eval_examples": 100,
+                      "width": 8},
+            "eval": {"n_examples": 40, "pgd_steps": 5, "pgd_restarts": 1, "autoattack_attacks": ["apgd-ce"]},
+        }
+    },
+}
+EPOCH_METRICS = ("lr", "train_loss", "train_robust_acc", "val_clean_acc", "val_pgd_acc", "test_clean_acc",
+                 "test_pgd_acc", "images_per_s", "epoch_time_s")
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+                           "--directory", str(workdir), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write_config(workdir: Path, config: dict) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("workflow")
+    write_config(workdir, TINY)
+    result = snakemake(workdir, "--cores", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_every_expected_output_exists(tiny_study):
+    manifest = json.loads((tiny_study / "results/studies/tiny/manifest.json").read_text())
+    assert len(manifest["runs"]) == 4
+    for run in manifest["runs"]:
+        run_dir = tiny_study / run["dir"]
+        for name in ("metrics.json", "best.pt", "last.pt", "mlflow_run_id"):
+            assert (run_dir / name).is_file(), run_dir / name
+        assert not (run_dir / "running").exists()
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["status"] == "complete" and len(metrics["epochs"]) == EPOCHS
+        assert (metrics["config"]["method"], metrics["config"]["lr"]) == (run["method"], run["lr"])
+        evaluation = json.loads((tiny_study / run["eval"]).read_text())
+        for checkpoint in ("best", "last"):
+            for key in ("clean_acc", "pgd10_acc", "pgd_acc", "aa_acc"):
+                assert 0 <= evaluation["checkpoints"][checkpoint][key] <= 1
+        assert (tiny_study / "results/logs/train" / f"{run['dir'].removeprefix('results/runs/')}.log").is_file()
+    tables = {p.name for p in (tiny_study / "results/tables/tiny").iterdir()}
+    for stem in ("table2_pgd10_best", "table2_clean_last", "table3_correlation", "table4_paired_ttest"):
+        assert {f"{stem}.md", f"{stem}.tex", f"{stem}.csv"} <= tables
+    figures = list((tiny_study / "results/figures/tiny").glob("*.png"))
+    assert figures and all(f.stat().st_size > 0 for f in figures)
+    assert (tiny_study / "results/data/mnist5k.json").is_file()
+
+
+@pytest.mark.slow
+def test_mlflow_holds_one_child_run_per_grid_point_with_every_epoch(tiny_study):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tiny_study}/results/mlflow/mlflow.db")
+    experiment = client.get_experiment_by_name("deat")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("deat.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"method", "lr", "batch_size", "seed", "eps", "pgd_steps", "k1", "momentum"} <= set(child.data.params)
+        for key in EPOCH_METRICS:
+            history = client.get_metric_history(child.info.run_id, key)
+            assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), key
+        assert "eval/best/aa_acc" in child.data.metrics and "eval/last/pgd_acc" in child.data.metrics
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"metrics.json", "config.json", "learning_curves.png"} <= artifacts
+    parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"tables", "figures"} <= parent_artifacts
+
+
+@pytest.mark.slow
+def test_rerun_has_nothing_to_do(tiny_study):
+    result = snakemake(tiny_study, "--cores", "2", "-n")
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def _bad(study_changes: dict, top_changes: dict | None = None) -> dict:
+    config = json.loads(json.dumps(TINY))
+    config["studies"]["tiny"].update(study_changes)
+    config.update(top_changes or {})
+    return config
+
+
+@pytest.mark.parametrize("config, expected", [
+    (_bad({"archs": ["resnet50"]}), "resnet50"),
+    (_bad({"methods": ["sgd"]}), "sgd"),
+    (_bad({"dataset": "imagenet"}), "imagenet"),
+    (_bad({"lrs": [-0.1]}), "-0.1"),
+    (_bad({"lrs": []}), "lrs"),
+    (_bad({"epochs": 3}), "epochs"),
+    (_bad({"train": {"epoch": 3}}), "unknown key(s) ['epoch']"),
+    (_bad({"train": {"k2": 1.5}}), "k2=1.5 is invalid; expected 0 <= k2 < 1"),
+    (_bad({"train": {"lr": 0.1}}), "['lr'] cannot be set here"),
+    (_bad({}, {"run": ["nope"]}), "unknown study 'nope'"),
+    (_bad({}, {"colour": "blue"}), "colour"),
+])
+def test_bad_config_stops_before_any_job(tmp_path, config, expected):
+    write_config(tmp_path, config)
+    result = snakemake(tmp_path, "--cores", "1", timeout=120)
+    assert result.returncode != 0
+    assert expected in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()

@@ -1,0 +1,147 @@
+# Validation, run identity and target functions. Everything here runs when Snakemake parses the workflow,
+# so bad input stops the run before any job starts.
+import hashlib
+import itertools
+import json
+import shutil
+import sys
+
+sys.path.insert(0, workflow.basedir)  # the deat package beside the Snakefile, installed or not
+from deat.config import NON_RESULT_KEYS, TrainConfig
+
+
+validate(config, "../schemas/config.schema.yaml")
+
+GRID_KEYS = ("arch", "method", "lr", "batch_size", "seed")
+# Options that only one method reads: leaving them out of the run's identity lets studies that differ
+# only in the other method's options share its runs.
+METHOD_ONLY = {"pgd_at": ("k1", "k2", "decoupled_weight_decay"), "deat": ("momentum",)}
+
+
+def _fail(message):
+    raise WorkflowError(f"config error: {message}")
+
+
+for _name in config["run"]:
+    if _name not in config["studies"]:
+        _fail(f"run: unknown study {_name!r}; defined studies: {sorted(config['studies'])}")
+
+
+def short_hash(values):
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def dataset_tag(dataset):
+    """A path-safe name: npz:../shared/data/cifar10_small.npz -> npz-cifar10_small."""
+    if dataset.startswith("npz:"):
+        return "npz-" + Path(dataset[4:]).stem
+    return dataset
+
+
+def format_lr(lr):
+    return format(lr, "g")
+
+
+def uses_gpu():
+    return config["device"] == "cuda" or (config["device"] == "auto" and shutil.which("nvidia-smi") is not None)
+
+
+def build_runs():
+    """Every grid point of every configured study: run path -> (train config, owner study, eval settings).
+
+    The run path holds the grid axes for readability and a hash of every other setting that changes the result,
+    so two studies share a directory exactly when they would train the same model.
+    """
+    runs, studies = {}, {}
+    for name, study in config["studies"].items():
+        where = f"studies.{name}.train"
+        clash = sorted(set(study["train"]) & set(GRID_KEYS + ("dataset", "out")))
+        if clash:
+            _fail(f"{where}: {clash} cannot be set here; the grid sets them (archs, methods, lrs, batch_sizes, "
+                  f"seeds, dataset)")
+        studies[name] = []
+        for arch, method, lr, bs, seed in itertools.product(study["archs"], study["methods"], study["lrs"],
+                                                            study["batch_sizes"], study["seeds"]):
+            values = {**study["train"], "dataset": study["dataset"], "arch": arch, "method": method, "lr": lr,
+                      "batch_size": bs, "seed": seed, "data_root": config["data_root"], "device": config["device"]}
+            try:
+                cfg = TrainConfig.from_dict(values, source=where).resolved()
+            except ValueError as err:
+                _fail(str(err))
+            settings = {k: v for k, v in cfg.to_dict().items()
+                        if k not in GRID_KEYS + NON_RESULT_KEYS + METHOD_ONLY[method]}
+            run = (f"{dataset_tag(study['dataset'])}/{arch}/{method}/{short_hash(settings)}/"
+                   f"lr{format_lr(lr)}_bs{bs}_seed{seed}")
+            eval_settings = {**study["eval"]}
+            entry = runs.setdefault(run, {"train": cfg.to_dict(), "owner": None, "evals": {}})
+            if entry["owner"] is None and name in config["run"]:
+                entry["owner"] = name
+            entry["evals"][short_hash(eval_settings)] = eval_settings
+            studies[name].append({"arch": arch, "method": method, "lr": lr, "batch_size": bs, "seed": seed,
+                                  "dir": f"results/runs/{run}",
+                                  "eval": f"results/runs/{run}/eval_{short_hash(eval_settings)}.json"})
+    return runs, studies
+
+
+RUNS, STUDY_RUNS = build_runs()
+
+
+wildcard_constraints:
+    run=r"[A-Za-z0-9_.-]+/(" + "|".join(TrainConfig.__dataclass_fields__["arch"].metadata["help"].split(" | "))
+    + r")/(pgd_at|deat)/[0-9a-f]{8}/lr[0-9.e+-]+_bs\d+_seed\d+",
+    evalhash=r"[0-9a-f]{8}",
+    study="|".join(config["studies"]),
+
+
+def run_entry(wildcards):
+    try:
+        return RUNS[wildcards.run]
+    except KeyError:
+        raise WorkflowError(f"results/runs/{wildcards.run} is not a grid point of any configured study")
+
+
+def cli_flags(options):
+    """{'pgd_steps': 10, 'random_start': False, 'milestones': [100, 105]} -> '--pgd-steps 10 --no-random-start ...'"""
+    flags = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            flags.append(f"{flag} " + " ".join(str(v) for v in value))
+        else:
+            flags.append(f"{flag} {value}")
+    return " ".join(flags)
+
+
+def tracking_file(wildcards):
+    owner = run_entry(wildcards)["owner"]
+    return f"results/studies/{owner}/mlflow.json"
+
+
+def study_protocol(name):
+    """What every table states: optimizer and momentum, schedule, eps/steps, checkpoint rule, seeds, examples."""
+    study = config["studies"][name]
+    example = TrainConfig.from_dict({**study["train"], "dataset": study["dataset"]}).resolved().to_dict()
+    protocol = {k: example[k] for k in ("dataset", "epochs", "schedule", "milestones", "gamma", "weight_decay",
+                                        "k1", "k2", "decoupled_weight_decay", "eps", "norm", "pgd_steps",
+                                        "pgd_step_size", "random_start", "attack_bn_eval", "val_size")}
+    protocol["pgd_at_momentum"] = example["momentum"]
+    protocol["seeds"] = study["seeds"]
+    protocol["checkpoint_rule"] = ("best = highest PGD-%d accuracy on a held-out validation split of the training "
+                                   "set; last = final epoch" % example["eval_pgd_steps"])
+    protocol["eval"] = study["eval"]
+    return protocol
+
+
+def study_manifest(name):
+    study = config["studies"][name]
+    return {"study": name, "description": study["description"], "protocol": study_protocol(name),
+            "paper_reference": study["paper_reference"], "runs": STUDY_RUNS[name]}
+
+
+def study_outputs(name):
+    runs = STUDY_RUNS[name]
+    return [r["dir"] + "/metrics.json" for r in runs] + [r["eval"] for r in runs]

@@ -1,0 +1,23 @@
+# Clean, PGD-10, PGD-k x restarts and AutoAttack on best.pt and last.pt of every run; resumable.
+
+
+rule evaluate:
+    input:
+        metrics="results/runs/{run}/metrics.json",
+        best="results/runs/{run}/best.pt",
+        last="results/runs/{run}/last.pt",
+        tracking=tracking_file,
+    output:
+        "results/runs/{run}/eval_{evalhash}.json",
+    log:
+        "results/logs/evaluate/{run}_{evalhash}.log",
+    params:
+        flags=lambda w: cli_flags(run_entry(w)["evals"][w.evalhash]),
+        device=config["device"],
+        gpu_flags=f"--gpu-lock-dir results/locks --runs-per-gpu {config['runs_per_gpu']}",
+    threads: 1  # small models run best as parallel single-thread jobs on a CPU; GPU jobs need one
+    resources:
+        gpu=1 if uses_gpu() else 0,
+    shell:
+        "OMP_NUM_THREADS={threads} python -m deat evaluate --run-dir results/runs/{wildcards.run} --out {output} {params.flags}"
+        " --device {params.device} --mlflow {input.tracking} {params.gpu_flags} > {log} 2>&1"
