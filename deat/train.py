@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import platform
@@ -60,10 +61,10 @@ def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractConte
     return contextlib.nullcontext()
 
 
-def adversarial_step(model, optimizer, x, y, cfg: TrainConfig, attack_gen: torch.Generator):
-    """One iteration: PGD-K on the batch (inner max), then the method's outer step. Returns (loss, n_correct) tensors.
+def adversarial_forward(model, x, y, cfg: TrainConfig, attack_gen: torch.Generator):
+    """PGD-K on the batch (the inner max), then the training forward pass. Returns (loss, logits).
 
-    Kept free of .item() and host syncs so a CUDA-graph or compile path can wrap it.
+    Kept free of .item() and host syncs so that fast.py can capture it in a CUDA graph.
     """
     if cfg.pgd_steps > 0:
         if cfg.attack_bn_eval:
@@ -75,21 +76,34 @@ def adversarial_step(model, optimizer, x, y, cfg: TrainConfig, attack_gen: torch
     with autocast(cfg, x.device):
         logits = model(x)
         loss = F.cross_entropy(logits, y)
+    return loss, logits
+
+
+def adversarial_step(model, optimizer, x, y, cfg: TrainConfig, attack_gen: torch.Generator):
+    """One iteration: PGD-K on the batch (inner max), then the method's outer step. Returns (loss, n_correct) tensors.
+
+    The eager step; fast.py wraps it (torch.compile) or replaces it with a captured equivalent (CUDA graphs).
+    """
+    loss, logits = adversarial_forward(model, x, y, cfg, attack_gen)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
-def train_one_epoch(model, optimizer, scheduler, batches, cfg, attack_gen, epoch, log) -> dict[str, float]:
+def train_one_epoch(model, optimizer, scheduler, batches, cfg, attack_gen, epoch, log,
+                    step: Callable | None = None) -> dict[str, float]:
+    """One pass over `batches`. `step(x, y) -> (loss, n_correct)` defaults to the eager `adversarial_step`;
+    `train` passes the one `fast.build_train_step` chose (CUDA graphs, torch.compile or eager)."""
+    step = step or functools.partial(adversarial_step, model, optimizer, cfg=cfg, attack_gen=attack_gen)
     model.train()
     loss_sum = torch.zeros((), device=batches.x.device)
     correct = torch.zeros((), device=batches.x.device, dtype=torch.long)
     seen, start, last_log = 0, time.perf_counter(), time.perf_counter()
     for i, (x, y) in enumerate(batches, 1):
-        if cfg.channels_last:
+        if cfg.channels_last and x.is_cuda:  # a CUDA-only option, like bf16: the CPU keeps the plain path
             x = x.contiguous(memory_format=torch.channels_last)
-        loss, n_correct = adversarial_step(model, optimizer, x, y, cfg, attack_gen)
+        loss, n_correct = step(x, y)
         scheduler.step()
         loss_sum += loss * len(y)
         correct += n_correct
@@ -132,7 +146,7 @@ def evaluate_epoch(model, data, test_index, cfg: TrainConfig) -> dict[str, float
 
 def environment(device: torch.device) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    return {"device": str(device), "device_name": name, "torch": torch.__version__, "deat": __version__,
+    return {"device": str(device), "device_name": name, "torch": str(torch.__version__), "deat": __version__,
             "python": platform.python_version(), "hostname": socket.gethostname(),
             "cpu_threads": torch.get_num_threads()}
 
@@ -184,7 +198,7 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
                   "mean": list(data.mean), "std": list(data.std), "width": cfg.width}
     model = build_model(model_spec["arch"], model_spec["num_classes"], in_channels=model_spec["in_channels"],
                         mean=model_spec["mean"], std=model_spec["std"], width=cfg.width).to(device)
-    if cfg.channels_last:
+    if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.method, model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, k1=cfg.k1, k2=cfg.k2,
@@ -210,9 +224,13 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"], device, data_gen, attack_gen)
+        # `last` too: a run killed after its final epoch's checkpoint resumes straight into publication.
         metrics.update(epochs=state["metrics"]["epochs"], best=state["metrics"]["best"],
-                       wall_time_s=state["metrics"]["wall_time_s"])
+                       last=state["metrics"]["last"], wall_time_s=state["metrics"]["wall_time_s"])
         log(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}")
+    from .fast import build_train_step  # imported here: fast.py builds on this module's adversarial_step
+
+    step = build_train_step(model, optimizer, cfg, attack_gen, log)
     start_epoch = len(metrics["epochs"]) + 1
     log(f"{cfg.method} {cfg.arch} on {cfg.dataset}: lr {cfg.lr} batch {cfg.batch_size} seed {cfg.seed}, "
         f"{len(batches)} iterations/epoch on {device} ({metrics['environment']['device_name']})")
@@ -222,7 +240,7 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
     for epoch in range(start_epoch, cfg.epochs + 1):
         started = time.perf_counter()
         record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        record.update(train_one_epoch(model, optimizer, scheduler, batches, cfg, attack_gen, epoch, log))
+        record.update(train_one_epoch(model, optimizer, scheduler, batches, cfg, attack_gen, epoch, log, step))
         record.update(evaluate_epoch(model, data, test_index, cfg))
         metrics["wall_time_s"] += time.perf_counter() - started
         metrics["epochs"].append(record)
