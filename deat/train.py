@@ -170,7 +170,7 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -
     differ = {k: (saved.get(k), v) for k, v in current.items() if k not in NON_RESULT_KEYS and saved.get(k) != v}
     if differ:
         details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(differ.items()))
-        raise ValueError(f"checkpoint {path} belongs to a different run ({details}); "
+        raise ValueError(f"{path} belongs to a different run ({details}); "
                          f"use another --out or delete that directory")
 
 
@@ -186,9 +186,13 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
     logger = logger or RunLogger()
     out, running = Path(cfg.out), Path(cfg.out) / "running"
     final_metrics = out / "metrics.json"
+    cfg.validate()
     if final_metrics.is_file():
+        done = _read_json(final_metrics)
+        check_same_run(done["config"], cfg.resolved().to_dict(), final_metrics)
+        shutil.rmtree(running, ignore_errors=True)  # left over if a crash hit between publishing and cleanup
         log(f"{final_metrics} exists: run already complete, nothing to do")
-        return _read_json(final_metrics)
+        return done
 
     device = resolve_device(cfg.device)
     cfg = cfg.resolved()

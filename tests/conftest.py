@@ -1,0 +1,44 @@
+"""Shared test fixtures: one torch thread, RNG hygiene, MLflow kept inside tmp_path, the shared CIFAR subset."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# ../shared/data beside the repository; a fresh clone has no ../shared, so tests needing it skip.
+SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10_small.npz"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # One thread per test process: the small tensors of these tests gain nothing from more, the machines running
+    # them share their cores, and CPU results are reproducible bit for bit only at a fixed thread count.
+    # Test modules that need another count set it themselves and restore the previous one.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_rng():
+    """Tests that draw from the global generators do not change what later tests draw."""
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    yield
+    torch.set_rng_state(cpu_state)
+    if cuda_states is not None:
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Anything that reaches MLflow writes to a store inside this test's tmp_path, never to ./mlruns."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    return uri
+
+
+@pytest.fixture
+def shared_cifar() -> Path:
+    """Path of the 5,000 + 1,000 image CIFAR-10 subset (see ../shared/data/README.md); skips where it is absent."""
+    if not SHARED_CIFAR.is_file():
+        pytest.skip(f"{SHARED_CIFAR} is absent (it lives beside the repository, not in a fresh clone)")
+    return SHARED_CIFAR
