@@ -23,6 +23,8 @@ SCHEDULES = ("piecewise", "cosine", "constant")
 NORMS = ("linf", "l2")
 AUGMENTS = ("auto", "none", "crop", "crop_flip")
 PRECISIONS = ("fp32", "bf16")
+# torch.compile modes ("default" is torch's mode=None); "none" trains uncompiled.
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 # Options that do not change what a run computes: a checkpoint written under other values still resumes.
 NON_RESULT_KEYS = ("out", "device", "data_root", "log_interval_s")
@@ -70,6 +72,8 @@ class TrainConfig:
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N (auto: cuda when available)")
     precision: str = _opt("fp32", "fp32 | bf16 (bf16 autocast, CUDA only)")
     channels_last: bool = _opt(False, "channels_last memory format (CUDA)")
+    cuda_graph: bool = _opt(False, "capture the whole attack + update step in CUDA graphs (CUDA; the CPU runs eager)")
+    compile: str = _opt("none", "torch.compile the model: " + " | ".join(COMPILE_MODES) + " (CUDA; the CPU runs eager)")
     out: str | None = _opt(None, "run directory: metrics.json, best.pt, last.pt, train.log")
     log_interval_s: float = _opt(60.0, "seconds between in-epoch progress lines")
 
@@ -100,6 +104,9 @@ class TrainConfig:
         check(self.norm in NORMS, "norm", f"one of {NORMS}")
         check(self.augment in AUGMENTS, "augment", f"one of {AUGMENTS}")
         check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
+        check(self.compile in COMPILE_MODES, "compile", f"one of {COMPILE_MODES}")
+        check(not (self.cuda_graph and self.compile != "none"), "compile",
+              "'none' when cuda_graph is true (the two are alternative ways to remove launch overhead)")
         check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device", "auto, cpu, cuda or cuda:N")
         check(self.lr > 0, "lr", "a number > 0")
         check(self.batch_size >= 1, "batch_size", "an integer >= 1")
@@ -117,9 +124,10 @@ class TrainConfig:
         check(self.val_size is None or self.val_size >= 0, "val_size", "null or an integer >= 0")
         check(self.width is None or self.width >= 1, "width", "null or an integer >= 1")
         check(self.log_interval_s > 0, "log_interval_s", "a number > 0")
-        check(self.milestones is None or (list(self.milestones) == sorted(self.milestones)
+        # Strictly increasing, as optim.build_scheduler requires: caught here, before any data is loaded.
+        check(self.milestones is None or (all(a < b for a, b in zip(self.milestones, self.milestones[1:]))
                                           and all(0 < m <= self.epochs for m in self.milestones)),
-              "milestones", f"increasing epochs within (0, epochs={self.epochs}]")
+              "milestones", f"strictly increasing epochs within (0, epochs={self.epochs}]")
 
     def resolved(self) -> "TrainConfig":
         """Fill the per-dataset defaults (eps, step size, milestones) so that the saved config is explicit."""
@@ -136,7 +144,10 @@ def parse_number(text: str) -> float:
     """A float, or a fraction such as '8/255' (radii are usually quoted in 1/255 units)."""
     match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*", text)
     if match:
-        return float(match.group(1)) / float(match.group(2))
+        denominator = float(match.group(2))
+        if denominator == 0:  # a ValueError, not ZeroDivisionError: argparse and _coerce report ValueErrors
+            raise ValueError(f"{text!r} divides by zero")
+        return float(match.group(1)) / denominator
     return float(text)
 
 

@@ -127,7 +127,8 @@ def study_protocol(name):
     example = TrainConfig.from_dict({**study["train"], "dataset": study["dataset"]}).resolved().to_dict()
     protocol = {k: example[k] for k in ("dataset", "epochs", "schedule", "milestones", "gamma", "weight_decay",
                                         "k1", "k2", "decoupled_weight_decay", "eps", "norm", "pgd_steps",
-                                        "pgd_step_size", "random_start", "attack_bn_eval", "val_size")}
+                                        "pgd_step_size", "random_start", "attack_bn_eval", "val_size",
+                                        "precision", "channels_last", "cuda_graph", "compile")}
     protocol["pgd_at_momentum"] = example["momentum"]
     protocol["seeds"] = study["seeds"]
     protocol["checkpoint_rule"] = ("best = highest PGD-%d accuracy on a held-out validation split of the training "
