@@ -241,6 +241,7 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
     logger.start({**config, **{f"model_{k}": v for k, v in model_spec.items()},
                   "effective_step": metrics["effective_step"]})
 
+    select = "val_pgd_acc" if cfg.pgd_steps > 0 else "val_clean_acc"
     for epoch in range(start_epoch, cfg.epochs + 1):
         started = time.perf_counter()
         record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
@@ -248,12 +249,11 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
         record.update(evaluate_epoch(model, data, test_index, cfg))
         metrics["wall_time_s"] += time.perf_counter() - started
         metrics["epochs"].append(record)
-        summary = {k: record[k] for k in ("epoch", "val_pgd_acc", "test_pgd_acc", "test_clean_acc")}
+        summary = {k: record[k] for k in ("epoch", "val_clean_acc", "val_pgd_acc", "test_pgd_acc", "test_clean_acc")}
         metrics["last"] = summary
-        # best.pt is picked on held-out training images, never on the test set; without a validation split
-        # the latest epoch stands in.
-        if metrics["best"] is None or record["val_pgd_acc"] is None or record["val_pgd_acc"] > metrics["best"][
-                "val_pgd_acc"]:
+        # best.pt is picked on held-out training images, never on the test set: by PGD accuracy, or by clean
+        # accuracy for standard training (K = 0); without a validation split the latest epoch stands in.
+        if metrics["best"] is None or record[select] is None or record[select] > metrics["best"][select]:
             metrics["best"] = summary
             save_checkpoint(running / "best.pt", {"config": config, "model_spec": model_spec, "epoch": epoch,
                                                   "model": model.state_dict(), "metrics": summary})

@@ -302,6 +302,23 @@ def test_metrics_json_best_by_validation_pgd_and_rerun_is_a_no_op(tmp_path, monk
     assert len(weights_after_epoch) == 4  # nothing was trained or evaluated again
 
 
+def test_standard_training_picks_best_by_validation_clean_accuracy(tmp_path, monkeypatch):
+    # K = 0 trains without an attack, so the clean validation accuracy picks best.pt (scripted: epoch 2).
+    scripted = {"val_clean_acc": [0.3, 0.8, 0.6], "val_pgd_acc": [0.9, 0.0, 0.0]}
+    real_evaluate = deat.train.evaluate_epoch
+    calls = []
+
+    def scripted_evaluate(*args, **kwargs):
+        epoch = len(calls)
+        calls.append(epoch)
+        return {**real_evaluate(*args, **kwargs), **{k: v[epoch] for k, v in scripted.items()}}
+
+    monkeypatch.setattr(deat.train, "evaluate_epoch", scripted_evaluate)
+    metrics = train(tiny_config(tmp_path / "run", epochs=3, pgd_steps=0, eval_pgd_steps=1, eval_examples=50),
+                    log=quiet)
+    assert metrics["best"]["epoch"] == 2
+
+
 # ----------------------------------------------------------------------------------------- CLI and progress
 
 def test_train_help_lists_every_option_with_its_default():

@@ -131,8 +131,9 @@ def study_protocol(name):
                                         "precision", "channels_last", "cuda_graph", "compile")}
     protocol["pgd_at_momentum"] = example["momentum"]
     protocol["seeds"] = study["seeds"]
-    protocol["checkpoint_rule"] = ("best = highest PGD-%d accuracy on a held-out validation split of the training "
-                                   "set; last = final epoch" % example["eval_pgd_steps"])
+    measure = f"PGD-{example['eval_pgd_steps']}" if example["pgd_steps"] > 0 else "clean"
+    protocol["checkpoint_rule"] = (f"best = highest {measure} accuracy on a held-out validation split of the "
+                                   "training set; last = final epoch")
     protocol["eval"] = study["eval"]
     return protocol
 
