@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,12 @@ def _lease_gpu(args: argparse.Namespace, device: str) -> object | None:
         if device == "auto":
             return None
         raise RuntimeError(f"device={device!r} but no GPU is visible")
-    lease = lease_gpu(args.gpu_lock_dir, runs_per_gpu=args.runs_per_gpu)
+    lock_dir = Path(args.gpu_lock_dir)
+    if "SLURM_JOB_ID" in os.environ:
+        # Card ids are per allocation under SLURM (each job may see its card as 0): jobs of one allocation share
+        # cards and lease among themselves; jobs of different allocations never share a card, nor a lock.
+        lock_dir = lock_dir / f"slurm-{os.environ['SLURM_JOB_ID']}"
+    lease = lease_gpu(lock_dir, runs_per_gpu=args.runs_per_gpu)
     print(f"leased GPU {lease.gpu_id} (slot {lease.slot}) via {lease.lock_path}", flush=True)
     return lease
 
@@ -102,12 +108,13 @@ def _report(args: argparse.Namespace) -> int:
 
     status = report.main(args)
     if args.mlflow:
-        from .tracking import log_artifacts
+        from .tracking import finish_study_run, log_artifacts
 
         for folder, kind in ((args.tables_dir, "tables"), (args.figures_dir, "figures")):
             if folder:
                 log_artifacts(args.mlflow, sorted(p for p in Path(folder).rglob("*") if p.is_file()),
                               artifact_path=kind)
+        finish_study_run(args.mlflow)
     return status
 
 
@@ -155,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError, TimeoutError) as err:
+    # OSError too: a full disk or a read-only results folder is the user's to fix, like a bad value.
+    except (ValueError, OSError, RuntimeError, FloatingPointError, TimeoutError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -23,6 +23,21 @@ from .config import NON_RESULT_KEYS  # noqa: E402
 from .train import RunLogger  # noqa: E402
 
 RUN_ID_FILE = "mlflow_run_id"
+# Logged with every epoch in one log_batch (one transaction), so its steps are the epochs MLflow holds.
+EPOCH_MARKER = "epoch_time_s"
+
+
+def resolve_tracking_uri(tracking_uri: str) -> str:
+    """`server` -> the address of the server this workflow run started (deat.server); any other URI as given."""
+    if tracking_uri == "server":
+        from .server import live_uri
+
+        return live_uri()
+    return tracking_uri
+
+
+def _client(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(resolve_tracking_uri(tracking_uri))
 
 
 def init_experiment(tracking_uri: str, experiment: str, artifact_root: str | Path | None = None) -> str:
@@ -32,7 +47,7 @@ def init_experiment(tracking_uri: str, experiment: str, artifact_root: str | Pat
     """
     if tracking_uri.startswith("sqlite:///"):
         Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
@@ -42,7 +57,7 @@ def init_experiment(tracking_uri: str, experiment: str, artifact_root: str | Pat
 
 def study_parent_run(tracking_uri: str, experiment_id: str, study: str, params: dict[str, Any]) -> str:
     """The study's parent run: found by its tags when it exists (reruns reuse it), else created."""
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     existing = client.search_runs([experiment_id], filter_string=f"tags.`deat.study` = '{study}' and "
                                                                   f"tags.`deat.role` = 'study'", max_results=1)
     if existing:
@@ -73,7 +88,7 @@ def _param(value: Any) -> str:
 def child_run_id(tracking: dict[str, str], run_dir: str | Path, run_name: str) -> str:
     """The run directory's MLflow run: the one recorded in `mlflow_run_id`, else a new child of the study's run."""
     id_file = Path(run_dir) / RUN_ID_FILE
-    client = MlflowClient(tracking["tracking_uri"])
+    client = _client(tracking["tracking_uri"])
     if id_file.is_file():
         run_id = id_file.read_text().strip()
         client.update_run(run_id, status="RUNNING")
@@ -88,8 +103,10 @@ def child_run_id(tracking: dict[str, str], run_dir: str | Path, run_name: str) -
 def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, run_name: str) -> RunLogger:
     """Hooks for deat.train.train: params at start, every epoch's metrics (step=epoch), artifacts at the end."""
     tracking = read_tracking_file(tracking_file)
-    client = MlflowClient(tracking["tracking_uri"])
+    client = _client(tracking["tracking_uri"])
     run_id = child_run_id(tracking, run_dir, run_name)
+    # Epochs already in MLflow: a resumed run may replay its finished epochs, and each is logged once.
+    logged_epochs = {m.step for m in client.get_metric_history(run_id, EPOCH_MARKER)}
 
     def start(params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in sorted(params.items())
@@ -97,9 +114,12 @@ def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, run_name: 
                          tags=[RunTag(f"deat.{k}", _param(params[k])) for k in NON_RESULT_KEYS if k in params])
 
     def epoch(record: dict[str, Any]) -> None:
+        if record["epoch"] in logged_epochs:
+            return
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, record["epoch"]) for k, v in record.items()
                                           if k != "epoch" and v is not None])
+        logged_epochs.add(record["epoch"])
 
     def end(metrics: dict[str, Any], out: Path) -> None:
         now = int(time.time() * 1000)
@@ -119,7 +139,7 @@ def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, run_name: 
 def mark_failed(run_dir: str | Path, tracking_file: str | Path) -> None:
     id_file = Path(run_dir) / RUN_ID_FILE
     if id_file.is_file():
-        MlflowClient(read_tracking_file(tracking_file)["tracking_uri"]).set_terminated(
+        _client(read_tracking_file(tracking_file)["tracking_uri"]).set_terminated(
             id_file.read_text().strip(), "FAILED")
 
 
@@ -128,7 +148,7 @@ def log_metrics(tracking_file: str | Path, run_dir: str | Path, values: dict[str
     tracking = read_tracking_file(tracking_file)
     run_id = (Path(run_dir) / RUN_ID_FILE).read_text().strip()
     now = int(time.time() * 1000)
-    MlflowClient(tracking["tracking_uri"]).log_batch(
+    _client(tracking["tracking_uri"]).log_batch(
         run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items() if v is not None])
 
 
@@ -136,9 +156,15 @@ def log_artifacts(tracking_file: str | Path, files: list[Path], run_id: str | No
                   artifact_path: str | None = None) -> None:
     """Attach files to a run (default: the study's parent run)."""
     tracking = read_tracking_file(tracking_file)
-    client = MlflowClient(tracking["tracking_uri"])
+    client = _client(tracking["tracking_uri"])
     for f in files:
         client.log_artifact(run_id or tracking["parent_run_id"], str(f), artifact_path)
+
+
+def finish_study_run(tracking_file: str | Path) -> None:
+    """The report closes its study: the parent run shows FINISHED in the UI (a rerun may still add children)."""
+    tracking = read_tracking_file(tracking_file)
+    _client(tracking["tracking_uri"]).set_terminated(tracking["parent_run_id"], "FINISHED")
 
 
 def plot_learning_curves(metrics: dict[str, Any], path: Path) -> None:

@@ -240,6 +240,8 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
         f"{len(batches)} iterations/epoch on {device} ({metrics['environment']['device_name']})")
     logger.start({**config, **{f"model_{k}": v for k, v in model_spec.items()},
                   "effective_step": metrics["effective_step"]})
+    for record in metrics["epochs"]:  # epochs finished before a crash: the tracker logs those it has not got
+        logger.epoch(record)
 
     select = "val_pgd_acc" if cfg.pgd_steps > 0 else "val_clean_acc"
     for epoch in range(start_epoch, cfg.epochs + 1):

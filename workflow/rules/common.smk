@@ -54,6 +54,8 @@ def build_runs():
     """
     runs, studies = {}, {}
     for name, study in config["studies"].items():
+        if name in config["run"] and study["dataset"].startswith("npz:") and not Path(study["dataset"][4:]).is_file():
+            _fail(f"studies.{name}.dataset: npz file {study['dataset'][4:]} does not exist")
         where = f"studies.{name}.train"
         clash = sorted(set(study["train"]) & set(GRID_KEYS + ("dataset", "out")))
         if clash:

@@ -24,9 +24,13 @@ rule mlflow_store:
     params:
         uri=config["mlflow"]["tracking_uri"],
         experiment=config["mlflow"]["experiment"],
+        # A team server (http/https) keeps artifacts where it is configured to; a local store keeps them beside it.
+        artifact_root=(
+            "" if config["mlflow"]["tracking_uri"].startswith("http") else "--artifact-root results/mlflow/artifacts"
+        ),
     shell:
         "python -m deat mlflow-init --tracking-uri '{params.uri}' --experiment '{params.experiment}'"
-        " --artifact-root results/mlflow/artifacts --out {output} > {log} 2>&1"
+        " {params.artifact_root} --out {output} > {log} 2>&1"
 
 
 rule study_manifest:

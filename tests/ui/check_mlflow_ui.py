@@ -1,0 +1,159 @@
+"""The MLflow UI as a user sees it: a finished tiny study served by `mlflow ui` on 127.0.0.1 and opened in
+headless Chromium. Checks that the study's parent run, its child runs and a metric chart are on screen, and keeps
+a screenshot.
+
+    python tests/ui/check_mlflow_ui.py [--workdir DIR] [--screenshot docs/img/mlflow_ui.png]
+
+DIR holds a finished study (results/mlflow/mlflow.db); without --workdir a tiny one (two runs, two epochs) is run
+first with snakemake in a temporary folder. Needs Debian's `chromium` (apt-get install chromium). Exit code 0
+means every check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from deat import server  # noqa: E402
+
+TINY = {
+    "run": ["tiny"],
+    "device": "cpu",
+    "studies": {
+        "tiny": {
+            "dataset": "mnist5k",
+            "archs": ["small_cnn"],
+            "methods": ["pgd_at", "deat"],
+            "lrs": [0.05],
+            "batch_sizes": [256],
+            "seeds": [0],
+            "train": {"epochs": 2, "eps": 0.1, "pgd_steps": 2, "val_size": 200, "eval_examples": 100, "width": 8},
+            "eval": {"n_examples": 40, "pgd_steps": 5, "pgd_restarts": 1, "autoattack_attacks": ["apgd-ce"]},
+        }
+    },
+}
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars", "--window-size=1400,900",
+                  # MLflow draws a chart once it scrolls into view; under virtual time that needs real frames.
+                  "--run-all-compositor-stages-before-draw"]
+# Virtual time Chromium gives the page's JavaScript (fetches from the server, React rendering) before it dumps
+# the DOM or takes the screenshot.
+RENDER_BUDGET_MS = "30000"
+
+
+def find_chromium() -> str | None:
+    return next((path for name in ("chromium", "chromium-browser") if (path := shutil.which(name))), None)
+
+
+def run_tiny_study(workdir: Path) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(TINY))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+                             "--directory", str(workdir), "--cores", "2"], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"the tiny study failed:\n{result.stderr[-3000:]}")
+
+
+def study_runs(store: str) -> tuple[str, dict, list]:
+    """(experiment id, the parent run, its child runs) as MLflow holds them."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("deat")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("deat.role") == "study")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return experiment.experiment_id, parent, children
+
+
+def visible_text(dom: str) -> str:
+    """The words of a dumped page, tags, scripts and styles removed."""
+    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
+
+
+def chromium(browser: str, profile: Path, url: str, *action: str) -> str:
+    result = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                             f"--virtual-time-budget={RENDER_BUDGET_MS}", *action, url],
+                            capture_output=True, text=True, timeout=180)
+    if result.returncode != 0:
+        raise RuntimeError(f"chromium failed on {url}: {result.stderr[-2000:]}")
+    return result.stdout
+
+
+def check(condition: bool, what: str, failures: list[str]) -> None:
+    print(("ok   " if condition else "FAIL ") + what)
+    if not condition:
+        failures.append(what)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, help="folder of a finished study (default: run a tiny one)")
+    parser.add_argument("--screenshot", type=Path, default=REPO / "docs/img/mlflow_ui.png",
+                        help="where to keep the screenshot of the experiment page (default: docs/img/mlflow_ui.png)")
+    args = parser.parse_args(argv)
+    browser = find_chromium()
+    if browser is None:
+        print("chromium is not installed (apt-get install chromium)", file=sys.stderr)
+        return 2
+
+    with tempfile.TemporaryDirectory(prefix="deat-ui-") as scratch:
+        scratch = Path(scratch)
+        workdir = args.workdir or scratch / "study"
+        if args.workdir is None:
+            run_tiny_study(workdir)
+        store = f"sqlite:///{(workdir / 'results/mlflow/mlflow.db').resolve()}"
+        experiment_id, parent, children = study_runs(store)
+        port = server.free_port()
+        uri = f"http://{server.HOST}:{port}"
+        log = scratch / "mlflow_ui.log"
+        ui = server.launch("ui", store, port, log)
+        failures: list[str] = []
+        try:
+            server.wait_until_healthy(uri, ui, log)
+            experiment_page = f"{uri}/#/experiments/{experiment_id}"
+            text = visible_text(chromium(browser, scratch / "profile", f"{experiment_page}/runs", "--dump-dom"))
+            check(parent.info.run_name in text and f"{1 + len(children)} matching runs" in text,
+                  f"runs table shows the parent run {parent.info.run_name!r} over {1 + len(children)} runs", failures)
+            # The table folds child runs under their parent; the parent's own page names them.
+            text = visible_text(chromium(browser, scratch / "profile", f"{experiment_page}/runs/{parent.info.run_id}",
+                                         "--dump-dom"))
+            check("Status Finished" in text, f"parent run {parent.info.run_name!r} shows status Finished", failures)
+            for child in children:
+                check("Child runs" in text and child.info.run_name in text,
+                      f"parent run page lists child run {child.info.run_name!r}", failures)
+            chart_page = f"{experiment_page}/runs/{children[0].info.run_id}/model-metrics"
+            dom = chromium(browser, scratch / "profile", chart_page, "--dump-dom")
+            check("js-plotly-plot" in dom and "test_pgd_acc" in visible_text(dom),
+                  f"child run {children[0].info.run_name!r} shows metric charts (plotly) incl. test_pgd_acc", failures)
+            args.screenshot.parent.mkdir(parents=True, exist_ok=True)
+            chromium(browser, scratch / "profile", chart_page, f"--screenshot={args.screenshot.resolve()}")
+            check(args.screenshot.is_file() and args.screenshot.stat().st_size > 10_000,
+                  f"screenshot {args.screenshot} written", failures)
+        finally:
+            server.stop_process_group(ui.pid)
+        if failures:
+            print(f"{len(failures)} check(s) failed; mlflow log: {log}", file=sys.stderr)
+            print(json.dumps(failures, indent=1), file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

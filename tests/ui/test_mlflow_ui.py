@@ -1,0 +1,21 @@
+"""Runs check_mlflow_ui.py: a tiny study in MLflow's UI, seen through headless Chromium."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent / "check_mlflow_ui.py"
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_the_study_its_runs_and_a_metric_chart(tmp_path):
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    screenshot = tmp_path / "mlflow_ui.png"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--screenshot", str(screenshot)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "FAIL" not in result.stdout and screenshot.stat().st_size > 10_000
