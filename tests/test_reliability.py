@@ -25,6 +25,7 @@ import yaml
 
 from deat import server
 from deat.config import NON_RESULT_KEYS
+from tiny_study import tiny_study
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--dataset", "mnist5k", "--arch", "small_cnn", "--width", "8", "--batch-size", "256", "--eps", "0.1",
@@ -32,23 +33,7 @@ TRAIN = ["--dataset", "mnist5k", "--arch", "small_cnn", "--width", "8", "--batch
          "--device", "cpu"]
 TIMING_KEYS = ("images_per_s", "epoch_time_s")  # the only per-epoch values allowed to differ between two runs
 EPOCHS_DAG = 2
-STUDY = {
-    "run": ["tiny"],
-    "device": "cpu",
-    "studies": {
-        "tiny": {
-            "dataset": "mnist5k",
-            "archs": ["small_cnn"],
-            "methods": ["pgd_at", "deat"],
-            "lrs": [0.05],
-            "batch_sizes": [256],
-            "seeds": [0],
-            "train": {"epochs": EPOCHS_DAG, "eps": 0.1, "pgd_steps": 2, "val_size": 200, "eval_examples": 100,
-                      "eval_pgd_steps": 3, "width": 8},
-            "eval": {"n_examples": 40, "pgd_steps": 5, "pgd_restarts": 1, "autoattack_attacks": ["apgd-ce"]},
-        }
-    },
-}
+STUDY = tiny_study(epochs=EPOCHS_DAG, eval_pgd_steps=3)
 SERVER_STUDY = {**STUDY, "mlflow": {"tracking_uri": "server"}}
 
 

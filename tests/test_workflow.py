@@ -10,26 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_study import tiny_study
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
-TINY = {
-    "run": ["tiny"],
-    "device": "cpu",
-    "studies": {
-        "tiny": {
-            "dataset": "mnist5k",
-            "archs": ["small_cnn"],
-            "methods": ["pgd_at", "deat"],
-            "lrs": [0.05, 0.1],
-            "batch_sizes": [256],
-            "seeds": [0],
-            "train": {"epochs": EPOCHS, "eps": 0.1, "pgd_steps": 2, "val_size": 200, "eval_examples": 100,
-                      "width": 8},
-            "eval": {"n_examples": 40, "pgd_steps": 5, "pgd_restarts": 1, "autoattack_attacks": ["apgd-ce"]},
-        }
-    },
-}
+TINY = tiny_study(lrs=(0.05, 0.1), epochs=EPOCHS)
 EPOCH_METRICS = ("lr", "train_loss", "train_robust_acc", "val_clean_acc", "val_pgd_acc", "test_clean_acc",
                  "test_pgd_acc", "images_per_s", "epoch_time_s")
 

@@ -27,24 +27,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from deat import server  # noqa: E402
+sys.path.insert(0, str(REPO / "tests"))
 
-TINY = {
-    "run": ["tiny"],
-    "device": "cpu",
-    "studies": {
-        "tiny": {
-            "dataset": "mnist5k",
-            "archs": ["small_cnn"],
-            "methods": ["pgd_at", "deat"],
-            "lrs": [0.05],
-            "batch_sizes": [256],
-            "seeds": [0],
-            "train": {"epochs": 2, "eps": 0.1, "pgd_steps": 2, "val_size": 200, "eval_examples": 100, "width": 8},
-            "eval": {"n_examples": 40, "pgd_steps": 5, "pgd_restarts": 1, "autoattack_attacks": ["apgd-ce"]},
-        }
-    },
-}
+from deat import server  # noqa: E402
+from tiny_study import tiny_study  # noqa: E402
+
+TINY = tiny_study()
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars", "--window-size=1400,900",
