@@ -53,7 +53,8 @@ EVAL_METRICS = {
     "aa_acc": ("aa", "AutoAttack robust test accuracy"),
 }
 RUN_KEYS = ("arch", "method", "lr", "batch_size", "seed", "dir")
-POINT_KEYS = ["arch", "method", "lr", "batch_size"]
+# "variant" names a study's extra sweep axes ("k1=0.5, k2=0.8"); it is "" for studies without a sweep.
+POINT_KEYS = ["arch", "method", "variant", "lr", "batch_size"]
 EQUAL_STEP_RTOL = 0.01  # "equal effective step": within 1 % relative (math.isclose semantics)
 MIN_CORRELATION_POINTS = 3
 MISSING = "—"
@@ -82,10 +83,15 @@ def _validate_runs(runs: list[dict]) -> None:
                 raise KeyError(f"manifest runs[{index}]: missing key {key!r} (each run needs {', '.join(RUN_KEYS)})")
         if run["method"] not in METHODS:
             raise ValueError(f"manifest runs[{index}]: method {run['method']!r} is not one of {', '.join(METHODS)}")
-        identity = tuple(run[key] for key in RUN_KEYS[:-1])
+        identity = tuple(run[key] for key in RUN_KEYS[:-1]) + (variant_label(run.get("sweep")),)
         if identity in seen:
             raise ValueError(f"manifest runs[{index}]: duplicate run {identity}")
         seen.add(identity)
+
+
+def variant_label(sweep: dict | None) -> str:
+    """{"k1": 0.5, "k2": 0.8} -> "k1=0.5, k2=0.8"; no sweep -> ""."""
+    return ", ".join(f"{key}={_render_value(value)}" for key, value in (sweep or {}).items())
 
 
 def _read_json(path: Path) -> tuple[dict | None, str]:
@@ -119,6 +125,9 @@ def _run_record(run: dict, protocol: dict, runs_root: Path) -> tuple[dict, list[
     eval_path = runs_root / run["eval"] if run.get("eval") else run_dir / "eval.json"
     record = {key: run[key] for key in RUN_KEYS}
     record["lr"], record["batch_size"], record["seed"] = float(run["lr"]), int(run["batch_size"]), int(run["seed"])
+    sweep = run.get("sweep", {})
+    record["variant"] = variant_label(sweep)
+    record.update({f"sweep_{key}": value for key, value in sweep.items()})
 
     metrics, record["metrics_problem"] = _read_json(run_dir / "metrics.json")
     if metrics is not None and metrics.get("status") != "complete":
@@ -130,7 +139,7 @@ def _run_record(run: dict, protocol: dict, runs_root: Path) -> tuple[dict, list[
     # report never imports torch) covers runs without one, so that missing runs still show in the pairing.
     record["effective_step"] = metrics.get("effective_step") or formula_effective_step(
         run["method"], record["lr"], run.get("pgd_at_momentum", protocol.get("pgd_at_momentum")),
-        run.get("k1", protocol.get("k1")))
+        sweep.get("k1", run.get("k1", protocol.get("k1"))))
 
     final_epoch = (metrics.get("epochs") or [{}])[-1]
     best, last = metrics.get("best", {}), metrics.get("last", {})
@@ -149,7 +158,7 @@ def _run_record(run: dict, protocol: dict, runs_root: Path) -> tuple[dict, list[
         for key in EVAL_METRICS:
             record[f"eval_{checkpoint}_{key}"] = _fraction(checkpoints.get(checkpoint, {}).get(key))
 
-    identity = {key: record[key] for key in ("arch", "method", "lr", "batch_size", "seed")}
+    identity = {key: record[key] for key in ("arch", "method", "variant", "lr", "batch_size", "seed")}
     epoch_rows = [{**identity, "epoch": entry["epoch"], "train_robust_acc": _fraction(entry.get("train_robust_acc")),
                    "test_pgd_acc": _fraction(entry.get("test_pgd_acc"))}
                   for entry in metrics.get("epochs", [])]
@@ -165,12 +174,12 @@ def load_runs(manifest: dict, runs_root: str | Path = ".") -> tuple[pd.DataFrame
         record, epochs = _run_record(run, protocol, Path(runs_root))
         records.append(record)
         epoch_rows.extend(epochs)
-    runs = pd.DataFrame.from_records(records, columns=list(records[0]) if records else list(RUN_KEYS))
+    runs = pd.DataFrame.from_records(records, columns=None if records else list(RUN_KEYS) + ["variant"])
     nothing_found = runs["metrics_problem"].str.startswith("no ") & runs["eval_problem"].str.startswith("no ")
     if len(runs) and nothing_found.all():
         log.warning("study %s: none of the %d runs has metrics.json or eval.json under %s "
                     "(run directories are relative to the repository root)", manifest["study"], len(runs), runs_root)
-    columns = ["arch", "method", "lr", "batch_size", "seed", "epoch", "train_robust_acc", "test_pgd_acc"]
+    columns = ["arch", "method", "variant", "lr", "batch_size", "seed", "epoch", "train_robust_acc", "test_pgd_acc"]
     return runs, pd.DataFrame.from_records(epoch_rows, columns=columns)
 
 
@@ -178,11 +187,11 @@ def load_runs(manifest: dict, runs_root: str | Path = ".") -> tuple[pd.DataFrame
 
 
 def run_label(row) -> str:
-    return f"{row.arch} {METHOD_LABELS[row.method]} α={row.lr:g} b={row.batch_size} seed {row.seed}"
+    return f"{point_label(row.arch, row.method, row.lr, row.batch_size, row.variant)} seed {row.seed}"
 
 
-def point_label(arch: str, method: str, lr: float, batch_size: int) -> str:
-    return f"{arch} {METHOD_LABELS[method]} α={lr:g} b={batch_size}"
+def point_label(arch: str, method: str, lr: float, batch_size: int, variant: str = "") -> str:
+    return f"{arch} {METHOD_LABELS[method]} α={lr:g} b={batch_size}" + (f" {variant}" if variant else "")
 
 
 def format_percent(fraction: float) -> str:
@@ -259,7 +268,7 @@ def _partial_note(point_stats: pd.DataFrame) -> list[str]:
     partial = point_stats[(point_stats.n > 0) & (point_stats.n < point_stats.n_expected)]
     if partial.empty:
         return []
-    items = [f"{point_label(r.arch, r.method, r.lr, r.batch_size)} (n={r.n} of {r.n_expected} seeds)"
+    items = [f"{point_label(r.arch, r.method, r.lr, r.batch_size, r.variant)} (n={r.n} of {r.n_expected} seeds)"
              for r in partial.itertuples()]
     return [f"{PARTIAL} mean over fewer seeds than the study asks: " + "; ".join(items) + "."]
 
@@ -276,8 +285,20 @@ def _varies_batch(runs: pd.DataFrame) -> bool:
     return runs.batch_size.nunique() > 1
 
 
-def _grid_rows(runs: pd.DataFrame) -> list[tuple[float, int]]:
-    return sorted(set(zip(runs.lr, runs.batch_size)))
+def _curve_keys(runs: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(arch, method, variant) in arch, method and variant order: one curve over (α, b) each."""
+    return [(arch, method, variant) for arch in _ordered(runs.arch) for method in _methods(runs)
+            for variant in _ordered(runs.variant[runs.method == method])]
+
+
+def _varies_variant(runs: pd.DataFrame) -> bool:
+    return runs.variant.nunique() > 1
+
+
+def _grid_rows(runs: pd.DataFrame) -> list[tuple[str, float, int]]:
+    """(variant, α, b) of every grid point, variants in manifest order."""
+    order = {variant: i for i, variant in enumerate(_ordered(runs.variant))}
+    return sorted(set(zip(runs.variant, runs.lr, runs.batch_size)), key=lambda v: (order[v[0]], v[1], v[2]))
 
 
 def accuracy_table(runs: pd.DataFrame, metric: str, checkpoint: str) -> tuple[Table, list[dict]]:
@@ -289,17 +310,17 @@ def accuracy_table(runs: pd.DataFrame, metric: str, checkpoint: str) -> tuple[Ta
     archs, methods, varies_batch = _ordered(runs.arch), _methods(runs), _varies_batch(runs)
     with_delta = methods == list(METHODS)
 
-    key_columns = ["α", "b"] if varies_batch else ["α"]
+    key_columns = (["variant"] if _varies_variant(runs) else []) + (["α", "b"] if varies_batch else ["α"])
     labels = [METHOD_LABELS[m] for m in methods] + (["Δ"] if with_delta else [])
     columns = key_columns + [f"{arch} {label}" for arch in archs for label in labels]
     groups = [("", len(key_columns))] + [(arch, len(labels)) for arch in archs]
     subcolumns = key_columns + labels * len(archs)
 
     rows, deltas = [], []
-    for lr, batch_size in _grid_rows(runs):
-        cells = [f"{lr:g}"] + ([str(batch_size)] if varies_batch else [])
+    for variant, lr, batch_size in _grid_rows(runs):
+        cells = ([variant] if _varies_variant(runs) else []) + [f"{lr:g}"] + ([str(batch_size)] if varies_batch else [])
         for arch in archs:
-            point = {m: lookup.get((arch, m, lr, batch_size)) for m in methods}
+            point = {m: lookup.get((arch, m, variant, lr, batch_size)) for m in methods}
             cells.extend("" if p is None else format_mean_std(p["mean"], p["std"], p["n"], p["n_expected"])
                          for p in point.values())
             if with_delta:
@@ -308,7 +329,8 @@ def accuracy_table(runs: pd.DataFrame, metric: str, checkpoint: str) -> tuple[Ta
                 partial = pgd is not None and deat is not None and (
                     0 < pgd["n"] < pgd["n_expected"] or 0 < deat["n"] < deat["n_expected"])
                 cells.append(format_delta(delta) + (PARTIAL if partial and not pd.isna(delta) else ""))
-                deltas.append({"arch": arch, "lr": lr, "batch_size": batch_size, "delta_acc": delta})
+                deltas.append({"arch": arch, "variant": variant, "lr": lr, "batch_size": batch_size,
+                               "delta_acc": delta})
         rows.append(cells)
 
     notes = _missing_note(runs, [column]) + _partial_note(point_stats)
@@ -342,29 +364,30 @@ def correlation_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
     varies_batch = _varies_batch(runs)
     columns = ["arch", "method", "checkpoint", "points"] + [f"{name} vs {x}" for x in ("α", "α/b") for name in tests]
     rows, summary, undefined = [], [], {}
-    for arch in _ordered(runs.arch):
-        for method in _methods(runs):
-            subset = runs[(runs.arch == arch) & (runs.method == method)]
-            for checkpoint in CHECKPOINTS:
-                point_stats = seed_stats(subset, f"eval_{checkpoint}_pgd10_acc")
-                present = point_stats[point_stats.n > 0]
-                partial = (present.n < present.n_expected).any()
-                cells = [arch, METHOD_LABELS[method], checkpoint,
-                         (f"{len(present)}" if len(present) == len(point_stats)
-                          else f"{len(present)} of {len(point_stats)}") + (PARTIAL if partial else "")]
-                y = present["mean"].to_numpy()
-                for x_name, x in (("lr", present.lr.to_numpy()),
-                                  ("lr_over_batch", (present.lr / present.batch_size).to_numpy())):
-                    for name, test in tests.items():
-                        text, statistic, p, why = _correlation_cell(x, y, test)
-                        if why:
-                            undefined.setdefault(why, []).append(f"{arch} {METHOD_LABELS[method]} {checkpoint}")
-                            text += "ᵃ" if why.startswith("fewer") else "ᵇ"
-                        cells.append(text)
-                        summary.append({"arch": arch, "method": method, "checkpoint": checkpoint, "x": x_name,
-                                        "test": name.split()[0].lower(), "statistic": _json_value(statistic),
-                                        "p": _json_value(p), "n_points": len(present)})
-                rows.append(cells)
+    for arch, method, variant in _curve_keys(runs):
+        subset = runs[(runs.arch == arch) & (runs.method == method) & (runs.variant == variant)]
+        for checkpoint in CHECKPOINTS:
+            point_stats = seed_stats(subset, f"eval_{checkpoint}_pgd10_acc")
+            present = point_stats[point_stats.n > 0]
+            partial = (present.n < present.n_expected).any()
+            label = METHOD_LABELS[method] + (f" {variant}" if variant else "")
+            cells = [arch, label, checkpoint,
+                     (f"{len(present)}" if len(present) == len(point_stats)
+                      else f"{len(present)} of {len(point_stats)}") + (PARTIAL if partial else "")]
+            y = present["mean"].to_numpy()
+            for x_name, x in (("lr", present.lr.to_numpy()),
+                              ("lr_over_batch", (present.lr / present.batch_size).to_numpy())):
+                for name, test in tests.items():
+                    text, statistic, p, why = _correlation_cell(x, y, test)
+                    if why:
+                        undefined.setdefault(why, []).append(f"{arch} {label} {checkpoint}")
+                        text += "ᵃ" if why.startswith("fewer") else "ᵇ"
+                    cells.append(text)
+                    summary.append({"arch": arch, "method": method, "variant": variant, "checkpoint": checkpoint,
+                                    "x": x_name,
+                                    "test": name.split()[0].lower(), "statistic": _json_value(statistic),
+                                    "p": _json_value(p), "n_points": len(present)})
+            rows.append(cells)
     notes = []
     for why, items in undefined.items():
         marker = "ᵃ" if why.startswith("fewer") else "ᵇ"
@@ -381,9 +404,10 @@ def correlation_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
 
 
 def _matched_differences(runs: pd.DataFrame, column: str, arch: str) -> tuple[pd.DataFrame, int]:
-    """DEAT and PGD-AT values of one arch matched on (α, b, seed), both present; and how many matches exist."""
+    """DEAT and PGD-AT values of one arch matched on (variant, α, b, seed), both present; and how many matches
+    exist."""
     subset = runs[runs.arch == arch]
-    keys = ["lr", "batch_size", "seed"]
+    keys = ["variant", "lr", "batch_size", "seed"]
     pgd = subset[subset.method == "pgd_at"].set_index(keys)[column]
     deat = subset[subset.method == "deat"].set_index(keys)[column]
     matched = pd.concat({"pgd_at": pgd, "deat": deat}, axis=1, join="inner")
@@ -473,7 +497,8 @@ def robust_overfitting_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
         best_minus_last_acc=runs.metrics_best_test_pgd_acc - runs.metrics_last_test_pgd_acc,
         train_test_gap_acc=runs.metrics_final_train_robust_acc - runs.metrics_final_test_pgd_acc)
     for row in frame.itertuples():
-        rows.append([row.arch, METHOD_LABELS[row.method], f"{row.lr:g}", str(row.batch_size), str(row.seed),
+        method = METHOD_LABELS[row.method] + (f" {row.variant}" if row.variant else "")
+        rows.append([row.arch, method, f"{row.lr:g}", str(row.batch_size), str(row.seed),
                      MISSING if pd.isna(row.metrics_best_epoch) else str(int(row.metrics_best_epoch)),
                      format_percent(row.metrics_best_test_pgd_acc), format_percent(row.metrics_last_test_pgd_acc),
                      format_delta(row.best_minus_last_acc), format_percent(row.metrics_final_train_robust_acc),
@@ -483,11 +508,53 @@ def robust_overfitting_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
     notes.append("From metrics.json: the per-epoch test PGD accuracy of training's own evaluation (attack as in "
                  "the protocol), best epoch chosen on the validation split; best − last and train − test gap in "
                  "percentage points (robust overfitting: the paper's Fig. 5).")
-    per_method = frame.groupby(["arch", "method"], sort=False)[["best_minus_last_acc", "train_test_gap_acc"]]
+    per_method = frame.groupby(["arch", "method", "variant"], sort=False)[["best_minus_last_acc", "train_test_gap_acc"]]
     summary = _records(per_method.mean().add_prefix("mean_").join(per_method.count()["best_minus_last_acc"]
                                                                    .rename("n_runs")).reset_index())
     title = "Robust overfitting per run: best − last robust test accuracy and the robust train − test gap (%)"
     return Table("robust_overfitting", title, columns, rows, notes), summary
+
+
+def sweep_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
+    """Sensitivity to a study's sweep axes (e.g. DEAT's k1 × k2): per variant the seed-mean accuracies, then per
+    (arch, method, α, b) the range of the variant means and a one-way ANOVA across variants over the seeds."""
+    columns = ["arch", "method", "α", "b", "variant", "effective step"] + [
+        f"{words.split(' test')[0]} {checkpoint}" for _, words in EVAL_METRICS.values() for checkpoint in CHECKPOINTS]
+    metric_columns = [f"eval_{checkpoint}_{metric}" for metric in EVAL_METRICS for checkpoint in CHECKPOINTS]
+    rows, summary, notes = [], [], []
+    for (arch, method, lr, batch_size), curve in runs.groupby(["arch", "method", "lr", "batch_size"], sort=False):
+        variants = _ordered(curve.variant)
+        for variant in variants:
+            point = curve[curve.variant == variant]
+            cells = [arch, METHOD_LABELS[method], f"{lr:g}", str(batch_size), variant,
+                     f"{point.effective_step.iloc[0]:.4g}"]
+            for column in metric_columns:
+                values = point[column].dropna()
+                cells.append(format_mean_std(values.mean(), values.std(ddof=1), len(values), len(point)))
+            rows.append(cells)
+        for column in metric_columns:
+            groups = [curve[curve.variant == v][column].dropna().to_numpy() for v in variants]
+            means = [g.mean() for g in groups if len(g)]
+            f = p = float("nan")
+            if len(groups) >= 2 and all(len(g) >= 2 for g in groups) and any(np.ptp(g) > 0 for g in groups):
+                f, p = stats.f_oneway(*groups)
+            spread = max(means) - min(means) if means else float("nan")
+            summary.append({"arch": arch, "method": method, "lr": lr, "batch_size": batch_size, "metric": column,
+                            "n_variants": len(variants), "range_of_means_acc": _json_value(spread),
+                            "anova_f": _json_value(float(f)), "anova_p": _json_value(float(p))})
+            if column == ROBUST_COLUMN:
+                notes.append(f"{arch} {METHOD_LABELS[method]} α={lr:g} b={batch_size}: PGD-10 best ranges "
+                             f"{format_percent(min(means)) if means else MISSING}–"
+                             f"{format_percent(max(means)) if means else MISSING} over {len(variants)} variants "
+                             f"(range {format_delta(spread)} pp); one-way ANOVA across variants "
+                             + (f"F = {f:.2f}, p = {format_p(p)}." if not pd.isna(p)
+                                else f"{MISSING} (needs ≥ 2 variants with ≥ 2 seeds each)."))
+    notes += _missing_note(runs, metric_columns)
+    notes.append("Mean ± std over seeds (%). Effective step: step per unit gradient (see equal_effective_step); "
+                 "at a fixed α, DEAT's k1 changes it as 1/√((1+k1)²+k1²). ANOVA: scipy.stats.f_oneway over the "
+                 "seeds of each variant.")
+    title = "Sensitivity to the swept settings: accuracy per variant (%)"
+    return Table("sweep_sensitivity", title, columns, rows, notes), summary
 
 
 def load_paper_table2(path: str | Path = PAPER_TABLE2_CSV) -> pd.DataFrame:
@@ -502,16 +569,18 @@ def paper_comparison_table(runs: pd.DataFrame, checkpoint: str) -> tuple[Table, 
     point_stats = seed_stats(runs, f"eval_{checkpoint}_pgd10_acc")
     lookup = {tuple(r[k] for k in POINT_KEYS): r for r in point_stats.to_dict("records")}
     varies_batch, methods = _varies_batch(runs), _methods(runs)
-    columns = ["arch", "α"] + (["b"] if varies_batch else [])
+    varies_variant = _varies_variant(runs)
+    columns = ["arch"] + (["variant"] if varies_variant else []) + ["α"] + (["b"] if varies_batch else [])
     for method in methods:
         label = METHOD_LABELS[method]
         columns += [f"{label} ours", f"{label} paper", f"{label} ours − paper"]
     rows, summary = [], []
     for arch in _ordered(runs.arch):
-        for lr, batch_size in _grid_rows(runs[runs.arch == arch]):
-            cells = [arch, f"{lr:g}"] + ([str(batch_size)] if varies_batch else [])
+        for variant, lr, batch_size in _grid_rows(runs[runs.arch == arch]):
+            cells = ([arch] + ([variant] if varies_variant else []) + [f"{lr:g}"]
+                     + ([str(batch_size)] if varies_batch else []))
             for method in methods:
-                ours = lookup.get((arch, method, lr, batch_size))
+                ours = lookup.get((arch, method, variant, lr, batch_size))
                 reported = paper_lookup.get((arch, method, round(lr, 9)), float("nan"))
                 mean = float("nan") if ours is None or ours["n"] == 0 else 100 * ours["mean"]
                 shown = "" if ours is None else format_mean_std(ours["mean"], ours["std"], ours["n"],
@@ -711,8 +780,9 @@ def figure_accuracy_vs_lr(runs: pd.DataFrame, figures_dir: Path, skipped: list[s
         skipped.append("robust_acc_vs_lr: fewer than 2 learning rates with a PGD-10 result")
         return []
     plt, sns = _pyplot()
+    style = "variant" if data.variant.nunique() > 1 else "batch" if data.batch_size.nunique() > 1 else None
     grid = sns.relplot(data=data, kind="line", x="lr", y="robust", hue="Method", hue_order=_labels(data),
-                       style="batch" if data.batch_size.nunique() > 1 else None, col="arch", marker="o",
+                       style=style, col="arch", marker="o",
                        errorbar="sd", height=3.2, aspect=1.1)
     grid.set(xscale="log")
     grid.set_axis_labels("α (learning rate)", "PGD-10 robust test acc. (%)")
@@ -731,16 +801,19 @@ def _middle(values) -> float:
 def figure_robust_per_epoch(runs: pd.DataFrame, epochs: pd.DataFrame, figures_dir: Path,
                             skipped: list[str]) -> list[Path]:
     """Paper Fig. 5: robust train and test accuracy per epoch for both methods, one panel per arch. Each method is
-    shown at the middle α of its own grid (upper middle for an even count) and the middle b, mean ± sd over seeds."""
+    shown at the middle α of its own grid (upper middle for an even count), the middle b and its first sweep
+    variant, mean ± sd over seeds."""
     if epochs.empty:
         skipped.append("robust_acc_per_epoch: no metrics.json with epochs")
         return []
     selected = []
     for method in _methods(runs):
         grid = runs[runs.method == method]
-        lr, batch_size = _middle(grid.lr), _middle(grid.batch_size)
-        rows = epochs[(epochs.method == method) & (epochs.lr == lr) & (epochs.batch_size == batch_size)]
-        selected.append(rows.assign(Method=f"{METHOD_LABELS[method]} (α={lr:g}, b={batch_size})"))
+        lr, batch_size, variant = _middle(grid.lr), _middle(grid.batch_size), grid.variant.iloc[0]
+        rows = epochs[(epochs.method == method) & (epochs.lr == lr) & (epochs.batch_size == batch_size)
+                      & (epochs.variant == variant)]
+        label = f"{METHOD_LABELS[method]} (α={lr:g}, b={batch_size}" + (f", {variant})" if variant else ")")
+        selected.append(rows.assign(Method=label))
     data = pd.concat(selected)
     if data.empty:
         skipped.append("robust_acc_per_epoch: no epochs at the middle grid point")
@@ -763,6 +836,9 @@ def figure_heatmap(runs: pd.DataFrame, figures_dir: Path, skipped: list[str]) ->
     if runs.lr.nunique() < 2 or runs.batch_size.nunique() < 2:
         skipped.append("heatmap_lr_batch: the study does not vary both α and b")
         return []
+    if _varies_variant(runs):
+        skipped.append("heatmap_lr_batch: the study also sweeps other settings; see sweep_sensitivity")
+        return []
     if runs[ROBUST_COLUMN].isna().all():
         skipped.append("heatmap_lr_batch: no run has a PGD-10 result")
         return []
@@ -782,6 +858,34 @@ def figure_heatmap(runs: pd.DataFrame, figures_dir: Path, skipped: list[str]) ->
     return _save(figure, figures_dir, "heatmap_lr_batch")
 
 
+def figure_sweep_heatmap(runs: pd.DataFrame, figures_dir: Path, skipped: list[str]) -> list[Path]:
+    """Seed-mean PGD-10 robust accuracy over a two-axis sweep (e.g. k1 × k2), one heatmap per arch and method."""
+    axes_names = [c[len("sweep_"):] for c in runs.columns if c.startswith("sweep_")]
+    if len(axes_names) != 2:
+        skipped.append(f"heatmap_sweep: needs exactly two sweep axes, the study has {len(axes_names)}")
+        return []
+    if runs.lr.nunique() > 1 or runs.batch_size.nunique() > 1:
+        skipped.append("heatmap_sweep: the study also varies α or b; see sweep_sensitivity")
+        return []
+    data = _robust_percent(runs)
+    if data.empty:
+        skipped.append("heatmap_sweep: no run has a PGD-10 result")
+        return []
+    plt, sns = _pyplot()
+    panels = _ordered(zip(data.arch, data.method))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), squeeze=False)
+    row_key, column_key = (f"sweep_{name}" for name in axes_names)
+    for axis, (arch, method) in zip(axes[0], panels):
+        subset = data[(data.arch == arch) & (data.method == method)]
+        table = subset.pivot_table(index=row_key, columns=column_key, values="robust", aggfunc="mean")
+        sns.heatmap(table.sort_index(ascending=False), annot=True, fmt=".1f", cmap="viridis", ax=axis,
+                    cbar_kws={"label": "PGD-10 robust acc. (%)"})
+        axis.set(title=f"{arch} {METHOD_LABELS[method]} α={data.lr.iloc[0]:g}", xlabel=axes_names[1],
+                 ylabel=axes_names[0])
+    figure.tight_layout()
+    return _save(figure, figures_dir, "heatmap_sweep")
+
+
 def figure_accuracy_vs_ratio(runs: pd.DataFrame, figures_dir: Path, skipped: list[str]) -> list[Path]:
     """Robust accuracy against α/b (the paper's claim, which it tested only at b = 128). Grid points that share an
     α/b ratio with a different (α, b) are ringed and joined: if α/b alone set robustness they would coincide."""
@@ -789,14 +893,14 @@ def figure_accuracy_vs_ratio(runs: pd.DataFrame, figures_dir: Path, skipped: lis
     if data.batch_size.nunique() < 2:
         skipped.append("robust_acc_vs_lr_over_b: one batch size, α/b is α rescaled (see robust_acc_vs_lr)")
         return []
-    point_keys = ["arch", "method", "Method", "lr", "batch_size", "batch", "ratio"]
+    point_keys = ["arch", "method", "Method", "variant", "lr", "batch_size", "batch", "ratio"]
     means = data.groupby(point_keys, as_index=False).robust.mean()
     plt, sns = _pyplot()
     grid = sns.relplot(data=means, kind="scatter", x="ratio", y="robust", hue="Method", hue_order=_labels(means),
                        style="batch", col="arch", s=50, height=3.2, aspect=1.1)
     equal_ratio_points = 0
     for arch, axis in grid.axes_dict.items():
-        for _, group in means[means.arch == arch].groupby(["method", means.ratio.round(12)]):
+        for _, group in means[means.arch == arch].groupby(["method", "variant", means.ratio.round(12)]):
             if group.batch_size.nunique() < 2:
                 continue
             equal_ratio_points += len(group)
@@ -840,6 +944,8 @@ def build_report(manifest: dict, tables_dir: str | Path, figures_dir: str | Path
     built["table3_correlation"] = correlation_table(runs)
     built["table4_paired_ttest"] = paired_ttest_table(runs)
     built["robust_overfitting"] = robust_overfitting_table(runs)
+    if _varies_variant(runs):
+        built["sweep_sensitivity"] = sweep_table(runs)
     if manifest.get("paper_reference"):
         for checkpoint in CHECKPOINTS:
             built[f"paper_comparison_{checkpoint}"] = paper_comparison_table(runs, checkpoint)
@@ -855,6 +961,8 @@ def build_report(manifest: dict, tables_dir: str | Path, figures_dir: str | Path
     written += figure_robust_per_epoch(runs, epochs, figures_dir, skipped)
     written += figure_heatmap(runs, figures_dir, skipped)
     written += figure_accuracy_vs_ratio(runs, figures_dir, skipped)
+    if _varies_variant(runs):
+        written += figure_sweep_heatmap(runs, figures_dir, skipped)
     for note in skipped:
         log.info("study %s: skipped %s", study, note)
 

@@ -370,38 +370,6 @@ def test_server_uri_without_a_running_server_is_a_clear_error(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ bad input
 
-def _study(**changes) -> dict:
-    config = json.loads(json.dumps(STUDY))
-    for key, value in changes.items():
-        if key in ("train", "eval"):
-            config["studies"]["tiny"][key].update(value)
-        elif key in config["studies"]["tiny"]:
-            config["studies"]["tiny"][key] = value
-        else:
-            config[key] = value
-    return config
-
-
-@pytest.mark.parametrize("config, expected", [
-    (_study(lrs=["fast"]), "'fast' is not of type 'number'"),
-    (_study(seeds=[0.5]), "0.5 is not of type 'integer'"),
-    (_study(batch_sizes=128), "128 is not of type 'array'"),
-    (_study(train={"epochs": "ten"}), "studies.tiny.train: epochs: expected an integer, got 'ten'"),
-    (_study(train={"eps": -0.1}), "eps=-0.1 is invalid"),
-    (_study(train={"pgd_steps": -1}), "pgd_steps=-1 is invalid"),
-    (_study(eval={"n_examples": 0}), "0 is less than the minimum of 1"),
-    (_study(runs_per_gpu=0), "On instance['runs_per_gpu']"),
-    (_study(mlflow={"tracking_uri": "ftp://host"}), "On instance['mlflow']['tracking_uri']"),
-    (_study(dataset="npz:/nope.npz"), "npz file /nope.npz does not exist"),
-])
-def test_bad_config_stops_before_any_job_and_writes_nothing(tmp_path, config, expected):
-    write_config(tmp_path, config)
-    result = snakemake(tmp_path, "--cores", "1", timeout=120)
-    assert result.returncode != 0
-    assert expected in result.stdout + result.stderr
-    assert not (tmp_path / "results").exists()
-
-
 def test_malformed_yaml_config_is_a_clear_error(tmp_path):
     (tmp_path / "config.yaml").write_text("run: [tiny\nstudies: {tiny: {dataset: mnist5k}\n")
     result = snakemake(tmp_path, "--cores", "1", timeout=120)

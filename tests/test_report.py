@@ -392,3 +392,46 @@ def test_a_study_that_has_not_run_yet_renders_dashes(tmp_path):
     assert summary["runs"]["with_metrics"] == summary["runs"]["with_eval"] == 0
     assert not [p for p in written if p.parent == tmp_path / "figures"]
     assert any(note.startswith("heatmap_lr_batch") for note in summary["skipped"])
+
+
+def test_a_k1_k2_sweep_is_reported_per_variant_with_anova(tmp_path):
+    """A DEAT-only k1 × k2 study: every variant is its own row, the sensitivity table's spread and ANOVA match a
+    hand computation and scipy, the effective step follows each run's k1, and the k1 × k2 heatmap is drawn."""
+    k1s, k2s, seeds, lr = [0.5, 2.0], [0.6, 0.9], [0, 1, 2], LRS[-1]
+    accuracy = {(k1, k2, seed): 0.30 + 0.05 * (k1 == 2.0) + 0.01 * (k2 == 0.9) + 0.002 * seed * (1 + (k2 == 0.9))
+                for k1 in k1s for k2 in k2s for seed in seeds}
+    runs = []
+    for (k1, k2, seed), acc in accuracy.items():
+        run_dir = tmp_path / "runs" / f"k1{k1}_k2{k2}_seed{seed}"
+        write_run(run_dir, "deat", lr, 128, seed)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        del metrics["effective_step"]  # the report must then use the formula with this run's k1
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+        evaluation = json.loads((run_dir / "eval.json").read_text())
+        evaluation["checkpoints"]["best"]["pgd10_acc"] = acc
+        (run_dir / "eval.json").write_text(json.dumps(evaluation))
+        runs.append({"arch": ARCH, "method": "deat", "lr": lr, "batch_size": 128, "seed": seed,
+                     "sweep": {"k1": k1, "k2": k2}, "dir": str(run_dir.relative_to(tmp_path))})
+    manifest = {"study": "sweep", "protocol": {**PROTOCOL, "k1": k1s, "k2": k2s, "seeds": seeds}, "runs": runs}
+    written = report.build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
+
+    lines = (tmp_path / "tables" / "table2_pgd10_best.csv").read_text(encoding="utf-8").splitlines()
+    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    assert [row["variant"] for row in rows] == ["k1=0.5, k2=0.6", "k1=0.5, k2=0.9", "k1=2, k2=0.6", "k1=2, k2=0.9"]
+    # k1 = 2, k2 = 0.9: 0.36 + 0.004·seed → 36.00, 36.40, 36.80 → mean 36.40, sd 0.40.
+    assert rows[3][f"{ARCH} DEAT"] == "36.40 ± 0.40"
+
+    sweep = list(csv.DictReader(line for line in (tmp_path / "tables" / "sweep_sensitivity.csv")
+                                .read_text(encoding="utf-8").splitlines() if not line.startswith("#")))
+    assert [row["effective step"] for row in sweep] == [f"{lr / math.sqrt(1.5**2 + 0.25):.4g}"] * 2 + [
+        f"{lr / math.sqrt(13):.4g}"] * 2
+    summary = json.loads((tmp_path / "tables" / "summary.json").read_text())
+    robust = next(r for r in summary["sweep_sensitivity"] if r["metric"] == "eval_best_pgd10_acc")
+    groups = [[accuracy[(k1, k2, s)] for s in seeds] for k1 in k1s for k2 in k2s]
+    means = [statistics.mean(g) for g in groups]
+    assert robust["range_of_means_acc"] == pytest.approx(max(means) - min(means))
+    assert robust["anova_p"] == pytest.approx(stats.f_oneway(*groups).pvalue)
+    assert robust["n_variants"] == 4
+    markdown = (tmp_path / "tables" / "sweep_sensitivity.md").read_text(encoding="utf-8")
+    assert "k1=[0.5, 2]" in markdown  # the protocol lists the swept values, not a default
+    assert tmp_path / "figures" / "heatmap_sweep.png" in written

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,24 @@ def test_rerun_has_nothing_to_do(tiny_study):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
+def test_a_sweep_trains_every_variant_and_shares_what_a_method_does_not_read(tmp_path):
+    """sweep: {k1: [...]} adds a grid axis; PGD-AT does not read k1, so its runs are shared across the variants."""
+    config = json.loads(json.dumps(TINY))
+    config["studies"]["tiny"]["sweep"] = {"k1": [0.5, 1.0]}
+    write_config(tmp_path, config)
+    result = snakemake(tmp_path, "--cores", "1", "results/studies/tiny/manifest.json", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "results/studies/tiny/manifest.json").read_text())
+    assert manifest["protocol"]["k1"] == [0.5, 1.0]
+    runs = manifest["runs"]
+    assert len(runs) == 2 * 2 * 2  # lrs × methods × k1
+    assert {(r["method"], r["sweep"]["k1"]) for r in runs} == {(m, k) for m in ("pgd_at", "deat") for k in (0.5, 1.0)}
+    assert len({r["dir"] for r in runs if r["method"] == "deat"}) == 4
+    assert len({r["dir"] for r in runs if r["method"] == "pgd_at"}) == 2
+    dry_run = snakemake(tmp_path, "--cores", "1", "-n", timeout=120)
+    assert re.search(r"^train\s+6$", dry_run.stdout, re.MULTILINE), dry_run.stdout[-2000:]
+
+
 def _bad(study_changes: dict, top_changes: dict | None = None) -> dict:
     config = json.loads(json.dumps(TINY))
     config["studies"]["tiny"].update(study_changes)
@@ -114,8 +133,22 @@ def _bad(study_changes: dict, top_changes: dict | None = None) -> dict:
     (_bad({"train": {"lr": 0.1}}), "['lr'] cannot be set here"),
     (_bad({}, {"run": ["nope"]}), "unknown study 'nope'"),
     (_bad({}, {"colour": "blue"}), "colour"),
+    (_bad({"lrs": ["fast"]}), "'fast' is not of type 'number'"),
+    (_bad({"seeds": [0.5]}), "0.5 is not of type 'integer'"),
+    (_bad({"batch_sizes": 128}), "128 is not of type 'array'"),
+    (_bad({"train": {"epochs": "ten"}}), "studies.tiny.train: epochs: expected an integer, got 'ten'"),
+    (_bad({"train": {"eps": -0.1}}), "eps=-0.1 is invalid"),
+    (_bad({"train": {"pgd_steps": -1}}), "pgd_steps=-1 is invalid"),
+    (_bad({"eval": {"n_examples": 0}}), "0 is less than the minimum of 1"),
+    (_bad({}, {"runs_per_gpu": 0}), "On instance['runs_per_gpu']"),
+    (_bad({}, {"mlflow": {"tracking_uri": "ftp://host"}}), "On instance['mlflow']['tracking_uri']"),
+    (_bad({"dataset": "npz:/nope.npz"}), "npz file /nope.npz does not exist"),
+    (_bad({"sweep": {"k2": [0.8, 1.5]}}), "k2=1.5 is invalid; expected 0 <= k2 < 1"),
+    (_bad({"sweep": {"lr": [0.1]}}), "studies.tiny.sweep: ['lr'] cannot be swept"),
+    (_bad({"sweep": {"eps": [0.1]}}), "studies.tiny.sweep: ['eps'] cannot be swept"),  # also set in train
+    (_bad({"sweep": {"k1": []}}), "should be non-empty"),
 ])
-def test_bad_config_stops_before_any_job(tmp_path, config, expected):
+def test_bad_config_stops_before_any_job_and_writes_nothing(tmp_path, config, expected):
     write_config(tmp_path, config)
     result = snakemake(tmp_path, "--cores", "1", timeout=120)
     assert result.returncode != 0

@@ -61,11 +61,19 @@ def build_runs():
         if clash:
             _fail(f"{where}: {clash} cannot be set here; the grid sets them (archs, methods, lrs, batch_sizes, "
                   f"seeds, dataset)")
+        sweep = study["sweep"]
+        clash = sorted(set(sweep) & set(study["train"]).union(GRID_KEYS, NON_RESULT_KEYS, ("dataset", "out")))
+        if clash:
+            _fail(f"studies.{name}.sweep: {clash} cannot be swept here (a grid axis, a setting that does not change "
+                  f"the result, or also set in train)")
         studies[name] = []
-        for arch, method, lr, bs, seed in itertools.product(study["archs"], study["methods"], study["lrs"],
-                                                            study["batch_sizes"], study["seeds"]):
-            values = {**study["train"], "dataset": study["dataset"], "arch": arch, "method": method, "lr": lr,
-                      "batch_size": bs, "seed": seed, "data_root": config["data_root"], "device": config["device"]}
+        for arch, method, lr, bs, seed, *swept in itertools.product(
+                study["archs"], study["methods"], study["lrs"], study["batch_sizes"], study["seeds"],
+                *sweep.values()):
+            variant = dict(zip(sweep, swept))
+            values = {**study["train"], **variant, "dataset": study["dataset"], "arch": arch, "method": method,
+                      "lr": lr, "batch_size": bs, "seed": seed, "data_root": config["data_root"],
+                      "device": config["device"]}
             try:
                 cfg = TrainConfig.from_dict(values, source=where).resolved()
             except ValueError as err:
@@ -80,7 +88,7 @@ def build_runs():
                 entry["owner"] = name
             entry["evals"][short_hash(eval_settings)] = eval_settings
             studies[name].append({"arch": arch, "method": method, "lr": lr, "batch_size": bs, "seed": seed,
-                                  "dir": f"results/runs/{run}",
+                                  **({"sweep": variant} if variant else {}), "dir": f"results/runs/{run}",
                                   "eval": f"results/runs/{run}/eval_{short_hash(eval_settings)}.json"})
     return runs, studies
 
@@ -131,6 +139,7 @@ def study_protocol(name):
                                         "k1", "k2", "decoupled_weight_decay", "eps", "norm", "pgd_steps",
                                         "pgd_step_size", "random_start", "attack_bn_eval", "val_size",
                                         "precision", "channels_last", "cuda_graph", "compile")}
+    protocol.update(study["sweep"])  # a swept option shows its values, not the default
     protocol["pgd_at_momentum"] = example["momentum"]
     protocol["seeds"] = study["seeds"]
     measure = f"PGD-{example['eval_pgd_steps']}" if example["pgd_steps"] > 0 else "clean"
