@@ -12,8 +12,10 @@ bf16 + channels_last eager and CUDA graph. cuDNN is made deterministic and fp32 
 eager vs eager shows the remaining run-to-run noise and fp32 graph vs eager differs only by the graph-safe
 update's rounding (deat/fast.py), amplified by PGD's sign(). Exact checks: the attack generator's final state
 (the graphs drew the same random numbers), DEAT's step counts, and that DEAT's step t changed only the buffer of
-t's parity. Tolerance checks: the loss trajectory and the parameter update ‖θ_a − θ_b‖ / ‖θ_b − θ_0‖. One JSON
-line per (method, pair).
+t's parity. Tight checks on the first replayed step (step 2; step 1 runs eagerly on every path, so both paths
+enter it with the same weights): its loss, and its update ‖θ2_a − θ2_b‖ / ‖θ2_b − θ1_b‖. A loose check on the
+whole loss trajectory: over later steps the update's float rounding, passed through PGD's sign(), grows into
+visibly different attacks, so later steps agree only statistically. One JSON line per (method, pair).
 accuracy: deat.train.train on the npz for --epochs, fp32 eager vs bf16 + channels_last + CUDA graph, for each
 seed and method; one JSON line per run with the per-epoch robust and clean test accuracies.
 summary: short tables of every *.jsonl in a folder (throughput, numerics, accuracy) against the issue's targets.
@@ -49,13 +51,15 @@ PATHS = {  # name -> (precision, channels_last, cuda_graph)
     "bf16-cl eager": ("bf16", True, False),
     "bf16-cl graph": ("bf16", True, True),
 }
-# (a, b, max relative loss difference, max relative update difference); None: reported, not checked
+FIRST_REPLAY = 2  # the step every tight check looks at (see the docstring)
+# (a, b, first replay: max relative loss and update difference, whole trajectory: max relative loss difference);
+# None: reported, not checked
 PAIRS = (
-    ("fp32 eager again", "fp32 eager", 1e-4, 1e-3),
-    ("fp32 graph", "fp32 eager", 1e-4, 1e-3),
-    ("bf16-cl graph", "bf16-cl eager", 1e-3, 1e-2),
-    ("bf16-cl eager", "fp32 eager", None, None),
-    ("bf16-cl graph", "fp32 eager", 0.05, None),
+    ("fp32 eager again", "fp32 eager", 1e-6, 1e-6, 1e-6),
+    ("fp32 graph", "fp32 eager", 1e-5, 1e-3, 0.05),
+    ("bf16-cl graph", "bf16-cl eager", 1e-5, 1e-3, 0.05),
+    ("bf16-cl eager", "fp32 eager", None, None, None),
+    ("bf16-cl graph", "fp32 eager", None, None, 0.05),
 )
 FAST_OPTIONS = {"precision": "bf16", "channels_last": True, "cuda_graph": True}
 TARGETS = {"at_images_per_s_bs128": 4000, "at_images_per_s_bs512_plus": 7000, "deat_over_pgd_at": 1.01,
@@ -106,12 +110,16 @@ def run_path(method: str, path: str, init_state: dict, inputs: list, images: dic
     else:
         step = functools.partial(adversarial_step, model, optimizer, cfg=cfg, attack_gen=attack_gen)
     model.train()
-    losses, alternation = [], []
+    losses, alternation, snapshots = [], [], {}
     for t, (x, y) in enumerate(inputs, 1):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         before = deat_buffers(optimizer) if method == "deat" else None
+        if t == FIRST_REPLAY:
+            snapshots["before_first_replay"] = flat(model.parameters())
         loss, _ = step(x, y)
+        if t == FIRST_REPLAY:
+            snapshots["after_first_replay"] = flat(model.parameters())
         losses.append(loss.item())
         if before is not None:
             after = deat_buffers(optimizer)  # DEAT's step t feeds the odd buffer when t is odd, the even one otherwise
@@ -123,7 +131,7 @@ def run_path(method: str, path: str, init_state: dict, inputs: list, images: dic
         [s["odd_momentum"] for s in states] + [s["even_momentum"] for s in states])
     return {"losses": losses, "params": flat(model.parameters()), "buffers": flat(buffers),
             "step_counts": sorted({s.get("step") for s in states}, key=str), "generator": attack_gen.get_state(),
-            "alternation_ok": all(alternation) if method == "deat" else None}
+            "alternation_ok": all(alternation) if method == "deat" else None, **snapshots}
 
 
 def compare(a: dict, b: dict, init: torch.Tensor) -> dict:
@@ -131,6 +139,9 @@ def compare(a: dict, b: dict, init: torch.Tensor) -> dict:
     return {
         "max_loss_diff": max(loss_diffs),
         "max_loss_rel": max(d / max(abs(y), 1e-12) for d, y in zip(loss_diffs, b["losses"])),
+        "first_replay_loss_rel": loss_diffs[FIRST_REPLAY - 1] / max(abs(b["losses"][FIRST_REPLAY - 1]), 1e-12),
+        "first_replay_update_rel": ((a["after_first_replay"] - b["after_first_replay"]).norm()
+                                    / (b["after_first_replay"] - b["before_first_replay"]).norm()).item(),
         "update_rel_diff": ((a["params"] - b["params"]).norm() / (b["params"] - init).norm()).item(),
         "buffer_rel_diff": ((a["buffers"] - b["buffers"]).norm() / b["buffers"].norm().clamp_min(1e-30)).item(),
         "generator_state_equal": torch.equal(a["generator"], b["generator"]),
@@ -163,18 +174,19 @@ def numerics(args) -> int:
         results = {path: run_path(method, path, init_state, inputs, images, args) for path in PATHS}
         measured = {(a, b): compare(results[a], results[b], init) for a, b, *_ in PAIRS}
         reference = measured[("bf16-cl eager", "fp32 eager")]["max_loss_rel"]
-        for a, b, loss_tol, update_tol in PAIRS:
+        for a, b, replay_loss_tol, replay_update_tol, loss_tol in PAIRS:
             found = measured[(a, b)]
             exact = found["generator_state_equal"] and found["step_counts_equal"] and all(
                 results[p]["alternation_ok"] in (True, None) for p in (a, b))
             if a == "bf16-cl graph" and b == "fp32 eager":
                 loss_tol = max(loss_tol, 2 * reference)  # bf16 itself moves the loss this much
-            ok = exact and (loss_tol is None or found["max_loss_rel"] <= loss_tol) and (
-                update_tol is None or found["update_rel_diff"] <= update_tol)
+            within = lambda value, tol: tol is None or value <= tol  # noqa: E731
+            ok = exact and within(found["first_replay_loss_rel"], replay_loss_tol) and within(
+                found["first_replay_update_rel"], replay_update_tol) and within(found["max_loss_rel"], loss_tol)
             failures += not ok
             emit({"check": "numerics", "method": method, "arch": args.arch, "batch_size": args.batch_size,
-                  "steps": args.steps, "pair": f"{a} vs {b}", **found, "loss_tol": loss_tol,
-                  "update_tol": update_tol, "alternation_ok": results[a]["alternation_ok"], "pass": ok,
+                  "steps": args.steps, "pair": f"{a} vs {b}", **found, "first_replay_loss_tol": replay_loss_tol,
+                  "first_replay_update_tol": replay_update_tol, "loss_tol": loss_tol, "alternation_ok": results[a]["alternation_ok"], "pass": ok,
                   "losses_a": [round(v, 6) for v in results[a]["losses"]],
                   "losses_b": [round(v, 6) for v in results[b]["losses"]],
                   "device_name": torch.cuda.get_device_name(device), "torch": str(torch.__version__)}, args.out)
@@ -257,10 +269,12 @@ def summary(args) -> int:
                   f"{best['mode']})")
     checks = [line for line in lines if line.get("check") == "numerics"]
     if checks:
-        print("numerics (max rel loss diff, rel update diff, generator/steps/alternation exact):")
+        print("numerics (first replay: rel loss and update diff; trajectory: max rel loss diff, rel update diff; "
+              "generator/steps/alternation exact):")
     for line in checks:
-        print(f"  {line['method']:7} {line['pair']:34} loss {line['max_loss_rel']:.2e} update "
-              f"{line['update_rel_diff']:.2e} exact {line['generator_state_equal']}/{line['step_counts_equal']}/"
+        print(f"  {line['method']:7} {line['pair']:34} first replay {line['first_replay_loss_rel']:.1e} "
+              f"{line['first_replay_update_rel']:.1e}  trajectory {line['max_loss_rel']:.1e} "
+              f"{line['update_rel_diff']:.1e} exact {line['generator_state_equal']}/{line['step_counts_equal']}/"
               f"{line['alternation_ok']}  {'PASS' if line['pass'] else 'FAIL'}")
     runs = [line for line in lines if line.get("check") == "accuracy"]
     if runs:

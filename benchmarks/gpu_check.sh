@@ -2,6 +2,7 @@
 # The fast path's GPU check in one device call: correctness first, then throughput, then fast-vs-slow accuracy.
 #
 #   bash benchmarks/gpu_check.sh      # from the repository root, with .bench_data/cifar10_small.npz present
+#   PARTS="env numerics large summary" bash benchmarks/gpu_check.sh   # only these parts (default: all but large)
 #
 # About 5-6 minutes on one H100/H200; the per-part limits below add up to 465 s, so a hang costs at most its own
 # part. Each part writes its log (and JSON lines) under $OUT: the device tool's returned folder, or
@@ -15,9 +16,12 @@ DATA=${DATA:-.bench_data/cifar10_small.npz}
 mkdir -p "$RETURNED"
 : > "$OUT/parts.txt"
 
+PARTS=${PARTS:-env tests numerics throughput compile accuracy summary}
+
 part() {  # part NAME LIMIT_S COMMAND...: run under a time limit into $OUT/NAME.log; record exit code and seconds
     local name=$1 limit=$2
     shift 2
+    [[ " $PARTS " == *" $name "* ]] || return 0
     local started=$SECONDS
     echo "=== $name (limit ${limit} s)"
     timeout --kill-after=5 "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -52,6 +56,18 @@ part throughput 150 python3 benchmarks/throughput.py --npz "$DATA" --archs preac
 part compile 70 python3 benchmarks/throughput.py --npz "$DATA" --archs preact_resnet18 --batch-sizes 128 \
     --methods pgd_at --variants bf16-cl:compile --compile-mode reduce-overhead --warmup 6 --repeats 3 \
     --out "$OUT/throughput_compile.jsonl"
+
+# Batch >= 512, where the step is compute-bound: cuDNN's own algorithm search (cudnn_benchmark) with the graph,
+# and torch.compile's fusion (default mode, no graph needed at this size), at 512, 1024 and 2048.
+part large 200 bash -c '
+python3 benchmarks/throughput.py --npz "$0" --archs preact_resnet18 --batch-sizes 512 1024 2048 \
+    --variants bf16-cl:cuda_graph --warmup 4 --repeats 3 --steps 4 --out "$1/throughput_large.jsonl" &&
+python3 benchmarks/throughput.py --npz "$0" --archs preact_resnet18 --batch-sizes 512 1024 2048 \
+    --variants bf16-cl:cuda_graph --cudnn-benchmark --warmup 4 --repeats 3 --steps 4 \
+    --out "$1/throughput_large.jsonl" &&
+python3 benchmarks/throughput.py --npz "$0" --archs preact_resnet18 --batch-sizes 1024 --methods pgd_at \
+    --variants bf16-cl:compile --compile-mode default --cudnn-benchmark --warmup 4 --repeats 3 --steps 4 \
+    --out "$1/throughput_large.jsonl"' "$DATA" "$OUT"
 
 # (c) A few epochs on cifar10_small, fp32 eager vs bf16 + channels_last + CUDA graph, 2 seeds per method.
 part accuracy 105 python3 benchmarks/fast_check.py accuracy --npz "$DATA" --epochs 4 --seeds 0 1 \

@@ -83,6 +83,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: both")
     parser.add_argument("--compile-mode", default="reduce-overhead", choices=[m for m in COMPILE_MODES if m != "none"],
                         help="torch.compile mode of the 'compile' variants (default reduce-overhead)")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="cuDNN times its algorithms in the warm-up and keeps the fastest (CUDA)")
     parser.add_argument("--pgd-steps", type=int, default=10, help="PGD steps of the AT step (default 10)")
     parser.add_argument("--npz", help="real data: an npz as deat.data reads it (default: synthetic images)")
     parser.add_argument("--synthetic-images", type=int, help=f"synthetic images (default {FULL['synthetic_images']})")
@@ -200,7 +202,8 @@ def build_run(method: str, arch: str, batch_size: int, variant: Variant, images:
     cfg = TrainConfig(dataset="cifar10", arch=arch, method=method, batch_size=batch_size, pgd_steps=args.pgd_steps,
                       precision=variant.precision, channels_last=variant.channels_last,
                       cuda_graph=variant.mode == "cuda_graph",
-                      compile=args.compile_mode if variant.mode == "compile" else "none", seed=args.seed).resolved()
+                      compile=args.compile_mode if variant.mode == "compile" else "none",
+                      cudnn_benchmark=args.cudnn_benchmark, seed=args.seed).resolved()
     torch.manual_seed(args.seed)  # both methods start from the same weights
     model = build_model(arch, images["num_classes"], in_channels=images["x"].shape[1], mean=images["mean"],
                         std=images["std"]).to(device)
@@ -300,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         "pgd_steps": args.pgd_steps, "warmup": args.warmup, "repeats": args.repeats, "steps_per_repeat": args.steps,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "compile_mode": args.compile_mode,
+        "cudnn_benchmark": args.cudnn_benchmark,
     }
     for arch, batch_size in itertools.product(args.archs, args.batch_sizes):
         if batch_size > len(images["y"]):

@@ -27,7 +27,9 @@ PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 # Options that do not change what a run computes: a checkpoint written under other values still resumes.
-NON_RESULT_KEYS = ("out", "device", "data_root", "log_interval_s")
+# cudnn_benchmark picks among cuDNN algorithms for the same convolution: it changes speed, and the result only as
+# much as GPU kernels' own nondeterminism does.
+NON_RESULT_KEYS = ("out", "device", "data_root", "log_interval_s", "cudnn_benchmark")
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -74,6 +76,8 @@ class TrainConfig:
     channels_last: bool = _opt(False, "channels_last memory format (CUDA)")
     cuda_graph: bool = _opt(False, "capture the whole attack + update step in CUDA graphs (CUDA; the CPU runs eager)")
     compile: str = _opt("none", "torch.compile the model: " + " | ".join(COMPILE_MODES) + " (CUDA; the CPU runs eager)")
+    cudnn_benchmark: bool = _opt(False, "let cuDNN time its convolution algorithms at the first steps and keep the "
+                                        "fastest (CUDA)")
     out: str | None = _opt(None, "run directory: metrics.json, best.pt, last.pt, train.log")
     log_interval_s: float = _opt(60.0, "seconds between in-epoch progress lines")
 

@@ -57,7 +57,8 @@ EAGER_WARMUP_STEPS = 3  # torch's CUDA-graph notes warm up with 3 iterations on 
 def cuda_only_requests(cfg: TrainConfig) -> list[str]:
     """The fast-path options `cfg` asks for that act on CUDA only (on other devices the plain step runs)."""
     requested = {"cuda_graph": cfg.cuda_graph, f"compile={cfg.compile}": cfg.compile != "none",
-                 "precision=bf16": cfg.precision == "bf16", "channels_last": cfg.channels_last}
+                 "precision=bf16": cfg.precision == "bf16", "channels_last": cfg.channels_last,
+                 "cudnn_benchmark": cfg.cudnn_benchmark}
     return [name for name, asked in requested.items() if asked]
 
 
@@ -71,6 +72,9 @@ def build_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
         if ignored:
             log(f"{', '.join(ignored)}: CUDA only; on {device} every step runs the plain eager fp32 path")
         return eager
+    # Process-wide, which is right here: one training process runs one step function. Its timing runs happen in
+    # the eager warm-up steps, before any graph capture.
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     if cfg.cuda_graph:
         log(f"cuda_graph: the first {EAGER_WARMUP_STEPS} steps run eagerly, then the step is captured and replayed")
         return CudaGraphStep(model, optimizer, cfg, attack_gen)

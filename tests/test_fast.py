@@ -21,7 +21,7 @@ from deat.config import TrainConfig
 from deat.fast import CudaGraphStep, GraphSafeUpdate, build_train_step
 from deat.models import build_model
 from deat.optim import DEAT, build_optimizer, build_scheduler
-from deat.train import adversarial_step, train
+from deat.train import adversarial_step, check_same_run, train
 
 REPO = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -56,7 +56,7 @@ def test_cpu_fallback_of_every_fast_option_trains_bit_for_bit_like_the_plain_pat
         return metrics, model, messages
 
     plain_metrics, plain_model, plain_log = run("plain")
-    for name, fast in (("graph", dict(cuda_graph=True, precision="bf16", channels_last=True)),
+    for name, fast in (("graph", dict(cuda_graph=True, precision="bf16", channels_last=True, cudnn_benchmark=True)),
                        ("compile", dict(compile="reduce-overhead", precision="bf16", channels_last=True))):
         metrics, model, messages = run(name, **fast)
         for ours, theirs in zip(metrics["epochs"], plain_metrics["epochs"]):
@@ -66,6 +66,7 @@ def test_cpu_fallback_of_every_fast_option_trains_bit_for_bit_like_the_plain_pat
         assert all(torch.equal(model[k], plain_model[k]) for k in model), f"{name}: weights differ"
         fallback = [m for m in messages if "CUDA only" in m]
         assert len(fallback) == 1 and "precision=bf16" in fallback[0] and "channels_last" in fallback[0]
+        assert ("cudnn_benchmark" in fallback[0]) == (name == "graph")
     assert not [m for m in plain_log if "CUDA only" in m]
 
 
@@ -251,3 +252,11 @@ def test_cuda_graph_step_matches_the_eager_step(method, monkeypatch):
         assert optimizer["state"][index].get("step") == state.get("step")
     if method == "deat":
         assert fed == [True] * 5  # steps 2..6 each changed exactly the buffer of their parity
+
+
+def test_cudnn_benchmark_does_not_change_a_runs_identity(tmp_path):
+    """It picks among algorithms for the same convolutions: a run finished without it is the same run with it."""
+    saved = TrainConfig(cudnn_benchmark=False).resolved().to_dict()
+    check_same_run(saved, TrainConfig(cudnn_benchmark=True).resolved().to_dict(), tmp_path / "metrics.json")
+    with pytest.raises(ValueError, match="precision: checkpoint 'fp32' vs now 'bf16'"):
+        check_same_run(saved, TrainConfig(precision="bf16").resolved().to_dict(), tmp_path / "metrics.json")

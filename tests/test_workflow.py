@@ -114,6 +114,34 @@ def test_a_sweep_trains_every_variant_and_shares_what_a_method_does_not_read(tmp
     assert re.search(r"^train\s+6$", dry_run.stdout, re.MULTILINE), dry_run.stdout[-2000:]
 
 
+@pytest.mark.slow
+def test_gpu_study_script_runs_the_workflows_commands_without_snakemake_and_archives_the_json(tmp_path):
+    """benchmarks/gpu_study.sh: plan with Snakemake here, run where only torch is (here: DEVICE=cpu), unpack."""
+    import shutil
+    import tarfile
+
+    shutil.copy(REPO / "Snakefile", tmp_path)
+    shutil.copytree(REPO / "workflow", tmp_path / "workflow")
+    write_config(tmp_path, TINY)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true", "DEVICE": "cpu",
+           "OUT": str(tmp_path / "returned")}
+    script = str(REPO / "benchmarks" / "gpu_study.sh")
+    plan = subprocess.run(["bash", script, "plan", "tiny", "2"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert "planned 4 training and 4 evaluation jobs of study tiny, 2 at a time" in plan.stdout, plan.stderr
+    commands = (tmp_path / ".bench_data/gpu_study/train.txt").read_text()
+    assert "--mlflow" not in commands and commands.count("--device cpu") == 4
+    run = subprocess.run(["bash", script, "run"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "4 metrics.json, 4 eval files archived" in run.stdout
+    manifest = json.loads((tmp_path / "results/studies/tiny/manifest.json").read_text())
+    with tarfile.open(tmp_path / "returned/gpu_study.tgz") as archive:
+        names = set(archive.getnames())
+    assert {entry["eval"] for entry in manifest["runs"]} <= names
+    assert not [name for name in names if name.endswith((".pt", ".partial.json"))]
+
+
 def _bad(study_changes: dict, top_changes: dict | None = None) -> dict:
     config = json.loads(json.dumps(TINY))
     config["studies"]["tiny"].update(study_changes)
