@@ -627,11 +627,11 @@ def protocol_lines(manifest: dict, runs: pd.DataFrame) -> list[str]:
     protocol = manifest.get("protocol", {})
     description = manifest.get("description", "").rstrip(".")
     lines = [f"Study {manifest['study']}" + (f": {description}." if description else ".")]
-    optimizers = []
-    if "pgd_at_momentum" in protocol:
+    optimizers, methods = [], set(runs.method)
+    if "pgd_at_momentum" in protocol and "pgd_at" in methods:
         momentum = protocol["pgd_at_momentum"]
         optimizers.append("PGD-AT: plain SGD (Algorithm 1)" if momentum == 0 else f"PGD-AT: SGD, momentum {momentum:g}")
-    if "k1" in protocol or "k2" in protocol:
+    if ("k1" in protocol or "k2" in protocol) and "deat" in methods:
         optimizers.append(f"DEAT: Algorithm 2, k1={_render_value(protocol.get('k1'))}, "
                           f"k2={_render_value(protocol.get('k2'))}")
     if optimizers:

@@ -435,3 +435,11 @@ def test_a_k1_k2_sweep_is_reported_per_variant_with_anova(tmp_path):
     markdown = (tmp_path / "tables" / "sweep_sensitivity.md").read_text(encoding="utf-8")
     assert "k1=[0.5, 2]" in markdown  # the protocol lists the swept values, not a default
     assert tmp_path / "figures" / "heatmap_sweep.png" in written
+
+
+def test_a_one_method_study_states_only_its_own_optimizer(tmp_path):
+    manifest = make_study(tmp_path)
+    manifest["runs"] = [run for run in manifest["runs"] if run["method"] == "pgd_at"]
+    report.build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
+    text = (tmp_path / "tables" / "table2_pgd10_best.md").read_text(encoding="utf-8")
+    assert "Optimizers: PGD-AT: SGD, momentum 0.9." in text and "DEAT: Algorithm 2" not in text
