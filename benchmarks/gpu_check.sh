@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_check.sh      # from the repository root, with .bench_data/cifar10_small.npz present
 #   PARTS="env numerics large summary" bash benchmarks/gpu_check.sh   # only these parts (default: all but large)
 #
-# About 5-6 minutes on one H100/H200; the default parts' limits add up to 465 s (large: 200 s more), so a hang costs at most its own
-# part. Each part writes its log (and JSON lines) under $OUT: the device tool's returned folder, or
+# About 5-6 minutes on one H100/H200; the default parts' limits add up to 465 s (large: 200 s more), so a hang
+# costs at most its own part. Each part writes its log (and JSON lines) under $OUT: the device tool's returned folder, or
 # results/gpu_check when run by hand. The last lines printed are the summary of every part.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=. PYTHONDONTWRITEBYTECODE=1
