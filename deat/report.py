@@ -310,7 +310,8 @@ def accuracy_table(runs: pd.DataFrame, metric: str, checkpoint: str) -> tuple[Ta
     archs, methods, varies_batch = _ordered(runs.arch), _methods(runs), _varies_batch(runs)
     with_delta = methods == list(METHODS)
 
-    key_columns = (["variant"] if _varies_variant(runs) else []) + (["α", "b"] if varies_batch else ["α"])
+    varies_variant = _varies_variant(runs)
+    key_columns = (["variant"] if varies_variant else []) + (["α", "b"] if varies_batch else ["α"])
     labels = [METHOD_LABELS[m] for m in methods] + (["Δ"] if with_delta else [])
     columns = key_columns + [f"{arch} {label}" for arch in archs for label in labels]
     groups = [("", len(key_columns))] + [(arch, len(labels)) for arch in archs]
@@ -318,7 +319,7 @@ def accuracy_table(runs: pd.DataFrame, metric: str, checkpoint: str) -> tuple[Ta
 
     rows, deltas = [], []
     for variant, lr, batch_size in _grid_rows(runs):
-        cells = ([variant] if _varies_variant(runs) else []) + [f"{lr:g}"] + ([str(batch_size)] if varies_batch else [])
+        cells = ([variant] if varies_variant else []) + [f"{lr:g}"] + ([str(batch_size)] if varies_batch else [])
         for arch in archs:
             point = {m: lookup.get((arch, m, variant, lr, batch_size)) for m in methods}
             cells.extend("" if p is None else format_mean_std(p["mean"], p["std"], p["n"], p["n_expected"])

@@ -461,19 +461,11 @@ def files_left(result: subprocess.CompletedProcess) -> list[str]:
     return result.stdout.split(FILES_LEFT, 1)[1].split()
 
 
-def test_read_only_results_folder_is_a_clear_error(tmp_path):
-    results = tmp_path / "results"
-    prefix = _private_mount("read-only", results)
+@pytest.mark.parametrize("kind, message", [("read-only", "Read-only file system: 'results/run"),
+                                           ("full", "No space left on device")])
+def test_unwritable_results_folder_is_a_clear_error_and_leaves_no_partial_file(tmp_path, kind, message):
+    prefix = _private_mount(kind, tmp_path / "results")
     result = deat("train", *TRAIN, "--epochs", "1", "--out", "results/run", cwd=tmp_path, prefix=prefix)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "Read-only file system: 'results/run" in result.stderr and "Traceback" not in result.stderr
-    assert files_left(result) == []
-
-
-def test_full_disk_is_a_clear_error_and_leaves_no_partial_file(tmp_path):
-    results = tmp_path / "results"
-    prefix = _private_mount("full", results)
-    result = deat("train", *TRAIN, "--epochs", "1", "--out", "results/run", cwd=tmp_path, prefix=prefix)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
-    assert files_left(result) == []  # the checkpoint's temporary file was removed, no half checkpoint remains
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert files_left(result) == []  # a checkpoint's temporary file is removed: no half checkpoint remains
