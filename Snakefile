@@ -16,9 +16,11 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 
-# mlflow.tracking_uri: server -> an MLflow server on 127.0.0.1 for this run only (deat/server.py). Snakemake runs
-# these hooks in real runs only: not for -n, nor inside cluster jobs, nor when there is nothing to do.
-if config["mlflow"]["tracking_uri"] == "server":
+# Snakemake runs these hooks in real runs only: not for -n, nor inside cluster jobs, nor when there is nothing to do.
+# mlflow.tracking_uri: server -> an MLflow server on 127.0.0.1 for this run only (deat/server.py).
+# On failure, a study whose report did not run shows FAILED in MLflow, not RUNNING forever.
+SERVER = config["mlflow"]["tracking_uri"] == "server"
+if SERVER:
     from deat.server import start_server, stop_server
 
     onstart:
@@ -27,8 +29,17 @@ if config["mlflow"]["tracking_uri"] == "server":
     onsuccess:
         stop_server()
 
-    onerror:
-        stop_server()
+
+onerror:
+    from deat.tracking import fail_study_runs
+
+    try:
+        fail_study_runs([f"results/studies/{study}/mlflow.json" for study in config["run"]])
+    except Exception as err:  # the store itself may be what failed: say so, and still stop the server
+        print(f"warning: could not mark the studies' MLflow runs FAILED: {err}", file=sys.stderr)
+    finally:
+        if SERVER:
+            stop_server()
 
 
 rule all:

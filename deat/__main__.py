@@ -39,6 +39,19 @@ def _lease_gpu(args: argparse.Namespace, device: str) -> object | None:
     return lease
 
 
+class Terminated(BaseException):
+    """SIGTERM (what SLURM sends on preemption or time-out, and `kill`), raised so that cleanup code runs."""
+
+
+def _raise_on_sigterm() -> None:
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated(f"terminated by signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _train(args: argparse.Namespace) -> int:
     from .config import config_from_args
 
@@ -48,15 +61,17 @@ def _train(args: argparse.Namespace) -> int:
 
     logger = RunLogger()
     if args.mlflow:
-        from .tracking import mark_failed, mlflow_run_logger
+        from .tracking import mlflow_run_logger
 
         name = f"{cfg.method} {cfg.arch} lr{cfg.lr} bs{cfg.batch_size} seed{cfg.seed}"
         logger = mlflow_run_logger(args.mlflow, cfg.out, name)
     try:
         train(cfg, logger, log=lambda line: print(line, flush=True))
+    except (Terminated, KeyboardInterrupt):
+        logger.stop("KILLED")  # MLflow shows the truth; a rerun of the same command resumes and finishes it
+        raise
     except BaseException:
-        if args.mlflow:
-            mark_failed(cfg.out, args.mlflow)
+        logger.stop("FAILED")
         raise
     return 0
 
@@ -96,8 +111,9 @@ def _mlflow_study(args: argparse.Namespace) -> int:
 
     store = json.loads(Path(args.store).read_text())
     manifest = json.loads(Path(args.manifest).read_text())
-    params = {"description": manifest["description"], "n_runs": len(manifest["runs"]), **manifest["protocol"]}
-    parent = study_parent_run(store["tracking_uri"], store["experiment_id"], args.study, params)
+    params = {"n_runs": len(manifest["runs"]), **manifest["protocol"]}
+    parent = study_parent_run(store["tracking_uri"], store["experiment_id"], args.study, params,
+                              manifest["description"])
     write_tracking_file(args.out, store["tracking_uri"], store["experiment_id"], parent)
     print(f"study {args.study!r}: MLflow parent run {parent}")
     return 0
@@ -160,12 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _raise_on_sigterm()
     try:
         return args.func(args)
     # OSError too: a full disk or a read-only results folder is the user's to fix, like a bad value.
     except (ValueError, OSError, RuntimeError, FloatingPointError, TimeoutError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Terminated as err:
+        print(f"stopped: {err}; rerun the same command to continue", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

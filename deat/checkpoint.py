@@ -17,12 +17,15 @@ VERSION = 1
 def atomic_write(path: str | Path, write: Any) -> None:
     """Call `write(file_object)` on a temporary file beside `path`, then rename it over `path`.
 
-    A crash (even kill -9) leaves either the old file or the new one, never half of one.
+    A crash (even kill -9) leaves either the old file or the new one, never half of one. The file gets the mode a
+    plain open() would give it (0666 less the umask): mkstemp's private 0600 would hide results from teammates
+    on a shared filesystem.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -31,6 +34,19 @@ def atomic_write(path: str | Path, write: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask. Read from /proc where it is shown (no change to process state); else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | Path, data: Any) -> None:

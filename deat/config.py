@@ -31,6 +31,27 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagrap
 # much as GPU kernels' own nondeterminism does.
 NON_RESULT_KEYS = ("out", "device", "data_root", "log_interval_s", "cudnn_benchmark")
 
+# Options that only some methods read. For any other method they are not part of the run: left out of its identity
+# (the run directory's hash, the check that a checkpoint belongs to the run), its command-line flags and its MLflow
+# params, so changing them in a study never touches that method's finished runs.
+METHOD_OPTIONS = {"momentum": ("pgd_at",), "k1": ("deat",), "k2": ("deat",), "decoupled_weight_decay": ("deat",)}
+
+
+def unused_options(config: dict[str, Any]) -> tuple[str, ...]:
+    """The options a run with these settings does not read (e.g. k1 for PGD-AT, momentum for DEAT)."""
+    return tuple(key for key, methods in METHOD_OPTIONS.items() if config["method"] not in methods)
+
+
+def run_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What a run computes: every option except those that do not change the result and those its method ignores.
+
+    Two configs with the same identity train the same model, so a checkpoint of one resumes the other. An option
+    missing from `config` (a run written before the option existed) counts as its default.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    skip = set(NON_RESULT_KEYS) | set(unused_options({**defaults, **config}))
+    return {key: config.get(key, default) for key, default in defaults.items() if key not in skip}
+
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)

@@ -16,10 +16,11 @@ from typing import Any
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from .checkpoint import atomic_write, write_json  # noqa: E402
-from .config import NON_RESULT_KEYS  # noqa: E402
+from .config import NON_RESULT_KEYS, unused_options  # noqa: E402
 from .train import RunLogger  # noqa: E402
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -55,15 +56,21 @@ def init_experiment(tracking_uri: str, experiment: str, artifact_root: str | Pat
     return client.create_experiment(experiment, artifact_location=location)
 
 
-def study_parent_run(tracking_uri: str, experiment_id: str, study: str, params: dict[str, Any]) -> str:
-    """The study's parent run: found by its tags when it exists (reruns reuse it), else created."""
+def study_parent_run(tracking_uri: str, experiment_id: str, study: str, params: dict[str, Any],
+                     description: str = "") -> str:
+    """The study's parent run: found by its tags when it exists (reruns reuse it), else created.
+
+    Its params (the protocol) are written once; the description is the run's note, which MLflow lets change.
+    """
     client = _client(tracking_uri)
     existing = client.search_runs([experiment_id], filter_string=f"tags.`deat.study` = '{study}' and "
                                                                   f"tags.`deat.role` = 'study'", max_results=1)
     if existing:
-        return existing[0].info.run_id
+        run_id = existing[0].info.run_id
+        client.set_tag(run_id, "mlflow.note.content", description)  # reworded descriptions show up; params stay
+        return run_id
     run = client.create_run(experiment_id, run_name=f"study:{study}",
-                            tags={"deat.study": study, "deat.role": "study"})
+                            tags={"deat.study": study, "deat.role": "study", "mlflow.note.content": description})
     client.log_batch(run.info.run_id, params=[Param(k, _param(v)) for k, v in sorted(params.items())])
     return run.info.run_id
 
@@ -85,43 +92,66 @@ def _param(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
-def child_run_id(tracking: dict[str, str], run_dir: str | Path, run_name: str) -> str:
-    """The run directory's MLflow run: the one recorded in `mlflow_run_id`, else a new child of the study's run."""
+def _recorded_run(client: MlflowClient, run_dir: str | Path):
+    """The MLflow run named in the run directory's `mlflow_run_id`, or None (no file, or a run this store lacks)."""
     id_file = Path(run_dir) / RUN_ID_FILE
-    client = _client(tracking["tracking_uri"])
-    if id_file.is_file():
-        run_id = id_file.read_text().strip()
-        client.update_run(run_id, status="RUNNING")
-        return run_id
-    run = client.create_run(tracking["experiment_id"], run_name=run_name,
-                            tags={"mlflow.parentRunId": tracking["parent_run_id"], "deat.role": "grid_point",
-                                  "deat.run_dir": str(run_dir)})
-    atomic_write(id_file, lambda f: f.write(run.info.run_id.encode()))
-    return run.info.run_id
+    if not id_file.is_file():
+        return None
+    try:
+        return client.get_run(id_file.read_text().strip())
+    except MlflowException:  # the store was replaced or the directory copied from elsewhere: start afresh
+        return None
+
+
+def run_params(params: dict[str, Any]) -> dict[str, str]:
+    """A run's MLflow params: its identity (deat.config.run_identity) plus the derived values train adds."""
+    skip = set(NON_RESULT_KEYS) | set(unused_options(params))
+    return {k: _param(v) for k, v in sorted(params.items()) if k not in skip}
 
 
 def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, run_name: str) -> RunLogger:
-    """Hooks for deat.train.train: params at start, every epoch's metrics (step=epoch), artifacts at the end."""
+    """Hooks for deat.train.train: params at start, every epoch's metrics (step=epoch), artifacts at the end.
+
+    The MLflow run is chosen at `start`, after train has checked that the directory belongs to this config:
+    the run recorded in `mlflow_run_id` continues (a resumed job) unless its params differ, which train allows
+    only when the earlier attempt finished no epoch (e.g. it diverged); that attempt keeps its own run and this
+    one gets a new child run. `stop` marks the run FAILED or KILLED when the process ends early.
+    """
     tracking = read_tracking_file(tracking_file)
     client = _client(tracking["tracking_uri"])
-    run_id = child_run_id(tracking, run_dir, run_name)
-    # Epochs already in MLflow: a resumed run may replay its finished epochs, and each is logged once.
-    logged_epochs = {m.step for m in client.get_metric_history(run_id, EPOCH_MARKER)}
+    current: dict[str, Any] = {"run_id": None, "logged_epochs": set()}
 
     def start(params: dict[str, Any]) -> None:
-        client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in sorted(params.items())
-                                         if k not in NON_RESULT_KEYS],
+        wanted = run_params(params)
+        run = _recorded_run(client, run_dir)
+        if run is not None and any(run.data.params.get(k, v) != v for k, v in wanted.items()):
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, "KILLED")
+            client.set_tag(run.info.run_id, "deat.superseded", "true")
+            run = None
+        if run is None:
+            run = client.create_run(tracking["experiment_id"], run_name=run_name,
+                                    tags={"mlflow.parentRunId": tracking["parent_run_id"],
+                                          "deat.role": "grid_point", "deat.run_dir": str(run_dir)})
+            atomic_write(Path(run_dir) / RUN_ID_FILE, lambda f: f.write(run.info.run_id.encode()))
+        run_id = current["run_id"] = run.info.run_id
+        client.update_run(run_id, status="RUNNING")
+        client.update_run(tracking["parent_run_id"], status="RUNNING")  # the study has work in progress again
+        client.log_batch(run_id, params=[Param(k, v) for k, v in wanted.items() if k not in run.data.params],
                          tags=[RunTag(f"deat.{k}", _param(params[k])) for k in NON_RESULT_KEYS if k in params])
+        # Epochs already in MLflow: a resumed run replays its finished epochs, and each is logged once.
+        current["logged_epochs"] = {m.step for m in client.get_metric_history(run_id, EPOCH_MARKER)}
 
     def epoch(record: dict[str, Any]) -> None:
-        if record["epoch"] in logged_epochs:
+        if record["epoch"] in current["logged_epochs"]:
             return
         now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, record["epoch"]) for k, v in record.items()
-                                          if k != "epoch" and v is not None])
-        logged_epochs.add(record["epoch"])
+        client.log_batch(current["run_id"], metrics=[Metric(k, float(v), now, record["epoch"])
+                                                     for k, v in record.items() if k != "epoch" and v is not None])
+        current["logged_epochs"].add(record["epoch"])
 
     def end(metrics: dict[str, Any], out: Path) -> None:
+        run_id = current["run_id"]
         now = int(time.time() * 1000)
         summary = [Metric(f"{which}/{k}", float(v), now, 0) for which in ("best", "last")
                    for k, v in metrics[which].items() if v is not None]
@@ -133,14 +163,11 @@ def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, run_name: 
         client.log_artifact(run_id, str(curves))
         client.set_terminated(run_id, "FINISHED")
 
-    return RunLogger(start=start, epoch=epoch, end=end)
+    def stop(status: str) -> None:
+        if current["run_id"] is not None:
+            client.set_terminated(current["run_id"], status)
 
-
-def mark_failed(run_dir: str | Path, tracking_file: str | Path) -> None:
-    id_file = Path(run_dir) / RUN_ID_FILE
-    if id_file.is_file():
-        _client(read_tracking_file(tracking_file)["tracking_uri"]).set_terminated(
-            id_file.read_text().strip(), "FAILED")
+    return RunLogger(start=start, epoch=epoch, end=end, stop=stop)
 
 
 def log_metrics(tracking_file: str | Path, run_dir: str | Path, values: dict[str, float]) -> None:
@@ -159,6 +186,24 @@ def log_artifacts(tracking_file: str | Path, files: list[Path], run_id: str | No
     client = _client(tracking["tracking_uri"])
     for f in files:
         client.log_artifact(run_id or tracking["parent_run_id"], str(f), artifact_path)
+
+
+def fail_study_runs(tracking_files: list[str | Path]) -> list[str]:
+    """After a failed workflow run: every study parent run still RUNNING becomes FAILED; returns their run ids.
+
+    The report, which would have closed the study, never ran. A later run sets the parent RUNNING again when one
+    of its jobs starts, and FINISHED when its report is written.
+    """
+    failed = []
+    for path in tracking_files:
+        if not Path(path).is_file():
+            continue
+        tracking = read_tracking_file(path)
+        client = _client(tracking["tracking_uri"])
+        if client.get_run(tracking["parent_run_id"]).info.status == "RUNNING":
+            client.set_terminated(tracking["parent_run_id"], "FAILED")
+            failed.append(tracking["parent_run_id"])
+    return failed
 
 
 def finish_study_run(tracking_file: str | Path) -> None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from . import __version__
 from .attacks import clean_accuracy, pgd, robust_accuracy
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
-from .config import NON_RESULT_KEYS, TrainConfig, add_config_arguments, config_from_args
+from .config import TrainConfig, add_config_arguments, config_from_args, run_identity
 from .data import Batches, augment_policy, load_dataset
 from .models import build_model
 from .optim import build_optimizer, build_scheduler, effective_step
@@ -40,11 +40,16 @@ EVAL_SEED = 0  # per-epoch evaluation uses the same attack starts every epoch, s
 
 @dataclass
 class RunLogger:
-    """Hooks a tracker (MLflow, see tracking.py) plugs into; train.py itself never imports one."""
+    """Hooks a tracker (MLflow, see tracking.py) plugs into; train.py itself never imports one.
+
+    `start` is called once the run directory is known to belong to this config (never for a refused or already
+    complete run); `stop(status)` by the caller when the process ends early: "FAILED" or "KILLED".
+    """
 
     start: Callable[[dict[str, Any]], None] = lambda params: None
     epoch: Callable[[dict[str, Any]], None] = lambda record: None
     end: Callable[[dict[str, Any], Path], None] = lambda metrics, out: None
+    stop: Callable[[str], None] = lambda status: None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -167,7 +172,9 @@ def restore_rng(state: dict[str, Any], device: torch.device, data_gen, attack_ge
 
 
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    differ = {k: (saved.get(k), v) for k, v in current.items() if k not in NON_RESULT_KEYS and saved.get(k) != v}
+    """Refuse to continue or publish `path` under a config whose run identity differs (see config.run_identity)."""
+    saved_identity, current_identity = run_identity(saved), run_identity(current)
+    differ = {k: (saved_identity.get(k), v) for k, v in current_identity.items() if saved_identity.get(k) != v}
     if differ:
         details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(differ.items()))
         raise ValueError(f"{path} belongs to a different run ({details}); "
@@ -193,6 +200,9 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
         shutil.rmtree(running, ignore_errors=True)  # left over if a crash hit between publishing and cleanup
         log(f"{final_metrics} exists: run already complete, nothing to do")
         return done
+    published = _republish(out, cfg.resolved().to_dict(), log)
+    if published is not None:
+        return published
 
     device = resolve_device(cfg.device)
     cfg = cfg.resolved()
@@ -275,6 +285,28 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
     logger.end(metrics, out)
     log(f"done: best epoch {metrics['best']['epoch']} (val PGD {_pct(metrics['best']['val_pgd_acc'])}), "
         f"last test PGD {_pct(metrics['last']['test_pgd_acc'])}, {_hms(metrics['wall_time_s'])} in all")
+    return metrics
+
+
+def _republish(out: Path, config: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any] | None:
+    """metrics.json again from a finished run's last.pt, when only metrics.json is gone; None when there is none.
+
+    A workflow engine deletes a job's declared output before it reruns the job (Snakemake does, for --forceall or
+    a changed rule). last.pt is the final epoch's full checkpoint, metrics included, so the finished run is
+    published again in a second instead of being trained again; the checkpoints themselves are never touched.
+    """
+    last, best = out / "last.pt", out / "best.pt"
+    if not (last.is_file() and best.is_file()) or (out / "running" / "checkpoint.pt").is_file():
+        return None
+    state = load_checkpoint(last)
+    check_same_run(state["config"], config, last)
+    if state["epoch"] != state["config"]["epochs"]:
+        return None
+    metrics = {**state["metrics"], "status": "complete"}
+    write_json(out / "metrics.json", metrics)
+    shutil.rmtree(out / "running", ignore_errors=True)
+    log(f"{out} finished earlier (last.pt holds epoch {state['epoch']} of {state['epoch']}): metrics.json "
+        f"written again from it, nothing trained")
     return metrics
 
 

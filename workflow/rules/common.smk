@@ -7,15 +7,28 @@ import shutil
 import sys
 
 sys.path.insert(0, workflow.basedir)  # the deat package beside the Snakefile, installed or not
-from deat.config import NON_RESULT_KEYS, TrainConfig
+from deat.config import NON_RESULT_KEYS, TrainConfig, run_identity, unused_options
 
 
 validate(config, "../schemas/config.schema.yaml")
 
 GRID_KEYS = ("arch", "method", "lr", "batch_size", "seed")
-# Options that only one method reads: leaving them out of the run's identity lets studies that differ
-# only in the other method's options share its runs.
-METHOD_ONLY = {"pgd_at": ("k1", "k2", "decoupled_weight_decay"), "deat": ("momentum",)}
+
+
+class Untracked:
+    """A rule param that Snakemake's `params` rerun trigger does not see.
+
+    Snakemake compares only param values it can repr (persistence._serialize_param drops other objects); in a shell
+    command this one reads as its text. The train and evaluate jobs need no such trigger: every setting that changes
+    their result is already in their output's path (the run's identity hash, the evaluation's settings hash), and
+    the rest (device, GPU leasing, or a new option's default spelled out) must never retrain a finished run.
+    """
+
+    def __init__(self, text):
+        self.text = text
+
+    def __str__(self):
+        return self.text
 
 
 def _fail(message):
@@ -78,12 +91,15 @@ def build_runs():
                 cfg = TrainConfig.from_dict(values, source=where).resolved()
             except ValueError as err:
                 _fail(str(err))
-            settings = {k: v for k, v in cfg.to_dict().items()
-                        if k not in GRID_KEYS + NON_RESULT_KEYS + METHOD_ONLY[method]}
+            # Options the method does not read (k1 for PGD-AT) are left out, so studies that differ only in them
+            # share the method's runs, and changing them never touches a finished run.
+            identity = run_identity(cfg.to_dict())
+            settings = {k: v for k, v in identity.items() if k not in GRID_KEYS}
             run = (f"{dataset_tag(study['dataset'])}/{arch}/{method}/{short_hash(settings)}/"
                    f"lr{format_lr(lr)}_bs{bs}_seed{seed}")
             eval_settings = {**study["eval"]}
-            entry = runs.setdefault(run, {"train": cfg.to_dict(), "owner": None, "evals": {}})
+            flags = {k: v for k, v in cfg.to_dict().items() if k != "out" and k not in unused_options(cfg.to_dict())}
+            entry = runs.setdefault(run, {"train": flags, "owner": None, "evals": {}})
             if entry["owner"] is None and name in config["run"]:
                 entry["owner"] = name
             entry["evals"][short_hash(eval_settings)] = eval_settings
@@ -111,7 +127,10 @@ def run_entry(wildcards):
 
 
 def cli_flags(options):
-    """{'pgd_steps': 10, 'random_start': False, 'milestones': [100, 105]} -> '--pgd-steps 10 --no-random-start ...'"""
+    """{'pgd_steps': 10, 'random_start': False, 'milestones': [100, 105]} -> '--pgd-steps 10 --no-random-start ...'
+
+    Untracked (see there): the flags spell out settings the job's output path already identifies.
+    """
     flags = []
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
@@ -123,12 +142,34 @@ def cli_flags(options):
             flags.append(f"{flag} " + " ".join(str(v) for v in value))
         else:
             flags.append(f"{flag} {value}")
-    return " ".join(flags)
+    return Untracked(" ".join(flags))
+
+
+def gpu_options():
+    """GPU leasing flags: they never change a result, so untracked like cli_flags."""
+    return Untracked(f"--gpu-lock-dir results/locks --runs-per-gpu {config['runs_per_gpu']}")
 
 
 def tracking_file(wildcards):
+    """The owner study's tracking file, marked ancient: rewriting it (a reworded description rewrites it) must not
+    make a finished run look out of date."""
     owner = run_entry(wildcards)["owner"]
-    return f"results/studies/{owner}/mlflow.json"
+    return ancient(f"results/studies/{owner}/mlflow.json")
+
+
+def interrupted_elsewhere():
+    """Run directories with an interrupted training (running/ left behind) that this invocation's studies lack."""
+    root = Path("results/runs")
+    if not root.is_dir():
+        return []
+    return sorted(str(d.parent) for d in root.glob("*/*/*/*/*/running") if str(d.parent.relative_to(root)) not in RUNS)
+
+
+_orphans = interrupted_elsewhere()
+if _orphans:
+    print(f"note: {len(_orphans)} interrupted run(s) belong to no study of run={config['run']}, so this command "
+          f"does not resume them: {', '.join(_orphans[:3])}{' ...' if len(_orphans) > 3 else ''}. Repeat the "
+          "--config/--configfile flags they were started with (see README, Resuming).", file=sys.stderr)
 
 
 def study_protocol(name):
@@ -141,6 +182,11 @@ def study_protocol(name):
                                         "precision", "channels_last", "cuda_graph", "compile")}
     protocol.update(study["sweep"])  # a swept option shows its values, not the default
     protocol["pgd_at_momentum"] = example["momentum"]
+    # An option no method of the study reads (k1 in a PGD-AT-only study) is not part of its protocol.
+    read = set(protocol) - set.intersection(*(set(unused_options({**example, "method": m})) for m in study["methods"]))
+    if "pgd_at" not in study["methods"]:
+        read.discard("pgd_at_momentum")
+    protocol = {k: v for k, v in protocol.items() if k in read}
     protocol["seeds"] = study["seeds"]
     measure = f"PGD-{example['eval_pgd_steps']}" if example["pgd_steps"] > 0 else "clean"
     protocol["checkpoint_rule"] = (f"best = highest {measure} accuracy on a held-out validation split of the "

@@ -3,9 +3,7 @@
 
 rule evaluate:
     input:
-        metrics="results/runs/{run}/metrics.json",
-        best="results/runs/{run}/best.pt",
-        last="results/runs/{run}/last.pt",
+        metrics="results/runs/{run}/metrics.json",  # published with best.pt and last.pt, never before them
         tracking=tracking_file,
     output:
         "results/runs/{run}/eval_{evalhash}.json",
@@ -13,11 +11,11 @@ rule evaluate:
         "results/logs/evaluate/{run}_{evalhash}.log",
     params:
         flags=lambda w: cli_flags(run_entry(w)["evals"][w.evalhash]),
-        device=config["device"],
-        gpu_flags=f"--gpu-lock-dir results/locks --runs-per-gpu {config['runs_per_gpu']}",
+        device=Untracked(config["device"]),
+        gpu=gpu_options(),
     threads: 1  # small models run best as parallel single-thread jobs on a CPU; GPU jobs need one
     resources:
         gpu=1 if uses_gpu() else 0,
     shell:
         "OMP_NUM_THREADS={threads} python -m deat evaluate --run-dir results/runs/{wildcards.run} --out {output} {params.flags}"
-        " --device {params.device} --mlflow {input.tracking} {params.gpu_flags} > {log} 2>&1"
+        " --device {params.device} --mlflow {input.tracking} {params.gpu} > {log} 2>&1"

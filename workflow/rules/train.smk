@@ -3,20 +3,20 @@
 
 rule train:
     input:
-        data=lambda w: f"results/data/{dataset_tag(run_entry(w)['train']['dataset'])}.json",
+        data=lambda w: ancient(f"results/data/{dataset_tag(run_entry(w)['train']['dataset'])}.json"),
         tracking=tracking_file,
+    # metrics.json alone: Snakemake deletes a job's outputs before it reruns the job, and best.pt / last.pt must
+    # never be deleted. A rerun whose metrics.json was deleted is published again from last.pt in a second.
     output:
         metrics="results/runs/{run}/metrics.json",
-        best="results/runs/{run}/best.pt",
-        last="results/runs/{run}/last.pt",
     log:
         "results/logs/train/{run}.log",
     params:
         flags=lambda w: cli_flags(run_entry(w)["train"]),
-        gpu_flags=f"--gpu-lock-dir results/locks --runs-per-gpu {config['runs_per_gpu']}",
+        gpu=gpu_options(),
     threads: 1  # small models run best as parallel single-thread jobs on a CPU; GPU jobs need one
     resources:
         gpu=1 if uses_gpu() else 0,
     shell:
         "OMP_NUM_THREADS={threads} python -m deat train {params.flags} --out results/runs/{wildcards.run} --mlflow {input.tracking}"
-        " {params.gpu_flags} > {log} 2>&1"
+        " {params.gpu} > {log} 2>&1"
