@@ -119,6 +119,15 @@ def _mlflow_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mlflow_import(args: argparse.Namespace) -> int:
+    from .tracking import import_results
+
+    created = import_results(args.results_dir, args.tracking_uri, args.experiment)
+    print(f"MLflow {args.tracking_uri}, experiment {args.experiment!r}: {created['studies']} study run(s) and "
+          f"{created['runs']} run(s) added (already there: left as they are)")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from . import report
 
@@ -165,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact-root", help="artifact location for a new experiment (default: MLflow's)")
     p.add_argument("--out", required=True, help="JSON file recording the store and experiment")
     p.set_defaults(func=_mlflow_init)
+    p = commands.add_parser("mlflow-import", help="load committed studies (manifests, metrics.json, eval_*.json) "
+                            "into MLflow; a second call adds nothing")
+    p.add_argument("--results-dir", default="results", help="folder holding studies/ and runs/ (default: results)")
+    p.add_argument("--tracking-uri", default="sqlite:///results/mlflow/mlflow.db",
+                   help="MLflow store (default: sqlite:///results/mlflow/mlflow.db, the one `mlflow ui` in the "
+                   "README opens)")
+    p.add_argument("--experiment", default="deat", help="MLflow experiment name (default: deat)")
+    p.set_defaults(func=_mlflow_import)
     p = commands.add_parser("mlflow-study", help="create (or find) a study's MLflow parent run")
     p.add_argument("--store", required=True, help="JSON file written by mlflow-init")
     p.add_argument("--study", required=True, help="study name")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -171,12 +172,21 @@ def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, run_name: 
 
 
 def log_metrics(tracking_file: str | Path, run_dir: str | Path, values: dict[str, float]) -> None:
-    """Final metrics (e.g. `eval/best/aa_acc`) on the run directory's existing MLflow run."""
+    """Final metrics (e.g. `eval/best/aa_acc`) on the run directory's MLflow run.
+
+    A directory with no MLflow run in this store (committed results in a fresh clone, before `python -m deat
+    mlflow-import`) is said so on stderr and skipped: the evaluation's own file is the record that matters.
+    """
     tracking = read_tracking_file(tracking_file)
-    run_id = (Path(run_dir) / RUN_ID_FILE).read_text().strip()
+    client = _client(tracking["tracking_uri"])
+    run = _recorded_run(client, run_dir)
+    if run is None:
+        print(f"note: {run_dir} has no MLflow run in {tracking['tracking_uri']}; its metrics are not logged there "
+              f"(python -m deat mlflow-import --results-dir results loads finished runs)", file=sys.stderr)
+        return
     now = int(time.time() * 1000)
-    _client(tracking["tracking_uri"]).log_batch(
-        run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items() if v is not None])
+    client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()
+                                               if v is not None])
 
 
 def log_artifacts(tracking_file: str | Path, files: list[Path], run_id: str | None = None,
@@ -232,3 +242,77 @@ def plot_learning_curves(metrics: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
+
+
+def import_results(results_dir: str | Path, tracking_uri: str, experiment: str) -> dict[str, int]:
+    """Load committed studies (manifest.json, each run's metrics.json and eval_*.json) into MLflow.
+
+    One parent run per study and one FINISHED child run per run directory, as the workflow would have logged them:
+    params, per-epoch metrics (step = epoch), best/last summaries, evaluation metrics, metrics.json as an artifact.
+    Idempotent: a study or run already in the experiment (found by its tags) is left as it is. A run directory
+    with no MLflow run of its own gets this one in its `mlflow_run_id`. Returns counts of what was created.
+    """
+    results_dir = Path(results_dir)
+    client = _client(tracking_uri)
+    experiment_id = init_experiment(tracking_uri, experiment, results_dir / "mlflow" / "artifacts"
+                                    if tracking_uri.startswith("sqlite:") else None)
+    created = {"studies": 0, "runs": 0}
+    for manifest_path in sorted(results_dir.glob("studies/*/manifest.json")):
+        manifest = json.loads(manifest_path.read_text())
+        study = manifest["study"]
+        found = client.search_runs([experiment_id], f"tags.`deat.study` = '{study}' and tags.`deat.role` = 'study'",
+                                   max_results=1)
+        if found:
+            parent = found[0].info.run_id
+        else:
+            parent = study_parent_run(tracking_uri, experiment_id, study,
+                                      {"n_runs": len(manifest["runs"]), **manifest["protocol"]},
+                                      manifest.get("description", ""))
+            client.set_tag(parent, "deat.imported_from", str(manifest_path))
+            created["studies"] += 1
+        for entry in manifest["runs"]:
+            if _import_run(client, experiment_id, parent, results_dir.parent / entry["dir"], entry):
+                created["runs"] += 1
+        client.set_terminated(parent, "FINISHED")
+    return created
+
+
+def _import_run(client: MlflowClient, experiment_id: str, parent: str, run_dir: Path, entry: dict) -> bool:
+    """One committed run directory as a FINISHED child of `parent`; False if it is there already or unfinished."""
+    metrics_path = run_dir / "metrics.json"
+    rel_dir = entry["dir"]
+    if not metrics_path.is_file():
+        return False
+    existing = client.search_runs([experiment_id], f"tags.`deat.run_dir` = '{rel_dir}' and "
+                                                   f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1)
+    if existing:
+        return False
+    metrics = json.loads(metrics_path.read_text())
+    cfg = metrics["config"]
+    run = client.create_run(experiment_id, run_name=f"{cfg['method']} {cfg['arch']} lr{cfg['lr']} "
+                                                    f"bs{cfg['batch_size']} seed{cfg['seed']}",
+                            tags={"mlflow.parentRunId": parent, "deat.role": "grid_point", "deat.run_dir": rel_dir,
+                                  "deat.imported_from": str(metrics_path)})
+    run_id = run.info.run_id
+    params = {**cfg, **{f"model_{k}": v for k, v in metrics.get("model", {}).items()},
+              "effective_step": metrics.get("effective_step")}
+    now = int(time.time() * 1000)
+    values = [Metric(k, float(v), now, r["epoch"]) for r in metrics["epochs"] for k, v in r.items()
+              if k != "epoch" and v is not None]
+    values += [Metric(f"{which}/{k}", float(v), now, 0) for which in ("best", "last")
+               for k, v in (metrics.get(which) or {}).items() if v is not None]
+    for eval_path in sorted(run_dir.glob("eval_*.json")):
+        if eval_path.name.endswith(".partial.json"):
+            continue
+        for name, c in json.loads(eval_path.read_text())["checkpoints"].items():
+            values += [Metric(f"eval/{name}/{k}", float(c[k]), now, 0)
+                       for k in ("clean_acc", "pgd10_acc", "pgd_acc", "aa_acc") if c.get(k) is not None]
+    # log_batch takes at most 1,000 metrics per call
+    params_list = [Param(k, v) for k, v in run_params(params).items()]
+    for i in range(0, max(len(values), 1), 1000):
+        client.log_batch(run_id, metrics=values[i:i + 1000], params=params_list if i == 0 else [])
+    client.log_artifact(run_id, str(metrics_path))
+    client.set_terminated(run_id, "FINISHED")
+    if not (run_dir / RUN_ID_FILE).is_file():
+        atomic_write(run_dir / RUN_ID_FILE, lambda f: f.write(run_id.encode()))
+    return True

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from deat import server
-from deat.config import NON_RESULT_KEYS
+from deat.config import NON_RESULT_KEYS, unused_options
 from tiny_study import tiny_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +92,8 @@ def assert_mlflow_holds_run(uri: str, run, metrics: dict) -> None:
 
     client = MlflowClient(uri)
     assert run.info.status == "FINISHED", run.info.run_name
-    expected = {k: as_param(v) for k, v in metrics["config"].items() if k not in NON_RESULT_KEYS}
+    skip = set(NON_RESULT_KEYS) | set(unused_options(metrics["config"]))  # k1 is no param of a PGD-AT run
+    expected = {k: as_param(v) for k, v in metrics["config"].items() if k not in skip}
     expected.update({f"model_{k}": as_param(v) for k, v in metrics["model"].items()})
     expected["effective_step"] = as_param(metrics["effective_step"])
     assert {k: run.data.params.get(k) for k in expected} == expected

@@ -151,10 +151,14 @@ def gpu_options():
 
 
 def tracking_file(wildcards):
-    """The owner study's tracking file, marked ancient: rewriting it (a reworded description rewrites it) must not
-    make a finished run look out of date."""
-    owner = run_entry(wildcards)["owner"]
-    return ancient(f"results/studies/{owner}/mlflow.json")
+    """The owner study's tracking file (the first study of `run:` that has the run): untracked, because it is no
+    input. The input is STUDIES_TRACKED, one path for every job, made after every study's tracking file: adding,
+    removing or reordering studies changes a run's owner, which must not make a finished run look out of date."""
+    return Untracked(f"results/studies/{run_entry(wildcards)['owner']}/mlflow.json")
+
+
+# ancient: rewriting it (a reworded description rewrites a study's tracking file) makes no run look out of date.
+STUDIES_TRACKED = ancient("results/mlflow/studies.json")
 
 
 def interrupted_elsewhere():

@@ -57,3 +57,14 @@ rule mlflow_study:
     shell:
         "python -m deat mlflow-study --store {input.store} --study {wildcards.study}"
         " --manifest {input.manifest} --out {output} > {log} 2>&1"
+
+
+rule mlflow_studies:
+    input:
+        expand("results/studies/{study}/mlflow.json", study=config["run"]),
+    output:
+        "results/mlflow/studies.json",
+    run:
+        from deat.checkpoint import write_json
+
+        write_json(output[0], {path: json.loads(Path(path).read_text()) for path in input})

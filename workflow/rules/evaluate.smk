@@ -4,12 +4,13 @@
 rule evaluate:
     input:
         metrics="results/runs/{run}/metrics.json",  # published with best.pt and last.pt, never before them
-        tracking=tracking_file,
+        studies=STUDIES_TRACKED,
     output:
         "results/runs/{run}/eval_{evalhash}.json",
     log:
         "results/logs/evaluate/{run}_{evalhash}.log",
     params:
+        tracking=tracking_file,
         flags=lambda w: cli_flags(run_entry(w)["evals"][w.evalhash]),
         device=Untracked(config["device"]),
         gpu=gpu_options(),
@@ -18,4 +19,4 @@ rule evaluate:
         gpu=1 if uses_gpu() else 0,
     shell:
         "OMP_NUM_THREADS={threads} python -m deat evaluate --run-dir results/runs/{wildcards.run} --out {output} {params.flags}"
-        " --device {params.device} --mlflow {input.tracking} {params.gpu} > {log} 2>&1"
+        " --device {params.device} --mlflow {params.tracking} {params.gpu} > {log} 2>&1"

@@ -4,7 +4,7 @@
 rule train:
     input:
         data=lambda w: ancient(f"results/data/{dataset_tag(run_entry(w)['train']['dataset'])}.json"),
-        tracking=tracking_file,
+        studies=STUDIES_TRACKED,
     # metrics.json alone: Snakemake deletes a job's outputs before it reruns the job, and best.pt / last.pt must
     # never be deleted. A rerun whose metrics.json was deleted is published again from last.pt in a second.
     output:
@@ -12,11 +12,12 @@ rule train:
     log:
         "results/logs/train/{run}.log",
     params:
+        tracking=tracking_file,
         flags=lambda w: cli_flags(run_entry(w)["train"]),
         gpu=gpu_options(),
     threads: 1  # small models run best as parallel single-thread jobs on a CPU; GPU jobs need one
     resources:
         gpu=1 if uses_gpu() else 0,
     shell:
-        "OMP_NUM_THREADS={threads} python -m deat train {params.flags} --out results/runs/{wildcards.run} --mlflow {input.tracking}"
+        "OMP_NUM_THREADS={threads} python -m deat train {params.flags} --out results/runs/{wildcards.run} --mlflow {params.tracking}"
         " {params.gpu} > {log} 2>&1"
