@@ -59,10 +59,18 @@ def correlation(x: np.ndarray, y: np.ndarray, test: str) -> tuple[float, float]:
     elif len(set(x)) == len(x) and len(set(y)) == len(y):  # Kendall's exact null distribution assumes no ties
         result = stats.kendalltau(x, y, method="exact")
     else:
-        result = stats.permutation_test((x,), lambda xs: stats.kendalltau(xs, y).statistic, vectorized=False,
-                                        permutation_type="pairings", n_resamples=PERMUTATIONS,
+        result = stats.permutation_test((x,), lambda xs, axis=-1: kendall_tau_b(xs, y), vectorized=True,
+                                        permutation_type="pairings", n_resamples=PERMUTATIONS, batch=1000,
                                         rng=np.random.default_rng(PERMUTATION_SEED))
     return float(result.statistic), float(result.pvalue)
+
+
+def kendall_tau_b(xs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Kendall's τ-b of each row of ``xs`` (shape (..., n)) with ``y`` (n,): concordant minus discordant pairs
+    over √(pairs untied in x · pairs untied in y), as scipy.stats.kendalltau; vectorised for permutation_test."""
+    dx = np.sign(xs[..., :, None] - xs[..., None, :])
+    dy = np.sign(y[:, None] - y[None, :])
+    return (dx * dy).sum(axis=(-1, -2)) / np.sqrt((dx != 0).sum(axis=(-1, -2)) * (dy != 0).sum())
 
 
 def matched_pairs(runs: pd.DataFrame, column: str, arch: str) -> tuple[pd.DataFrame, int]:
@@ -94,8 +102,7 @@ def delta_per_alpha(matched: pd.DataFrame) -> pd.DataFrame:
         values = group.to_numpy()
         low = high = float("nan")
         if len(values) >= 2:
-            spread = np.std(values, ddof=1)
-            if spread > 0:
+            if np.std(values, ddof=1) > 1e-12 * max(1.0, abs(values.mean())):  # else equal up to float rounding
                 interval = stats.ttest_1samp(values, 0.0).confidence_interval(CONFIDENCE)
                 low, high = float(interval.low), float(interval.high)
             else:
