@@ -549,3 +549,119 @@ def test_a_one_method_study_states_only_its_own_optimizer(tmp_path):
     build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
     text = (tmp_path / "tables" / "protocol.md").read_text(encoding="utf-8")
     assert "Optimizers: PGD-AT: SGD, momentum 0.9." in text and "DEAT: Algorithm 2" not in text
+
+
+def test_masking_flags_skipped_attacks_and_the_autoattack_label_reach_every_table(tmp_path):
+    """Issue 13's eval.json keys: a flagged checkpoint's numbers carry † with the run and flag named, skipped
+    attacks are listed, and the AutoAttack column says which attacks ran."""
+    manifest = make_study(tmp_path)
+    flagged = next(r for r in manifest["runs"] if r["method"] == "deat" and r["lr"] == 0.01
+                   and r["batch_size"] == 64 and r["seed"] == 1)
+    path = tmp_path / flagged["eval"]
+    evaluation = json.loads(path.read_text())
+    evaluation["settings"]["aa_label"] = "APGD-CE + APGD-T"
+    evaluation["checkpoints"]["best"]["masking_flags"] = ["PGD-10 accuracy above clean accuracy"]
+    evaluation["checkpoints"]["best"]["skipped_attacks"] = {"square": "budget"}
+    path.write_text(json.dumps(evaluation))
+    for run in manifest["runs"]:  # the others: older files without aa_label, a subset of the attacks
+        if run is not flagged:
+            other = json.loads((tmp_path / run["eval"]).read_text())
+            other["settings"]["autoattack_attacks"] = ["apgd-ce", "apgd-t"]
+            (tmp_path / run["eval"]).write_text(json.dumps(other))
+    build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
+    tables_dir = tmp_path / "tables"
+    rows = read_csv_table(tables_dir / "table2_pgd10_best.csv")
+    assert rows[("0.01", "64")][f"{ARCH} DEAT"] == "41.40 ± 0.28†"
+    assert rows[("0.01", "128")][f"{ARCH} DEAT"] == "42.40 ± 0.28"
+    assert "†" not in "".join(read_csv_table(tables_dir / "table2_pgd10_last.csv")[("0.01", "64")].values())
+    footnote = f"{ARCH} DEAT α=0.01 b=64 seed 1 best: PGD-10 accuracy above clean accuracy"
+    for name in ("table2_pgd10_best", "table2_aa_best", "table4_paired_ttest"):
+        assert footnote in (tables_dir / f"{name}.md").read_text(encoding="utf-8"), name
+    assert "†" not in (tables_dir / "table2_clean_best.md").read_text(encoding="utf-8")
+    aa = (tables_dir / "table2_aa_best.md").read_text(encoding="utf-8")
+    assert aa.startswith("**Table 2 analogue: APGD-CE + APGD-T robust test accuracy")
+    assert f"Attacks not run: {ARCH} DEAT α=0.01 b=64 seed 1 best: square (budget)." in aa
+    assert r"\textsuperscript{\dag}" in (tables_dir / "table2_pgd10_best.tex").read_text(encoding="utf-8")
+
+
+def test_autoattack_label_from_settings():
+    assert loading.autoattack_label({"autoattack_attacks": ["apgd-ce", "apgd-t", "fab-t", "square"]}) == \
+        "AutoAttack (standard)"
+    assert loading.autoattack_label({"autoattack_attacks": ["apgd-ce", "apgd-t"]}) == "APGD-CE + APGD-T"
+    assert loading.autoattack_label({"aa_label": "AutoAttack (rand)", "autoattack_attacks": ["apgd-ce"]}) == \
+        "AutoAttack (rand)"
+
+
+def test_standard_training_names_sgd_and_plots_clean_accuracy(tmp_path):
+    manifest = make_study(tmp_path)
+    manifest["protocol"] = {**PROTOCOL, "pgd_steps": 0}
+    written = build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
+    rows = read_csv_table(tmp_path / "tables" / "table2_clean_best.csv")
+    assert f"{ARCH} SGD-momentum" in rows[("0.01", "64")] and f"{ARCH} PGD-AT" not in rows[("0.01", "64")]
+    assert "SGD-momentum: SGD, momentum 0.9" in (tmp_path / "tables" / "protocol.md").read_text(encoding="utf-8")
+    assert "correlation of clean test accuracy" in (tmp_path / "tables" / "table3_correlation.md").read_text()
+    stems = {p.stem for p in written if p.parent == tmp_path / "figures"}
+    assert stems == {"clean_acc_vs_lr", "clean_acc_per_epoch", "heatmap_lr_batch", "clean_acc_vs_lr_over_b"}
+
+
+def test_one_seed_tables_do_not_claim_a_spread(tmp_path):
+    manifest = make_study(tmp_path)
+    manifest["runs"] = [run for run in manifest["runs"] if run["seed"] == 0]
+    build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
+    caption = (tmp_path / "tables" / "table2_pgd10_best.md").read_text(encoding="utf-8").splitlines()[0]
+    assert caption.startswith("**Table 2 analogue: PGD-10 robust test accuracy (%) of the best checkpoint, one seed**")
+    assert "±" not in (tmp_path / "tables" / "table2_pgd10_best.csv").read_text(encoding="utf-8")
+    assert "one seed per grid point" in (tmp_path / "tables" / "protocol.md").read_text(encoding="utf-8")
+
+
+def test_heatmap_panels_share_one_colour_scale_and_figures_say_what_they_plot(full_report, monkeypatch, tmp_path):
+    _, manifest, _ = full_report
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda figure, _, stem: drawn.setdefault(stem, figure) and [])
+    runs, epochs = load_runs(manifest, full_report[0])
+    head = figures.headline(manifest["protocol"])
+    figures.figure_heatmap(runs, head, tmp_path, [])
+    figures.figure_accuracy_vs_lr(runs, head, tmp_path, [])
+    figures.figure_accuracy_per_epoch(runs, epochs, head, tmp_path, [])
+    from matplotlib.collections import QuadMesh
+
+    meshes = [c for axis in drawn["heatmap_lr_batch"].axes for c in axis.collections if isinstance(c, QuadMesh)]
+    assert len(meshes) >= 2 and len({mesh.get_clim() for mesh in meshes}) == 1  # panels and the one colour bar
+    low, high = meshes[0].get_clim()
+    assert (low, high) == (pytest.approx(40.2), pytest.approx(100 * statistics.mean(
+        best_pgd10("deat", 0.1, 128, s) for s in SEEDS)))
+    assert "best checkpoint" in drawn["robust_acc_vs_lr"]._suptitle.get_text()
+    assert "band: ±1 sd over seeds" in drawn["robust_acc_vs_lr"]._suptitle.get_text()
+    assert "band: ±1 sd over seeds" in drawn["robust_acc_per_epoch"]._suptitle.get_text()
+
+
+def test_a_second_report_run_writes_identical_files(tmp_path):
+    manifest = make_study(tmp_path)
+    first = build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
+    contents = {path: path.read_bytes() for path in first}
+    second = build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
+    assert second == first
+    assert [path for path in second if path.read_bytes() != contents[path]] == []
+
+
+def test_help_builds_without_torch_pandas_or_seaborn_and_says_what_it_does():
+    import contextlib
+    import io
+    import subprocess
+    import sys
+
+    code = ("import sys; from deat.__main__ import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'pandas', 'scipy', 'seaborn', 'mlflow') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    from deat.__main__ import build_parser
+
+    def subcommand_help(name: str) -> str:
+        with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
+            build_parser(name).parse_args([name, "--help"])
+        return " ".join(out.getvalue().split())
+
+    train_help = subcommand_help("train")
+    assert "train.log" not in train_help and "--out OUT run directory: metrics.json, best.pt, last.pt (required for train)" in train_help
+    report_help = subcommand_help("report")
+    assert "issue" not in report_help and "--results-dir" in report_help
