@@ -195,7 +195,7 @@ def plot_learning_curves(metrics: dict[str, Any], path: Path) -> None:
             ax.plot(epochs, [100 * v for v in values], marker="o", markersize=3, label=label)
     cfg = metrics["config"]
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.yaxis.set_major_formatter(PercentFormatter(100))
+    ax.yaxis.set_major_formatter(PercentFormatter(100, decimals=0))
     ax.set(xlabel="epoch", ylabel="accuracy", title=f"{cfg['method']} {cfg['arch']} lr {cfg['lr']} bs "
                                                      f"{cfg['batch_size']} seed {cfg['seed']}")
     ax.legend(fontsize=8)

@@ -1,8 +1,9 @@
 """The MLflow UI as a user sees it: a finished tiny study served by `mlflow ui` on 127.0.0.1 and opened in
-headless Chromium. Checks that the study's parent run, its child runs and a metric chart are on screen, and keeps
-a screenshot.
+headless Chromium. Checks that the URL the README gives opens the runs table (not MLflow 3's GenAI overview),
+that the study's parent run, its child runs and a metric chart are on screen, and keeps screenshots.
 
     python tests/ui/check_mlflow_ui.py [--workdir DIR] [--screenshot docs/img/mlflow_ui.png]
+        [--readme-screenshot docs/img/mlflow_ui_runs.png]
 
 DIR holds a finished study (results/mlflow/mlflow.db); without --workdir a tiny one (two runs, two epochs) is run
 first with snakemake in a temporary folder. Needs Debian's `chromium` (apt-get install chromium). Exit code 0
@@ -69,6 +70,15 @@ def study_runs(store: str) -> tuple[str, dict, list]:
     return experiment.experiment_id, parent, children
 
 
+def readme_url() -> tuple[str, str]:
+    """(experiment id, the part after host:port) of the runs-table URL the README tells a user to open."""
+    match = re.search(r"http://127\.0\.0\.1:5000(/#/experiments/(\d+)\?workflowType=machine_learning)",
+                      (REPO / "README.md").read_text(encoding="utf-8"))
+    if match is None:
+        raise RuntimeError("README.md gives no http://127.0.0.1:5000/#/experiments/<id>?workflowType=... URL")
+    return match.group(2), match.group(1)
+
+
 def visible_text(dom: str) -> str:
     """The words of a dumped page, tags, scripts and styles removed."""
     dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
@@ -94,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, help="folder of a finished study (default: run a tiny one)")
     parser.add_argument("--screenshot", type=Path, default=REPO / "docs/img/mlflow_ui.png",
-                        help="where to keep the screenshot of the experiment page (default: docs/img/mlflow_ui.png)")
+                        help="where to keep the screenshot of a run's charts (default: docs/img/mlflow_ui.png)")
+    parser.add_argument("--readme-screenshot", type=Path, default=REPO / "docs/img/mlflow_ui_runs.png",
+                        help="where to keep the screenshot of the page the README's URL opens "
+                             "(default: docs/img/mlflow_ui_runs.png)")
     args = parser.parse_args(argv)
     browser = find_chromium()
     if browser is None:
@@ -116,6 +129,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             server.wait_until_healthy(uri, ui, log)
             experiment_page = f"{uri}/#/experiments/{experiment_id}"
+            readme_id, readme_path = readme_url()
+            check(readme_id == experiment_id, f"the README's experiment id {readme_id} is the study's "
+                  f"({experiment_id})", failures)
+            text = visible_text(chromium(browser, scratch / "readme-profile", uri + readme_path, "--dump-dom"))
+            check(parent.info.run_name in text and f"{1 + len(children)} matching runs" in text
+                  and "Run Name" in text and "Observability" not in text,  # GenAI's side bar has Observability
+                  f"the README's URL opens the runs table: {parent.info.run_name!r} over {1 + len(children)} runs",
+                  failures)
+            args.readme_screenshot.parent.mkdir(parents=True, exist_ok=True)
+            chromium(browser, scratch / "readme-profile", uri + readme_path,
+                     f"--screenshot={args.readme_screenshot.resolve()}")
+            check(args.readme_screenshot.is_file() and args.readme_screenshot.stat().st_size > 10_000,
+                  f"screenshot {args.readme_screenshot} written", failures)
             text = visible_text(chromium(browser, scratch / "profile", f"{experiment_page}/runs", "--dump-dom"))
             check(parent.info.run_name in text and f"{1 + len(children)} matching runs" in text,
                   f"runs table shows the parent run {parent.info.run_name!r} over {1 + len(children)} runs", failures)
