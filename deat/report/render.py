@@ -32,11 +32,17 @@ class Table:
         return pd.DataFrame(self.rows, columns=self.columns, dtype=str)
 
 
+def _numeric(cell: str) -> bool:
+    """A cell that reads as a number ("41.40 ± 0.28†", "+1.20", "—", "[-1.0, +2.0]"): right-aligned."""
+    return cell == "" or cell[0] in "0123456789+-−—["
+
+
 def to_markdown(table: Table) -> str:
     lines = [f"**{table.caption}** (protocol: [{PROTOCOL_FILE}]({PROTOCOL_FILE}))", ""]
     if table.rows:
-        align = ["left"] + ["right"] * (len(table.columns) - 1)
-        lines.append(table.frame().to_markdown(index=False, colalign=align, disable_numparse=True))
+        frame = table.frame()
+        align = ["right" if all(_numeric(cell) for cell in frame[column]) else "left" for column in frame]
+        lines.append(frame.to_markdown(index=False, colalign=align, disable_numparse=True))
     else:
         lines.append(table.empty_message)
     for note in table.notes:

@@ -320,9 +320,11 @@ def anova_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
                                         "effect": e.effect, "df": json_value(e.df), "F": json_value(e.F),
                                         "p": json_value(e.p)})
                     supported = [e.effect for e in effects.itertuples() if e.effect != "residual" and e.p < 0.05]
+                    meaning = (" (Δ depends on α: read it per α, not as one pooled number)"
+                               if "method × α" in supported else "")
                     readings.append(f"{arch} {words} {checkpoint}: "
                                     + (("p < 0.05 for " + ", ".join(supported)) if supported
-                                       else "no effect at p < 0.05") + ".")
+                                       else "no effect at p < 0.05") + meaning + ".")
     notes = ["Two-way ANOVA of accuracy (%) on method × α, with b and sweep variant as additive blocks where the "
              "study varies them: statsmodels ols + anova_lm (type II). The method × α row appears only where "
              "replicates (seeds or batch sizes) leave residual degrees of freedom for it; a significant interaction "
