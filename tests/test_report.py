@@ -359,7 +359,8 @@ def test_latex_is_well_formed(full_report):
 
 def test_latex_escape_handles_specials_and_symbols():
     assert render.latex_escape("a_b 50% & #1 {x} x-1") == r"a\_b 50\% \& \#1 \{x\} x-1"
-    assert render.latex_escape("α ± Δ −1 †‡") == r"$\alpha$ $\pm$ $\Delta$ $-$1 \textsuperscript{\dag}\textsuperscript{\ddag}"
+    assert render.latex_escape("α ± Δ −1 †‡") == (r"$\alpha$ $\pm$ $\Delta$ $-$1 \textsuperscript{\dag}"
+                                                   r"\textsuperscript{\ddag}")
 
 
 def test_figures_are_written_as_png_and_pdf(full_report):
@@ -662,6 +663,7 @@ def test_help_builds_without_torch_pandas_or_seaborn_and_says_what_it_does():
         return " ".join(out.getvalue().split())
 
     train_help = subcommand_help("train")
-    assert "train.log" not in train_help and "--out OUT run directory: metrics.json, best.pt, last.pt (required for train)" in train_help
+    assert "train.log" not in train_help
+    assert "--out OUT run directory: metrics.json, best.pt, last.pt (required for train)" in train_help
     report_help = subcommand_help("report")
     assert "issue" not in report_help and "--results-dir" in report_help

@@ -28,8 +28,8 @@ def milestones_text(milestones: list[float], epochs: int | None) -> str:
     """Milestones as the user meant them: the default "100/110 and 105/110 of the epochs (3.64, 3.82)" when the
     resolved numbers are those fractions of ``epochs``, else the epochs rounded to 2 decimals."""
     rounded = ", ".join(f"{m:.4g}" if m == int(m) else f"{m:.2f}" for m in milestones)
-    if epochs and len(milestones) == len(DEFAULT_MILESTONE_FRACTIONS) and all(
-            math.isclose(m, epochs * a / b, rel_tol=1e-9) for m, (a, b) in zip(milestones, DEFAULT_MILESTONE_FRACTIONS)):
+    defaults = [epochs * a / b for a, b in DEFAULT_MILESTONE_FRACTIONS] if epochs else []
+    if len(milestones) == len(defaults) and all(math.isclose(m, d, rel_tol=1e-9) for m, d in zip(milestones, defaults)):
         fractions = " and ".join(f"{a}/{b}" for a, b in DEFAULT_MILESTONE_FRACTIONS)
         return f"{fractions} of the epochs (epoch {rounded})"
     return f"epoch {rounded}"

@@ -46,8 +46,9 @@ def correlation(x: np.ndarray, y: np.ndarray, test: str) -> tuple[float, float]:
 
     The p-value is a permutation test of no association (scipy's ``pearsonr(method=PermutationMethod)``, Spearman
     as Pearson on ranks): exact over all n! orderings up to n = 8, else PERMUTATIONS random orderings; Kendall's
-    is scipy's exact null distribution (``kendalltau(method="exact")``), or a permutation test under ties. The asymptotic p of scipy's default is wrong at the
-    grid sizes of a study (Spearman ρ = 1 from 4 points: asymptotic p = 0, exact p = 2/24 ≈ 0.083).
+    is scipy's exact null distribution (``kendalltau(method="exact")``), or a permutation test under ties. The
+    asymptotic p of scipy's default is wrong at the grid sizes of a study (Spearman ρ = 1 from 4 points:
+    asymptotic p = 0, exact p = 2/24 ≈ 0.083).
     NaN, NaN with fewer than MIN_CORRELATION_POINTS points or a constant input."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x) < MIN_CORRELATION_POINTS or np.ptp(x) == 0 or np.ptp(y) == 0:

@@ -87,7 +87,7 @@ def visible_text(dom: str) -> str:
 
 def chromium(browser: str, profile: Path, url: str, *action: str, height: int = 900) -> str:
     """Chromium's output for `url` (with --dump-dom: the rendered page); `height`: the window's, in pixels."""
-    flags = [flag if not flag.startswith("--window-size=") else f"--window-size=1400,{height}" for flag in CHROMIUM_FLAGS]
+    flags = [f"--window-size=1400,{height}" if flag.startswith("--window-size=") else flag for flag in CHROMIUM_FLAGS]
     result = subprocess.run([browser, *flags, f"--user-data-dir={profile}",
                              f"--virtual-time-budget={RENDER_BUDGET_MS}", *action, url],
                             capture_output=True, text=True, timeout=180)
@@ -154,12 +154,14 @@ def main(argv: list[str] | None = None) -> int:
             for child in children:
                 check("Child runs" in text and child.info.run_name in text,
                       f"parent run page lists child run {child.info.run_name!r}", failures)
-            chart_page = f"{experiment_page}/runs/{children[0].info.run_id}/model-metrics"
+            chart_page = (f"{experiment_page}/runs/{children[0].info.run_id}/model-metrics"
+                          "?workflowType=machine_learning")
             # MLflow orders chart sections by metric prefix and puts the unprefixed per-epoch metrics last, under
             # the eval/ and summary/ sections; a tall window renders them all. A per-epoch chart has a Step axis.
             text = visible_text(dom := chromium(browser, scratch / "profile", chart_page, "--dump-dom", height=8000))
             check("js-plotly-plot" in dom and re.search(r"Model metrics \(\d+\).*test_pgd_acc.*Step", text) is not None,
-                  f"child run {children[0].info.run_name!r} shows per-epoch curves (plotly) incl. test_pgd_acc", failures)
+                  f"child run {children[0].info.run_name!r} shows per-epoch curves (plotly) incl. test_pgd_acc",
+                  failures)
             args.screenshot.parent.mkdir(parents=True, exist_ok=True)
             chromium(browser, scratch / "profile", chart_page, f"--screenshot={args.screenshot.resolve()}")
             check(args.screenshot.is_file() and args.screenshot.stat().st_size > 10_000,
