@@ -77,19 +77,30 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    """Load (downloading once if needed) a dataset and record its sizes and checksums before the fan-out."""
+    """Load (downloading once if needed) a dataset and record its sizes and checksums before the fan-out.
+
+    The training images are recorded whole: each run holds out its own `val_size` of them and writes the split it
+    used under `data` in its metrics.json; the default split (`val_size: null`) is recorded, labelled as such."""
     import hashlib
 
     from .checkpoint import write_json
     from .data import load_dataset
 
-    data = load_dataset(args.dataset, args.data_root)
-    info = {"dataset": args.dataset, "num_classes": data.num_classes, "image_shape": list(data.train_x.shape[1:]),
-            "mean": list(data.mean), "std": list(data.std)}
-    for split in ("train", "val", "test"):
-        x, y = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
-        info[f"n_{split}"] = len(y)
-        info[f"{split}_sha256"] = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()
+    def sha256(x, y) -> str:
+        return hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()
+
+    whole = load_dataset(args.dataset, args.data_root, val_size=0)
+    default = load_dataset(args.dataset, args.data_root)
+    info = {"dataset": args.dataset, "num_classes": whole.num_classes, "image_shape": list(whole.train_x.shape[1:]),
+            "n_train_images": len(whole.train_y), "train_images_sha256": sha256(whole.train_x, whole.train_y),
+            "n_test": len(whole.test_y), "test_sha256": sha256(whole.test_x, whole.test_y),
+            "default_split": {
+                "what": "val_size null: min(1000, n_train_images // 10) held out; a run with another val_size "
+                        "records its own split under 'data' in its metrics.json",
+                "n_train": len(default.train_y), "n_val": len(default.val_y),
+                "train_sha256": sha256(default.train_x, default.train_y),
+                "val_sha256": sha256(default.val_x, default.val_y),
+                "mean": list(default.mean), "std": list(default.std)}}
     write_json(args.out, info)
     print(json.dumps(info, indent=1))
     return 0
@@ -129,9 +140,9 @@ def _mlflow_import(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from . import report
+    from .report.cli import main as report_main
 
-    status = report.main(args)
+    status = report_main(args)
     if args.mlflow:
         from .tracking import finish_study_run, log_artifacts
 
@@ -143,26 +154,53 @@ def _report(args: argparse.Namespace) -> int:
     return status
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import evaluate, report, train
+def _module_doc(module: str) -> str:
+    """A deat module's docstring read from its source, so that help does not import torch to show it."""
+    import ast
+    import importlib.util
 
+    return ast.get_docstring(ast.parse(Path(importlib.util.find_spec(module).origin).read_text())) or ""
+
+
+def _train_parent() -> tuple[argparse.ArgumentParser, str]:
+    from .config import add_config_arguments
+
+    parent = argparse.ArgumentParser(add_help=False)
+    add_config_arguments(parent)
+    return parent, _module_doc("deat.train")
+
+
+def _evaluate_parent() -> tuple[argparse.ArgumentParser, str]:
+    from . import evaluate
+
+    return evaluate.get_args_parser(add_help=False), evaluate.__doc__
+
+
+def _report_parent() -> tuple[argparse.ArgumentParser, str]:
+    from .report.cli import get_args_parser
+
+    parent = get_args_parser(add_help=False)
+    parent.add_argument("--mlflow", metavar="FILE", help="tracking file: attach every table and figure to the "
+                        "study's parent run (default: no MLflow)")
+    return parent, parent.description
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser. Only `command`'s own options are built (`None`: none), so that `python -m deat --help`
+    imports neither torch nor pandas; each subcommand's module is imported when that subcommand is asked for."""
     parser = argparse.ArgumentParser(prog="python -m deat", description="PGD-AT vs DEAT: train, evaluate, report.")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("train", parents=[train.get_args_parser(add_help=False)], help="train one run",
-                            description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_job_arguments(p)
-    p.set_defaults(func=_train)
-    p = commands.add_parser("evaluate", parents=[evaluate.get_args_parser(add_help=False)],
-                            help="PGD / AutoAttack evaluation of a run's best.pt and last.pt",
-                            description=evaluate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_job_arguments(p)
-    p.set_defaults(func=lambda a: evaluate.main(a, lease=_lease_gpu(a, a.device)))
-    p = commands.add_parser("report", parents=[report.get_args_parser(add_help=False)],
-                            help="tables, statistics and figures from results/", description=report.__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mlflow", metavar="FILE", help="tracking file: attach every table and figure to the study's "
-                   "parent run (default: no MLflow)")
-    p.set_defaults(func=_report)
+    # name: (one-line help, builder of its options and description, what it runs)
+    heavy = {"train": ("train one run", _train_parent, _train),
+             "evaluate": ("PGD / AutoAttack evaluation of a run's best.pt and last.pt", _evaluate_parent, _evaluate),
+             "report": ("tables, statistics and figures from results/", _report_parent, _report)}
+    for name, (summary, options, run) in heavy.items():
+        parent, description = options() if name == command else (None, None)
+        p = commands.add_parser(name, help=summary, parents=[parent] if parent else [], description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        if parent and name != "report":
+            _add_job_arguments(p)
+        p.set_defaults(func=run)
     p = commands.add_parser("prepare", help="load (download once) a dataset and write its sizes and checksums")
     p.add_argument("--dataset", required=True, help="cifar10 | cifar100 | svhn | mnist5k | npz:<path>")
     p.add_argument("--data-root", default="data", help="torchvision dataset folder (default: data)")
@@ -191,8 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from . import evaluate
+
+    return evaluate.main(args, lease=_lease_gpu(args, args.device))
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is one), else None."""
+    return next((word for word in argv if word in ("train", "evaluate", "report")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command(argv)).parse_args(argv)
     _raise_on_sigterm()
     try:
         return args.func(args)

@@ -99,7 +99,7 @@ class TrainConfig:
     compile: str = _opt("none", "torch.compile the model: " + " | ".join(COMPILE_MODES) + " (CUDA; the CPU runs eager)")
     cudnn_benchmark: bool = _opt(False, "let cuDNN time its convolution algorithms at the first steps and keep the "
                                         "fastest (CUDA)")
-    out: str | None = _opt(None, "run directory: metrics.json, best.pt, last.pt, train.log")
+    out: str | None = _opt(None, "run directory: metrics.json, best.pt, last.pt (required for train)")
     log_interval_s: float = _opt(60.0, "seconds between in-epoch progress lines")
 
     @classmethod

@@ -25,6 +25,11 @@ from .config import NON_RESULT_KEYS, unused_options  # noqa: E402
 from .train import RunLogger  # noqa: E402
 
 RUN_ID_FILE = "mlflow_run_id"
+# MLflow 3's UI reads this experiment tag to choose between its GenAI (traces) and model-training (runs) views.
+EXPERIMENT_KIND_TAG, CLASSIC_ML = "mlflow.experimentKind", "custom_model_development"
+# Single-value results of a finished run. MLflow's chart page orders its sections by metric prefix: these go
+# under "summary/", after the evaluation's "eval/..." sections.
+SUMMARY_PREFIX = "summary"
 # Logged with every epoch in one log_batch (one transaction), so its steps are the epochs MLflow holds.
 EPOCH_MARKER = "epoch_time_s"
 
@@ -45,6 +50,9 @@ def _client(tracking_uri: str) -> MlflowClient:
 def init_experiment(tracking_uri: str, experiment: str, artifact_root: str | Path | None = None) -> str:
     """Create (once, before any fan-out) the store and the experiment; returns the experiment id.
 
+    The experiment is tagged as a classic ML experiment (MLflow 3's `mlflow.experimentKind`), for the UI to open it
+    on its runs table rather than the GenAI traces overview.
+
     Eight processes creating a new sqlite store at once corrupt it (MEASURED.md), hence a single rule for this.
     """
     if tracking_uri.startswith("sqlite:///"):
@@ -52,9 +60,11 @@ def init_experiment(tracking_uri: str, experiment: str, artifact_root: str | Pat
     client = _client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
+        if found.tags.get(EXPERIMENT_KIND_TAG) != CLASSIC_ML:
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, CLASSIC_ML)
         return found.experiment_id
     location = Path(artifact_root).resolve().as_uri() if artifact_root else None
-    return client.create_experiment(experiment, artifact_location=location)
+    return client.create_experiment(experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: CLASSIC_ML})
 
 
 def study_parent_run(tracking_uri: str, experiment_id: str, study: str, params: dict[str, Any],
@@ -154,9 +164,10 @@ def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, run_name: 
     def end(metrics: dict[str, Any], out: Path) -> None:
         run_id = current["run_id"]
         now = int(time.time() * 1000)
-        summary = [Metric(f"{which}/{k}", float(v), now, 0) for which in ("best", "last")
+        summary = [Metric(f"{SUMMARY_PREFIX}/{which}/{k}", float(v), now, 0) for which in ("best", "last")
                    for k, v in metrics[which].items() if v is not None]
-        client.log_batch(run_id, metrics=summary + [Metric("wall_time_s", metrics["wall_time_s"], now, 0)])
+        client.log_batch(run_id, metrics=summary + [Metric(f"{SUMMARY_PREFIX}/wall_time_s", metrics["wall_time_s"],
+                                                           now, 0)])
         client.log_artifact(run_id, str(out / "metrics.json"))
         client.log_dict(run_id, metrics["config"], "config.json")
         curves = out / "learning_curves.png"
@@ -223,19 +234,23 @@ def finish_study_run(tracking_file: str | Path) -> None:
 
 
 def plot_learning_curves(metrics: dict[str, Any], path: Path) -> None:
+    """Per-epoch accuracies of one run (metrics.json's `epochs`) in percent against whole-numbered epochs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
 
     epochs = [r["epoch"] for r in metrics["epochs"]]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for key, label in (("train_robust_acc", "train robust"), ("val_pgd_acc", "val PGD"),
+    for key, label in (("train_robust_acc", "train robust (running, training attack)"), ("val_pgd_acc", "val PGD"),
                        ("test_pgd_acc", "test PGD"), ("test_clean_acc", "test clean")):
         values = [r[key] for r in metrics["epochs"]]
         if all(v is not None for v in values):
-            ax.plot(epochs, values, marker="o", markersize=3, label=label)
+            ax.plot(epochs, [100 * v for v in values], marker="o", markersize=3, label=label)
     cfg = metrics["config"]
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_formatter(PercentFormatter(100, decimals=0))
     ax.set(xlabel="epoch", ylabel="accuracy", title=f"{cfg['method']} {cfg['arch']} lr {cfg['lr']} bs "
                                                      f"{cfg['batch_size']} seed {cfg['seed']}")
     ax.legend(fontsize=8)

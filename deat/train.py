@@ -181,6 +181,11 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -
                          f"use another --out or delete that directory")
 
 
+def _device_detail(device: torch.device, environment: dict[str, Any]) -> str:
+    """" (NVIDIA H200)" for the start line; "" when the name only repeats the device ("cpu (cpu)")."""
+    return "" if environment["device_name"] == str(device) else f" ({environment['device_name']})"
+
+
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -229,7 +234,9 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
     config = cfg.to_dict()
     metrics: dict[str, Any] = {"config": config, "status": "running", "environment": environment(device),
                                "effective_step": effective_step(cfg.method, cfg.lr, cfg.momentum, cfg.k1),
-                               "model": model_spec, "epochs": [], "best": None, "last": None, "wall_time_s": 0.0}
+                               "model": model_spec, "epochs": [], "best": None, "last": None, "wall_time_s": 0.0,
+                               "data": {f"n_{split}": len(getattr(data, f"{split}_y")) for split in ("train", "val",
+                                                                                                   "test")}}
     checkpoint_path = running / "checkpoint.pt"
     if checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path, map_location=device)
@@ -247,7 +254,7 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
     step = build_train_step(model, optimizer, cfg, attack_gen, log)
     start_epoch = len(metrics["epochs"]) + 1
     log(f"{cfg.method} {cfg.arch} on {cfg.dataset}: lr {cfg.lr} batch {cfg.batch_size} seed {cfg.seed}, "
-        f"{len(batches)} iterations/epoch on {device} ({metrics['environment']['device_name']})")
+        f"{len(batches)} iterations/epoch on {device}" + _device_detail(device, metrics["environment"]))
     logger.start({**config, **{f"model_{k}": v for k, v in model_spec.items()},
                   "effective_step": metrics["effective_step"]})
     for record in metrics["epochs"]:  # epochs finished before a crash: the tracker logs those it has not got

@@ -1,5 +1,6 @@
-"""deat.report against hand-built metrics.json / eval.json: cell values and formatting, statistics against scipy,
-LaTeX well-formedness, figures, partial grids and the paper column."""
+"""deat.report against hand-built metrics.json / eval.json: cell values and formatting, statistics against scipy's
+exact methods and a hand-computed ANOVA, plain CSVs, the protocol file, LaTeX well-formedness, figures, partial
+grids, masking flags and the paper column."""
 
 import csv
 import json
@@ -9,11 +10,14 @@ import statistics
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
-from deat import report
-from deat.report import CHECKPOINTS
+from deat.report import figures, loading, protocol, render, statistics as report_stats, tables
+from deat.report.cli import get_args_parser, main as report_main
+from deat.report.loading import CHECKPOINTS, load_runs
+from deat.report.study import build_report
 
 ARCH = "preact_resnet18"
 LRS = [0.01, 0.02, 0.1]
@@ -69,25 +73,23 @@ def make_study(root: Path, paper_reference: bool = False) -> dict:
             "runs": runs}
 
 
-def read_csv_table(path: Path) -> tuple[list[str], dict[tuple, dict]]:
-    """(comment lines, rows keyed by (α, b)) of a Table 2 CSV."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    comments = [line for line in lines if line.startswith("#")]
-    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
-    return comments, {(row["α"], row.get("b")): row for row in rows}
+def read_csv_table(path: Path) -> dict[tuple, dict]:
+    """Rows keyed by (α, b) of a Table 2 CSV, cells as written."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return {(row["α"], row.get("b")): row for row in frame.to_dict("records")}
 
 
 @pytest.fixture(scope="module")
 def full_report(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     manifest = make_study(root)
-    written = report.build_report(manifest, root / "tables", root / "figures", runs_root=root)
+    written = build_report(manifest, root / "tables", root / "figures", runs_root=root)
     return root, manifest, written
 
 
 def test_table2_cells_are_seed_means_with_sample_std_and_delta(full_report):
     root, _, written = full_report
-    _, rows = read_csv_table(root / "tables" / "table2_pgd10_best.csv")
+    rows = read_csv_table(root / "tables" / "table2_pgd10_best.csv")
     # Hand computation for α=0.01, b=64: PGD-AT seeds 0.400, 0.404; DEAT 0.412, 0.416.
     assert rows[("0.01", "64")][f"{ARCH} PGD-AT"] == "40.20 ± 0.28"
     assert rows[("0.01", "64")][f"{ARCH} DEAT"] == "41.40 ± 0.28"
@@ -100,32 +102,68 @@ def test_table2_cells_are_seed_means_with_sample_std_and_delta(full_report):
                 expected = f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
                 assert row[f"{ARCH} {label}"] == expected
     markdown = (root / "tables" / "table2_pgd10_best.md").read_text(encoding="utf-8")
-    assert "| 0.01 | 64 | 40.20 ± 0.28 | 41.40 ± 0.28 | +1.20 |" in markdown
+    assert re.search(r"\| 0\.01 +\| +64 \| +40\.20 ± 0\.28 \| +41\.40 ± 0\.28 \| +\+1\.20 \|", markdown)
     # Last checkpoint is 2 points lower, clean 30 points higher (fixture), AutoAttack 3 points lower.
-    _, last = read_csv_table(root / "tables" / "table2_pgd10_last.csv")
-    _, clean = read_csv_table(root / "tables" / "table2_clean_best.csv")
-    _, autoattack = read_csv_table(root / "tables" / "table2_aa_best.csv")
+    last = read_csv_table(root / "tables" / "table2_pgd10_last.csv")
+    clean = read_csv_table(root / "tables" / "table2_clean_best.csv")
+    autoattack = read_csv_table(root / "tables" / "table2_aa_best.csv")
     assert last[("0.01", "64")][f"{ARCH} PGD-AT"] == "38.20 ± 0.28"
     assert clean[("0.01", "64")][f"{ARCH} PGD-AT"] == "70.20 ± 0.28"
     assert autoattack[("0.01", "64")][f"{ARCH} PGD-AT"] == "37.20 ± 0.28"
     assert {p.suffix for p in written if p.stem == "table2_pgd10_best"} == {".md", ".tex", ".csv"}
 
 
-def test_every_table_states_its_protocol(full_report):
-    root, _, _ = full_report
-    for path in (root / "tables").glob("*.csv"):
-        if path.name == "runs.csv":
+def test_the_protocol_is_written_once_and_every_table_links_it(full_report):
+    root, _, written = full_report
+    text = (root / "tables" / "protocol.md").read_text(encoding="utf-8")
+    assert root / "tables" / "protocol.md" in written
+    for fact in ("PGD-AT: SGD, momentum 0.9", "| checkpoint_rule | best = highest PGD", "| seeds | [0, 1] |",
+                 "| eval.n_examples | 500 |", "Ran on: test-cpu (24 runs)", "mean ± sample sd (ddof = 1) over seeds"):
+        assert fact in text, fact
+    for path in (root / "tables").glob("*.md"):
+        if path.name == "protocol.md":
             continue
-        text = path.read_text(encoding="utf-8")
-        for fact in ("PGD-AT: SGD, momentum 0.9", "checkpoint_rule=best = highest PGD", "seeds=[0, 1]",
-                     "eval.n_examples=500", "Ran on: test-cpu (24 runs)"):
-            assert fact in text, (path.name, fact)
-            assert fact in path.with_suffix(".md").read_text(encoding="utf-8"), (path.name, fact)
-        assert all(line.startswith("#") for line in text.splitlines()[:5])
-        assert r"pgd\_at\_momentum=0.9" in path.with_suffix(".tex").read_text(encoding="utf-8")
+        markdown = path.read_text(encoding="utf-8")
+        first = markdown.splitlines()[0]
+        assert first.startswith("**") and first.endswith("(protocol: [protocol.md](protocol.md))"), path.name
+        assert "checkpoint_rule" not in markdown and "Ran on" not in markdown, path.name  # not repeated
+        assert "protocol.md" in path.with_suffix(".tex").read_text(encoding="utf-8")
 
 
-def test_correlations_match_scipy_on_the_seed_means(full_report):
+def test_every_csv_loads_with_read_csv_and_no_options(full_report):
+    root, _, _ = full_report
+    paths = sorted((root / "tables").glob("*.csv"))
+    assert len(paths) >= 12
+    for path in paths:
+        frame = pd.read_csv(path)
+        assert len(frame.columns) >= 2 and not any(str(c).startswith("#") for c in frame.columns), path.name
+    assert list(pd.read_csv(root / "tables" / "table2_pgd10_best.csv").columns) == [
+        "α", "b", f"{ARCH} PGD-AT", f"{ARCH} DEAT", f"{ARCH} Δ"]
+
+
+def test_milestones_show_as_the_user_wrote_them():
+    assert protocol.milestones_text([4 * 100 / 110, 4 * 105 / 110], 4) == \
+        "100/110 and 105/110 of the epochs (epoch 3.64, 3.82)"
+    assert protocol.milestones_text([2.0, 3.0], 4) == "epoch 2, 3"
+    assert protocol.milestones_text([2.5], 4) == "epoch 2.50"
+
+
+def exact_p(x, y, test: str) -> tuple[float, float]:
+    """scipy's exact small-n tests, computed independently of deat.report: every one of the n! orderings."""
+    if test == "kendall" and len(set(x)) == len(x) and len(set(y)) == len(y):
+        result = stats.kendalltau(x, y, method="exact")
+    elif test == "kendall":  # ties: scipy's exact method does not apply; all orderings instead
+        result = stats.permutation_test((x,), lambda xs: stats.kendalltau(xs, y).statistic, n_resamples=np.inf,
+                                        permutation_type="pairings")
+    elif test == "pearson":
+        result = stats.pearsonr(x, y, method=stats.PermutationMethod(n_resamples=np.inf))
+    else:
+        result = stats.permutation_test((x,), lambda xs: stats.spearmanr(xs, y).statistic, n_resamples=np.inf,
+                                        permutation_type="pairings")
+    return result.statistic, result.pvalue
+
+
+def test_correlations_match_scipys_exact_tests_on_the_seed_means(full_report):
     root, _, _ = full_report
     summary = json.loads((root / "tables" / "summary.json").read_text())
     lrs = np.array([lr for lr in LRS for _ in BATCH_SIZES])
@@ -134,18 +172,39 @@ def test_correlations_match_scipy_on_the_seed_means(full_report):
         means = np.array([statistics.mean(best_pgd10(method, lr, b, s) for s in SEEDS) for lr in LRS
                           for b in BATCH_SIZES])
         for x_name, x in (("lr", lrs), ("lr_over_batch", lrs / batches)):
-            for test, function in (("pearson", stats.pearsonr), ("spearman", stats.spearmanr),
-                                   ("kendall", stats.kendalltau)):
-                expected = function(x, means)
+            for test in ("pearson", "spearman", "kendall"):
+                statistic, p = exact_p(x, means, test)
                 (got,) = [r for r in summary["table3_correlation"] if r["method"] == method and r["x"] == x_name
                           and r["test"] == test and r["checkpoint"] == "best"]
-                assert got["statistic"] == pytest.approx(expected[0], abs=1e-12)
-                assert got["p"] == pytest.approx(expected[1], rel=1e-9)
+                assert got["statistic"] == pytest.approx(statistic, abs=1e-12)
+                assert got["p"] == pytest.approx(p, rel=1e-9), (method, x_name, test)
     text = (root / "tables" / "table3_correlation.csv").read_text(encoding="utf-8")
-    pearson = stats.pearsonr(lrs, np.array([statistics.mean(best_pgd10("deat", lr, b, s) for s in SEEDS)
-                                            for lr in LRS for b in BATCH_SIZES]))
-    p_text = f"{pearson[1]:.3f}" if pearson[1] >= 0.001 else f"{pearson[1]:.1e}"
-    assert f"{pearson[0]:.3f} (p={p_text})" in text
+    means = np.array([statistics.mean(best_pgd10("deat", lr, b, s) for s in SEEDS) for lr in LRS
+                      for b in BATCH_SIZES])
+    r, p = exact_p(lrs, means, "pearson")
+    assert f"{r:.3f} (p={p:.3f})" in text
+    assert "exact permutation p (all 6! orderings)" in (root / "tables" / "table3_correlation.md").read_text()
+
+
+def test_small_n_p_values_are_exact_not_asymptotic():
+    # Spearman ρ = 1 from 4 points: exact two-sided p = 2/4! ≈ 0.083 (the asymptotic p is 0).
+    x = np.array([0.01, 0.02, 0.05, 0.1])
+    for test in ("pearson", "spearman", "kendall"):
+        statistic, p = report_stats.correlation(x, 0.3 + x, test)
+        assert statistic == pytest.approx(1.0) and p == pytest.approx(2 / 24)
+    # ρ = 0.943 at n = 6 (one swapped pair): exact p = 0.0167, where the t approximation gives 0.005.
+    y = np.array([1, 3, 2, 4, 5, 6.0])
+    statistic, p = report_stats.correlation(np.arange(6.0), y, "spearman")
+    assert statistic == pytest.approx(0.942857, abs=1e-6)
+    assert p == pytest.approx(exact_p(np.arange(6.0), y, "spearman")[1]) and p == pytest.approx(0.0167, abs=1e-4)
+    assert stats.spearmanr(np.arange(6.0), y).pvalue == pytest.approx(0.0048, abs=1e-4)  # what was printed before
+    # Ties: Kendall's τ-b by permutation, statistic as scipy's.
+    x, y = np.array([1, 2, 2, 3, 4, 4, 5.0]), np.array([3, 1, 2, 2, 5, 6, 6.0])
+    statistic, p = report_stats.correlation(x, y, "kendall")
+    assert statistic == pytest.approx(stats.kendalltau(x, y).statistic)
+    reference = stats.permutation_test((x,), lambda xs: stats.kendalltau(xs, y).statistic, n_resamples=np.inf,
+                                       permutation_type="pairings")
+    assert p == pytest.approx(reference.pvalue)
 
 
 def test_perfectly_linear_data_has_correlation_one_and_too_few_points_a_dash(tmp_path):
@@ -158,18 +217,19 @@ def test_perfectly_linear_data_has_correlation_one_and_too_few_points_a_dash(tmp
                                  "dir": str(run_dir)})
     manifest["runs"].append({"arch": "a", "method": "deat", "lr": 0.1, "batch_size": 128, "seed": 0,
                              "dir": str(tmp_path / "never_ran")})
-    runs, _ = report.load_runs(manifest)
-    table, summary = report.correlation_table(runs)
+    runs, _ = load_runs(manifest)
+    table, summary = tables.correlation_table(runs)
     by_key = {(r["method"], r["test"], r["checkpoint"]): r for r in summary if r["x"] == "lr"}
     for test in ("pearson", "spearman", "kendall"):
         assert by_key[("pgd_at", test, "best")]["statistic"] == pytest.approx(1.0)
-    assert by_key[("pgd_at", "kendall", "best")]["p"] == pytest.approx(2 / 24)  # exact: 1 of 4! orderings, two-sided
+    for test in ("pearson", "spearman", "kendall"):  # exact: 2 of the 4! orderings are as extreme, two-sided
+        assert by_key[("pgd_at", test, "best")]["p"] == pytest.approx(2 / 24)
     deat_row = next(row for row in table.rows if row[1] == "DEAT" and row[2] == "best")
     assert deat_row[3] == "0 of 1" and all(cell == "—ᵃ" for cell in deat_row[4:])
     assert any("fewer than 3 grid points" in note for note in table.notes)
 
 
-def test_paired_ttest_matches_scipy(full_report):
+def test_pooled_paired_test_is_the_papers_ttest_rel(full_report):
     root, _, _ = full_report
     summary = json.loads((root / "tables" / "summary.json").read_text())
     points = [(lr, b, s) for lr in LRS for b in BATCH_SIZES for s in SEEDS]
@@ -178,42 +238,88 @@ def test_paired_ttest_matches_scipy(full_report):
     expected = stats.ttest_rel(deat, pgd)
     for checkpoint in CHECKPOINTS:  # the fixture's last checkpoint is best − 0.02 for both methods
         (got,) = [r for r in summary["table4_paired_ttest"] if r["metric"] == "pgd10_acc"
-                  and r["checkpoint"] == checkpoint]
+                  and r["checkpoint"] == checkpoint and r["test"] == "pooled_paired"]
         assert (got["n_pairs"], got["n_pairs_expected"]) == (12, 12)
         assert got["mean_delta_acc"] == pytest.approx(statistics.mean(d - p for d, p in zip(deat, pgd)))
         assert got["t"] == pytest.approx(expected.statistic, rel=1e-6)
         assert got["p"] == pytest.approx(expected.pvalue, rel=1e-6)
-    markdown = (root / "tables" / "table4_paired_ttest.md").read_text(encoding="utf-8")
+    rows = pd.read_csv(root / "tables" / "table4_paired_ttest.csv", dtype=str, keep_default_na=False)
+    pooled = rows[(rows["α"] == "pooled (paper's test)") & (rows.checkpoint == "best")
+                  & (rows.metric == "PGD-10 robust")].iloc[0]
     # Hand computation: DEAT gains 1.2, 1.4, 1.6 points at the three α, 4 pairs each: mean +1.40.
-    assert f"| {ARCH} | PGD-10 robust | best | 12 | +1.40 | {expected.statistic:.2f} | {expected.pvalue:.1e} |" \
-        in markdown
+    assert (pooled.pairs, pooled["mean Δ (pp)"], pooled.t) == ("12", "+1.40", f"{expected.statistic:.2f}")
+    per_alpha = rows[(rows.checkpoint == "best") & (rows.metric == "PGD-10 robust")]["mean Δ (pp)"].tolist()[:3]
+    assert per_alpha == ["+1.20", "+1.40", "+1.60"]
 
 
-def test_paired_ttest_value_against_scipy(tmp_path):
-    manifest = {"study": "ttest", "protocol": {}, "runs": []}
-    differences = {0.01: 0.010, 0.02: 0.025, 0.03: -0.004, 0.05: 0.018}
-    for lr, difference in differences.items():
-        for method, value in (("pgd_at", 0.4 + lr), ("deat", 0.4 + lr + difference)):
-            run_dir = tmp_path / f"{method}{lr}"
-            run_dir.mkdir()
-            (run_dir / "eval.json").write_text(json.dumps({"checkpoints": {"best": {"pgd10_acc": value}}}))
-            manifest["runs"].append({"arch": "a", "method": method, "lr": lr, "batch_size": 128, "seed": 0,
-                                     "dir": str(run_dir)})
-    runs, _ = report.load_runs(manifest)
-    table, summary = report.paired_ttest_table(runs)
-    expected = stats.ttest_rel([0.4 + lr + d for lr, d in differences.items()], [0.4 + lr for lr in differences])
-    (got,) = summary
-    assert got["t"] == pytest.approx(expected.statistic) and got["p"] == pytest.approx(expected.pvalue)
-    assert table.rows == [["a", "PGD-10 robust", "best", "4", f"{100 * statistics.mean(differences.values()):+.2f}",
-                           f"{expected.statistic:.2f}", f"{expected.pvalue:.3f}"]]
+def grid_study(tmp_path: Path, values: dict) -> dict:
+    """A one-b study from {(method, lr, seed): PGD-10 best accuracy}."""
+    manifest = {"study": "grid", "protocol": {}, "runs": []}
+    for (method, lr, seed), value in values.items():
+        run_dir = tmp_path / f"{method}_{lr}_{seed}"
+        run_dir.mkdir()
+        (run_dir / "eval.json").write_text(json.dumps({"checkpoints": {"best": {"pgd10_acc": value}}}))
+        manifest["runs"].append({"arch": "a", "method": method, "lr": lr, "batch_size": 128, "seed": seed,
+                                 "dir": str(run_dir)})
+    return manifest
 
-    # Every difference equal (up to float rounding): no t-test, rather than an absurd t.
-    for path in tmp_path.glob("deat*/eval.json"):
-        value = json.loads(path.read_text())["checkpoints"]["best"]["pgd10_acc"]
-        lr = next(lr for lr in differences if path.parent.name == f"deat{lr}")
-        path.write_text(json.dumps({"checkpoints": {"best": {"pgd10_acc": value - differences[lr] + 0.01}}}))
-    table, summary = report.paired_ttest_table(report.load_runs(manifest)[0])
-    assert table.rows[0][4:] == ["+1.00", "—", "—"] and summary[0]["t"] is None
+
+def test_delta_per_alpha_confidence_intervals_alpha_as_unit_and_anova_against_hand_computation(tmp_path):
+    """Δ trends with α (as in the issue): per-α CIs, the α-as-unit t-test and the interaction F are checked against
+    the textbook formulas, the pooled test against scipy's ttest_rel."""
+    lrs, seeds = [0.01, 0.02, 0.05], [0, 1, 2]
+    deltas = {0.01: [-0.12, -0.10, -0.14], 0.02: [-0.05, -0.07, -0.04], 0.05: [0.03, 0.05, 0.02]}
+    base = {(lr, s): 0.4 + lr + 0.01 * s * (1 + i) for i, lr in enumerate(lrs) for s in seeds}
+    values = {("pgd_at", lr, s): base[(lr, s)] for lr in lrs for s in seeds}
+    values.update({("deat", lr, s): base[(lr, s)] + deltas[lr][s] for lr in lrs for s in seeds})
+    runs, _ = load_runs(grid_study(tmp_path, values))
+    table, summary = tables.paired_table(runs)
+    per_alpha = [r for r in summary if r["test"] == "per_alpha"]
+    t_crit = stats.t.ppf(0.975, df=2)
+    for record, lr in zip(per_alpha, lrs):
+        d = np.array(deltas[lr])
+        half = t_crit * d.std(ddof=1) / math.sqrt(3)
+        assert record["mean_delta_acc"] == pytest.approx(d.mean())
+        assert (record["ci_low"], record["ci_high"]) == (pytest.approx(d.mean() - half), pytest.approx(d.mean() + half))
+    means = np.array([np.mean(deltas[lr]) for lr in lrs])
+    (unit,) = [r for r in summary if r["test"] == "alpha_as_unit"]
+    t = means.mean() / (means.std(ddof=1) / math.sqrt(3))
+    assert unit["t"] == pytest.approx(t) and unit["p"] == pytest.approx(2 * stats.t.sf(abs(t), df=2))
+    (pooled,) = [r for r in summary if r["test"] == "pooled_paired"]
+    expected = stats.ttest_rel([values[("deat", lr, s)] for lr in lrs for s in seeds],
+                               [values[("pgd_at", lr, s)] for lr in lrs for s in seeds])
+    assert pooled["p"] == pytest.approx(expected.pvalue) and pooled["n_pairs"] == 9
+    assert pooled["p"] < unit["p"]  # pooling the pairs overstates the evidence when Δ trends with α
+    labels = [row[3] for row in table.rows]
+    assert labels == ["0.01", "0.02", "0.05", "α as the unit", "pooled (paper's test)"]
+
+    # Two-way ANOVA, balanced 2 × 3 with 3 seeds: textbook sums of squares (in percent, as the report fits).
+    anova, anova_summary = tables.anova_table(runs)
+    y = {(m, lr): 100 * np.array([values[(m, lr, s)] for s in seeds]) for m in ("pgd_at", "deat") for lr in lrs}
+    grand = np.mean([v for cell in y.values() for v in cell])
+    method_mean = {m: np.mean([y[(m, lr)] for lr in lrs]) for m in ("pgd_at", "deat")}
+    lr_mean = {lr: np.mean([y[(m, lr)] for m in ("pgd_at", "deat")]) for lr in lrs}
+    ss_interaction = 3 * sum((y[(m, lr)].mean() - method_mean[m] - lr_mean[lr] + grand) ** 2 for (m, lr) in y)
+    ss_residual = sum(((cell - cell.mean()) ** 2).sum() for cell in y.values())
+    f_interaction = (ss_interaction / 2) / (ss_residual / 12)
+    ss_method = 9 * sum((method_mean[m] - grand) ** 2 for m in method_mean)
+    got = {r["effect"]: r for r in anova_summary}
+    assert got["method × α"]["F"] == pytest.approx(f_interaction)
+    assert got["method × α"]["p"] == pytest.approx(stats.f.sf(f_interaction, 2, 12))
+    assert got["method"]["F"] == pytest.approx(ss_method / (ss_residual / 12))
+    assert got["residual"]["df"] == 12
+    assert "p < 0.05 for" in anova.notes[-1] and "method × α" in anova.notes[-1]
+
+
+def test_pooled_test_is_undefined_when_every_difference_is_equal(tmp_path):
+    values = {(method, lr, 0): 0.4 + lr + (0.01 if method == "deat" else 0.0)
+              for method in ("pgd_at", "deat") for lr in (0.01, 0.02, 0.03, 0.05)}
+    table, summary = tables.paired_table(load_runs(grid_study(tmp_path, values))[0])
+    pooled = next(row for row in table.rows if row[3] == "pooled (paper's test)")
+    assert pooled[4:] == ["4", "+1.00", "", "—", "—"]
+    assert next(r for r in summary if r["test"] == "pooled_paired")["t"] is None
+    # One pair per α: no interval.
+    assert table.rows[0][6] == "—"
 
 
 def _check_latex(text: str) -> None:
@@ -251,8 +357,10 @@ def test_latex_is_well_formed(full_report):
     assert r"0.01 & 64 & 40.20 $\pm$ 0.28 & 41.40 $\pm$ 0.28 & +1.20 \\" in table2
 
 
-def test_latex_escape_handles_specials_and_minus():
-    assert report.latex_escape("a_b 50% & #1 {x} -0.5 x-1") == r"a\_b 50\% \& \#1 \{x\} $-$0.5 x-1"
+def test_latex_escape_handles_specials_and_symbols():
+    assert render.latex_escape("a_b 50% & #1 {x} x-1") == r"a\_b 50\% \& \#1 \{x\} x-1"
+    assert render.latex_escape("α ± Δ −1 †‡") == (r"$\alpha$ $\pm$ $\Delta$ $-$1 \textsuperscript{\dag}"
+                                                   r"\textsuperscript{\ddag}")
 
 
 def test_figures_are_written_as_png_and_pdf(full_report):
@@ -278,27 +386,28 @@ def test_equal_effective_step_pairs_and_the_empty_case(full_report, tmp_path):
         (run_dir / "metrics.json").write_text(json.dumps(metrics))
         manifest["runs"].append({"arch": ARCH, "method": method, "lr": lr, "batch_size": 64, "seed": 0,
                                  "dir": str(run_dir)})
-    runs, _ = report.load_runs(manifest)
-    table, summary = report.equal_step_table(runs)
+    runs, _ = load_runs(manifest)
+    table, summary = tables.equal_step_table(runs)
     assert len(table.rows) == 1 and summary[0]["lr_deat"] == pytest.approx(0.01 * math.sqrt(5) * 1.005)
     pgd, deat = best_pgd10("pgd_at", 0.01, 64, 0), best_pgd10("deat", 0.02, 64, 0)
     assert table.rows[0][6:9] == [f"{100 * pgd:.2f}", f"{100 * deat:.2f}", f"{100 * (deat - pgd):+.2f}"]
 
 
 def test_effective_step_formula():
-    assert report.formula_effective_step("pgd_at", 0.01, 0.9, None) == pytest.approx(0.1)
-    assert report.formula_effective_step("deat", 0.1, None, 1.0) == pytest.approx(0.1 / math.sqrt(5))
+    assert loading.formula_effective_step("pgd_at", 0.01, 0.9, None) == pytest.approx(0.1)
+    assert loading.formula_effective_step("deat", 0.1, None, 1.0) == pytest.approx(0.1 / math.sqrt(5))
 
 
-def test_robust_overfitting_per_run(full_report):
+def test_robust_overfitting_labels_the_training_accuracy_as_what_it_is(full_report):
     root, _, _ = full_report
-    rows = list(csv.DictReader(line for line in (root / "tables" / "robust_overfitting.csv")
-                               .read_text(encoding="utf-8").splitlines() if not line.startswith("#")))
-    row = next(r for r in rows if r["method"] == "DEAT" and r["α"] == "0.1" and r["b"] == "128" and r["seed"] == "1")
+    rows = pd.read_csv(root / "tables" / "robust_overfitting.csv", dtype=str)
+    row = rows[(rows.method == "DEAT") & (rows["α"] == "0.1") & (rows.b == "128") & (rows.seed == "1")].iloc[0]
     acc = best_pgd10("deat", 0.1, 128, 1)
-    # Fixture: last = best − 0.01; final epoch (3): train = acc + 0.2, test = acc − 0.01.
+    # Fixture: last = best − 0.01; final epoch (3): running train = acc + 0.2, end-of-epoch test = acc − 0.01.
     assert row["best − last"] == "+1.00"
-    assert row["train − test gap"] == f"{100 * ((acc + 0.2) - (acc - 0.01)):+.2f}" == "+21.00"
+    assert row["final train robust acc (running, training attack PGD-5)"] == f"{100 * (acc + 0.2):.2f}"
+    assert row["final test robust acc (end of epoch, PGD)"] == f"{100 * (acc - 0.01):.2f}"
+    assert not any("gap" in column for column in rows.columns)  # unlike measurements are not subtracted
 
 
 def test_partial_grid_shows_dash_footnote_and_marks_the_short_mean(tmp_path):
@@ -310,20 +419,21 @@ def test_partial_grid_shows_dash_footnote_and_marks_the_short_mean(tmp_path):
     both_gone = [r for r in manifest["runs"] if r["method"] == "pgd_at" and r["lr"] == 0.1 and r["batch_size"] == 64]
     for run in both_gone:
         (tmp_path / run["eval"]).unlink()
-    report.build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
+    build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
 
-    comments, rows = read_csv_table(tmp_path / "tables" / "table2_pgd10_best.csv")
-    assert rows[("0.02", "128")][f"{ARCH} DEAT"] == f"{100 * best_pgd10('deat', 0.02, 128, 0):.2f}†"
+    rows = read_csv_table(tmp_path / "tables" / "table2_pgd10_best.csv")
+    assert rows[("0.02", "128")][f"{ARCH} DEAT"] == f"{100 * best_pgd10('deat', 0.02, 128, 0):.2f}‡"
     assert rows[("0.1", "64")][f"{ARCH} PGD-AT"] == "—"
     assert rows[("0.1", "64")][f"{ARCH} Δ"] == "—"
-    notes = "\n".join(comments)
+    notes = (tmp_path / "tables" / "table2_pgd10_best.md").read_text(encoding="utf-8")
     assert f"{ARCH} DEAT α=0.02 b=128 (n=1 of 2 seeds)" in notes
     assert f"{ARCH} DEAT α=0.02 b=128 seed 1 (no {EVAL_NAME})" in notes
     assert f"{ARCH} PGD-AT α=0.1 b=64 seed 0 (no {EVAL_NAME})" in notes
     overfitting = (tmp_path / "tables" / "robust_overfitting.md").read_text(encoding="utf-8")
     assert f"{ARCH} DEAT α=0.02 b=128 seed 1 (no metrics.json)" in overfitting
     summary = json.loads((tmp_path / "tables" / "summary.json").read_text())
-    (ttest,) = [r for r in summary["table4_paired_ttest"] if r["metric"] == "pgd10_acc" and r["checkpoint"] == "best"]
+    (ttest,) = [r for r in summary["table4_paired_ttest"] if r["metric"] == "pgd10_acc" and r["checkpoint"] == "best"
+                and r["test"] == "pooled_paired"]
     assert (ttest["n_pairs"], ttest["n_pairs_expected"]) == (9, 12)
     for path in (tmp_path / "tables").glob("*.tex"):
         _check_latex(path.read_text(encoding="utf-8"))
@@ -332,14 +442,13 @@ def test_partial_grid_shows_dash_footnote_and_marks_the_short_mean(tmp_path):
 def test_paper_reference_study_shows_the_paper_numbers(tmp_path):
     manifest = make_study(tmp_path, paper_reference=True)
     manifest["runs"] = [run for run in manifest["runs"] if run["batch_size"] == 128]  # the paper's only b
-    written = report.build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
+    written = build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
     assert tmp_path / "tables" / "paper_comparison_best.tex" in written
     paper = {(row["alpha"], row["arch"], row["method"]): row["robust_acc"] for row in csv.DictReader(
-        line for line in report.PAPER_TABLE2_CSV.read_text().splitlines() if not line.startswith("#"))}
+        line for line in tables.PAPER_TABLE2_CSV.read_text().splitlines() if not line.startswith("#"))}
     assert paper[("0.010", "preact_resnet18", "pgd_at")] == "44.11" and len(paper) == 84
     rows = {row["α"]: row for row in csv.DictReader(
-        line for line in (tmp_path / "tables" / "paper_comparison_best.csv").read_text(encoding="utf-8").splitlines()
-        if not line.startswith("#"))}
+        (tmp_path / "tables" / "paper_comparison_best.csv").read_text(encoding="utf-8").splitlines())}
     assert "b" not in rows["0.01"]  # one batch size: no b column
     assert (rows["0.01"]["PGD-AT paper"], rows["0.01"]["DEAT paper"]) == ("44.11", "45.07")
     assert (rows["0.02"]["PGD-AT paper"], rows["0.1"]["DEAT paper"]) == ("46.30", "48.84")
@@ -361,32 +470,32 @@ def test_cli_results_dir_mode_regenerates_every_study(tmp_path):
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps(study_manifest))
     (tmp_path / "runs").rename(tmp_path / "results" / "runs")
-    args = report.get_args_parser().parse_args(["--results-dir", str(tmp_path / "results"),
+    args = get_args_parser().parse_args(["--results-dir", str(tmp_path / "results"),
                                                 "--figures-dir", str(tmp_path / "fig-{study}")])
-    assert report.main(args) == 0
+    assert report_main(args) == 0
     for study in ("first", "second"):
-        _, rows = read_csv_table(tmp_path / "results" / "tables" / study / "table2_pgd10_best.csv")
+        rows = read_csv_table(tmp_path / "results" / "tables" / study / "table2_pgd10_best.csv")
         assert rows[("0.01", "64")][f"{ARCH} PGD-AT"] == "40.20 ± 0.28"
         assert (tmp_path / f"fig-{study}" / "robust_acc_vs_lr.pdf").is_file()
 
 
 def test_bad_input_is_named():
-    with pytest.raises(ValueError, match="method 'sgd' is not one of pgd_at, deat"):
-        report.load_runs({"study": "x", "runs": [{"arch": "a", "method": "sgd", "lr": 0.1, "batch_size": 1,
-                                                  "seed": 0, "dir": "d"}]})
+    with pytest.raises(ValueError, match="method None is not a method name"):
+        load_runs({"study": "x", "runs": [{"arch": "a", "method": None, "lr": 0.1, "batch_size": 1,
+                                           "seed": 0, "dir": "d"}]})
     with pytest.raises(KeyError, match="missing key 'dir'"):
-        report.load_runs({"study": "x", "runs": [{"arch": "a", "method": "deat", "lr": 0.1, "batch_size": 1,
+        load_runs({"study": "x", "runs": [{"arch": "a", "method": "deat", "lr": 0.1, "batch_size": 1,
                                                   "seed": 0}]})
-    args = report.get_args_parser().parse_args(["--manifest", "a.json", "b.json", "--tables-dir", "out"])
+    args = get_args_parser().parse_args(["--manifest", "a.json", "b.json", "--tables-dir", "out"])
     with pytest.raises(ValueError, match="several studies need '\\{study\\}'"):
-        report.main(args)
+        report_main(args)
 
 
 def test_a_study_that_has_not_run_yet_renders_dashes(tmp_path):
     manifest = make_study(tmp_path)
     manifest["runs"] = [dict(run, dir=f"elsewhere/{run['dir']}", eval=None) for run in manifest["runs"]]
-    written = report.build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
-    _, rows = read_csv_table(tmp_path / "tables" / "table2_pgd10_best.csv")
+    written = build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
+    rows = read_csv_table(tmp_path / "tables" / "table2_pgd10_best.csv")
     assert set(rows[("0.01", "64")].values()) == {"0.01", "64", "—"}
     summary = json.loads((tmp_path / "tables" / "summary.json").read_text())
     assert summary["runs"]["with_metrics"] == summary["runs"]["with_eval"] == 0
@@ -413,16 +522,14 @@ def test_a_k1_k2_sweep_is_reported_per_variant_with_anova(tmp_path):
         runs.append({"arch": ARCH, "method": "deat", "lr": lr, "batch_size": 128, "seed": seed,
                      "sweep": {"k1": k1, "k2": k2}, "dir": str(run_dir.relative_to(tmp_path))})
     manifest = {"study": "sweep", "protocol": {**PROTOCOL, "k1": k1s, "k2": k2s, "seeds": seeds}, "runs": runs}
-    written = report.build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
+    written = build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
 
-    lines = (tmp_path / "tables" / "table2_pgd10_best.csv").read_text(encoding="utf-8").splitlines()
-    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    rows = pd.read_csv(tmp_path / "tables" / "table2_pgd10_best.csv", dtype=str).to_dict("records")
     assert [row["variant"] for row in rows] == ["k1=0.5, k2=0.6", "k1=0.5, k2=0.9", "k1=2, k2=0.6", "k1=2, k2=0.9"]
     # k1 = 2, k2 = 0.9: 0.36 + 0.004·seed → 36.00, 36.40, 36.80 → mean 36.40, sd 0.40.
     assert rows[3][f"{ARCH} DEAT"] == "36.40 ± 0.40"
 
-    sweep = list(csv.DictReader(line for line in (tmp_path / "tables" / "sweep_sensitivity.csv")
-                                .read_text(encoding="utf-8").splitlines() if not line.startswith("#")))
+    sweep = pd.read_csv(tmp_path / "tables" / "sweep_sensitivity.csv", dtype=str).to_dict("records")
     assert [row["effective step"] for row in sweep] == [f"{lr / math.sqrt(1.5**2 + 0.25):.4g}"] * 2 + [
         f"{lr / math.sqrt(13):.4g}"] * 2
     summary = json.loads((tmp_path / "tables" / "summary.json").read_text())
@@ -432,14 +539,131 @@ def test_a_k1_k2_sweep_is_reported_per_variant_with_anova(tmp_path):
     assert robust["range_of_means_acc"] == pytest.approx(max(means) - min(means))
     assert robust["anova_p"] == pytest.approx(stats.f_oneway(*groups).pvalue)
     assert robust["n_variants"] == 4
-    markdown = (tmp_path / "tables" / "sweep_sensitivity.md").read_text(encoding="utf-8")
-    assert "k1=[0.5, 2]" in markdown  # the protocol lists the swept values, not a default
+    protocol_text = (tmp_path / "tables" / "protocol.md").read_text(encoding="utf-8")
+    assert "| k1 | [0.5, 2] |" in protocol_text  # the protocol lists the swept values, not a default
     assert tmp_path / "figures" / "heatmap_sweep.png" in written
 
 
 def test_a_one_method_study_states_only_its_own_optimizer(tmp_path):
     manifest = make_study(tmp_path)
     manifest["runs"] = [run for run in manifest["runs"] if run["method"] == "pgd_at"]
-    report.build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
-    text = (tmp_path / "tables" / "table2_pgd10_best.md").read_text(encoding="utf-8")
+    build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
+    text = (tmp_path / "tables" / "protocol.md").read_text(encoding="utf-8")
     assert "Optimizers: PGD-AT: SGD, momentum 0.9." in text and "DEAT: Algorithm 2" not in text
+
+
+def test_masking_flags_skipped_attacks_and_the_autoattack_label_reach_every_table(tmp_path):
+    """Issue 13's eval.json keys: a flagged checkpoint's numbers carry † with the run and flag named, skipped
+    attacks are listed, and the AutoAttack column says which attacks ran."""
+    manifest = make_study(tmp_path)
+    flagged = next(r for r in manifest["runs"] if r["method"] == "deat" and r["lr"] == 0.01
+                   and r["batch_size"] == 64 and r["seed"] == 1)
+    path = tmp_path / flagged["eval"]
+    evaluation = json.loads(path.read_text())
+    evaluation["settings"]["aa_label"] = "APGD-CE + APGD-T"
+    evaluation["checkpoints"]["best"]["masking_flags"] = ["PGD-10 accuracy above clean accuracy"]
+    evaluation["checkpoints"]["best"]["skipped_attacks"] = {"square": "budget"}
+    path.write_text(json.dumps(evaluation))
+    for run in manifest["runs"]:  # the others: older files without aa_label, a subset of the attacks
+        if run is not flagged:
+            other = json.loads((tmp_path / run["eval"]).read_text())
+            other["settings"]["autoattack_attacks"] = ["apgd-ce", "apgd-t"]
+            (tmp_path / run["eval"]).write_text(json.dumps(other))
+    build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
+    tables_dir = tmp_path / "tables"
+    rows = read_csv_table(tables_dir / "table2_pgd10_best.csv")
+    assert rows[("0.01", "64")][f"{ARCH} DEAT"] == "41.40 ± 0.28†"
+    assert rows[("0.01", "128")][f"{ARCH} DEAT"] == "42.40 ± 0.28"
+    assert "†" not in "".join(read_csv_table(tables_dir / "table2_pgd10_last.csv")[("0.01", "64")].values())
+    footnote = f"{ARCH} DEAT α=0.01 b=64 seed 1 best: PGD-10 accuracy above clean accuracy"
+    for name in ("table2_pgd10_best", "table2_aa_best", "table4_paired_ttest"):
+        assert footnote in (tables_dir / f"{name}.md").read_text(encoding="utf-8"), name
+    assert "†" not in (tables_dir / "table2_clean_best.md").read_text(encoding="utf-8")
+    aa = (tables_dir / "table2_aa_best.md").read_text(encoding="utf-8")
+    assert aa.startswith("**Table 2 analogue: APGD-CE + APGD-T robust test accuracy")
+    assert f"Attacks not run: {ARCH} DEAT α=0.01 b=64 seed 1 best: square (budget)." in aa
+    assert r"\textsuperscript{\dag}" in (tables_dir / "table2_pgd10_best.tex").read_text(encoding="utf-8")
+
+
+def test_autoattack_label_from_settings():
+    assert loading.autoattack_label({"autoattack_attacks": ["apgd-ce", "apgd-t", "fab-t", "square"]}) == \
+        "AutoAttack (standard)"
+    assert loading.autoattack_label({"autoattack_attacks": ["apgd-ce", "apgd-t"]}) == "APGD-CE + APGD-T"
+    assert loading.autoattack_label({"aa_label": "AutoAttack (rand)", "autoattack_attacks": ["apgd-ce"]}) == \
+        "AutoAttack (rand)"
+
+
+def test_standard_training_names_sgd_and_plots_clean_accuracy(tmp_path):
+    manifest = make_study(tmp_path)
+    manifest["protocol"] = {**PROTOCOL, "pgd_steps": 0}
+    written = build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
+    rows = read_csv_table(tmp_path / "tables" / "table2_clean_best.csv")
+    assert f"{ARCH} SGD-momentum" in rows[("0.01", "64")] and f"{ARCH} PGD-AT" not in rows[("0.01", "64")]
+    assert "SGD-momentum: SGD, momentum 0.9" in (tmp_path / "tables" / "protocol.md").read_text(encoding="utf-8")
+    assert "correlation of clean test accuracy" in (tmp_path / "tables" / "table3_correlation.md").read_text()
+    stems = {p.stem for p in written if p.parent == tmp_path / "figures"}
+    assert stems == {"clean_acc_vs_lr", "clean_acc_per_epoch", "heatmap_lr_batch", "clean_acc_vs_lr_over_b"}
+
+
+def test_one_seed_tables_do_not_claim_a_spread(tmp_path):
+    manifest = make_study(tmp_path)
+    manifest["runs"] = [run for run in manifest["runs"] if run["seed"] == 0]
+    build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
+    caption = (tmp_path / "tables" / "table2_pgd10_best.md").read_text(encoding="utf-8").splitlines()[0]
+    assert caption.startswith("**Table 2 analogue: PGD-10 robust test accuracy (%) of the best checkpoint, one seed**")
+    assert "±" not in (tmp_path / "tables" / "table2_pgd10_best.csv").read_text(encoding="utf-8")
+    assert "one seed per grid point" in (tmp_path / "tables" / "protocol.md").read_text(encoding="utf-8")
+
+
+def test_heatmap_panels_share_one_colour_scale_and_figures_say_what_they_plot(full_report, monkeypatch, tmp_path):
+    _, manifest, _ = full_report
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda figure, _, stem: drawn.setdefault(stem, figure) and [])
+    runs, epochs = load_runs(manifest, full_report[0])
+    head = figures.headline(manifest["protocol"])
+    figures.figure_heatmap(runs, head, tmp_path, [])
+    figures.figure_accuracy_vs_lr(runs, head, tmp_path, [])
+    figures.figure_accuracy_per_epoch(runs, epochs, head, tmp_path, [])
+    from matplotlib.collections import QuadMesh
+
+    meshes = [c for axis in drawn["heatmap_lr_batch"].axes for c in axis.collections if isinstance(c, QuadMesh)]
+    assert len(meshes) >= 2 and len({mesh.get_clim() for mesh in meshes}) == 1  # panels and the one colour bar
+    low, high = meshes[0].get_clim()
+    assert (low, high) == (pytest.approx(40.2), pytest.approx(100 * statistics.mean(
+        best_pgd10("deat", 0.1, 128, s) for s in SEEDS)))
+    assert "best checkpoint" in drawn["robust_acc_vs_lr"]._suptitle.get_text()
+    assert "band: ±1 sd over seeds" in drawn["robust_acc_vs_lr"]._suptitle.get_text()
+    assert "band: ±1 sd over seeds" in drawn["robust_acc_per_epoch"]._suptitle.get_text()
+
+
+def test_a_second_report_run_writes_identical_files(tmp_path):
+    manifest = make_study(tmp_path)
+    first = build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
+    contents = {path: path.read_bytes() for path in first}
+    second = build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
+    assert second == first
+    assert [path for path in second if path.read_bytes() != contents[path]] == []
+
+
+def test_help_builds_without_torch_pandas_or_seaborn_and_says_what_it_does():
+    import contextlib
+    import io
+    import subprocess
+    import sys
+
+    code = ("import sys; from deat.__main__ import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'pandas', 'scipy', 'seaborn', 'mlflow') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    from deat.__main__ import build_parser
+
+    def subcommand_help(name: str) -> str:
+        with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
+            build_parser(name).parse_args([name, "--help"])
+        return " ".join(out.getvalue().split())
+
+    train_help = subcommand_help("train")
+    assert "train.log" not in train_help
+    assert "--out OUT run directory: metrics.json, best.pt, last.pt (required for train)" in train_help
+    report_help = subcommand_help("report")
+    assert "issue" not in report_help and "--results-dir" in report_help

@@ -1,8 +1,9 @@
 """The MLflow UI as a user sees it: a finished tiny study served by `mlflow ui` on 127.0.0.1 and opened in
-headless Chromium. Checks that the study's parent run, its child runs and a metric chart are on screen, and keeps
-a screenshot.
+headless Chromium. Checks that the URL the README gives opens the runs table (not MLflow 3's GenAI overview),
+that the study's parent run, its child runs and a metric chart are on screen, and keeps screenshots.
 
     python tests/ui/check_mlflow_ui.py [--workdir DIR] [--screenshot docs/img/mlflow_ui.png]
+        [--readme-screenshot docs/img/mlflow_ui_runs.png]
 
 DIR holds a finished study (results/mlflow/mlflow.db); without --workdir a tiny one (two runs, two epochs) is run
 first with snakemake in a temporary folder. Needs Debian's `chromium` (apt-get install chromium). Exit code 0
@@ -69,14 +70,25 @@ def study_runs(store: str) -> tuple[str, dict, list]:
     return experiment.experiment_id, parent, children
 
 
+def readme_url() -> tuple[str, str]:
+    """(experiment id, the part after host:port) of the runs-table URL the README tells a user to open."""
+    match = re.search(r"http://127\.0\.0\.1:5000(/#/experiments/(\d+)\?workflowType=machine_learning)",
+                      (REPO / "README.md").read_text(encoding="utf-8"))
+    if match is None:
+        raise RuntimeError("README.md gives no http://127.0.0.1:5000/#/experiments/<id>?workflowType=... URL")
+    return match.group(2), match.group(1)
+
+
 def visible_text(dom: str) -> str:
     """The words of a dumped page, tags, scripts and styles removed."""
     dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
     return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
 
 
-def chromium(browser: str, profile: Path, url: str, *action: str) -> str:
-    result = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+def chromium(browser: str, profile: Path, url: str, *action: str, height: int = 900) -> str:
+    """Chromium's output for `url` (with --dump-dom: the rendered page); `height`: the window's, in pixels."""
+    flags = [f"--window-size=1400,{height}" if flag.startswith("--window-size=") else flag for flag in CHROMIUM_FLAGS]
+    result = subprocess.run([browser, *flags, f"--user-data-dir={profile}",
                              f"--virtual-time-budget={RENDER_BUDGET_MS}", *action, url],
                             capture_output=True, text=True, timeout=180)
     if result.returncode != 0:
@@ -94,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, help="folder of a finished study (default: run a tiny one)")
     parser.add_argument("--screenshot", type=Path, default=REPO / "docs/img/mlflow_ui.png",
-                        help="where to keep the screenshot of the experiment page (default: docs/img/mlflow_ui.png)")
+                        help="where to keep the screenshot of a run's charts (default: docs/img/mlflow_ui.png)")
+    parser.add_argument("--readme-screenshot", type=Path, default=REPO / "docs/img/mlflow_ui_runs.png",
+                        help="where to keep the screenshot of the page the README's URL opens "
+                             "(default: docs/img/mlflow_ui_runs.png)")
     args = parser.parse_args(argv)
     browser = find_chromium()
     if browser is None:
@@ -116,6 +131,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             server.wait_until_healthy(uri, ui, log)
             experiment_page = f"{uri}/#/experiments/{experiment_id}"
+            readme_id, readme_path = readme_url()
+            check(readme_id == experiment_id, f"the README's experiment id {readme_id} is the study's "
+                  f"({experiment_id})", failures)
+            text = visible_text(chromium(browser, scratch / "readme-profile", uri + readme_path, "--dump-dom"))
+            check(parent.info.run_name in text and f"{1 + len(children)} matching runs" in text
+                  and "Run Name" in text and "Observability" not in text,  # GenAI's side bar has Observability
+                  f"the README's URL opens the runs table: {parent.info.run_name!r} over {1 + len(children)} runs",
+                  failures)
+            args.readme_screenshot.parent.mkdir(parents=True, exist_ok=True)
+            chromium(browser, scratch / "readme-profile", uri + readme_path,
+                     f"--screenshot={args.readme_screenshot.resolve()}")
+            check(args.readme_screenshot.is_file() and args.readme_screenshot.stat().st_size > 10_000,
+                  f"screenshot {args.readme_screenshot} written", failures)
             text = visible_text(chromium(browser, scratch / "profile", f"{experiment_page}/runs", "--dump-dom"))
             check(parent.info.run_name in text and f"{1 + len(children)} matching runs" in text,
                   f"runs table shows the parent run {parent.info.run_name!r} over {1 + len(children)} runs", failures)
@@ -126,10 +154,14 @@ def main(argv: list[str] | None = None) -> int:
             for child in children:
                 check("Child runs" in text and child.info.run_name in text,
                       f"parent run page lists child run {child.info.run_name!r}", failures)
-            chart_page = f"{experiment_page}/runs/{children[0].info.run_id}/model-metrics"
-            dom = chromium(browser, scratch / "profile", chart_page, "--dump-dom")
-            check("js-plotly-plot" in dom and "test_pgd_acc" in visible_text(dom),
-                  f"child run {children[0].info.run_name!r} shows metric charts (plotly) incl. test_pgd_acc", failures)
+            chart_page = (f"{experiment_page}/runs/{children[0].info.run_id}/model-metrics"
+                          "?workflowType=machine_learning")
+            # MLflow orders chart sections by metric prefix and puts the unprefixed per-epoch metrics last, under
+            # the eval/ and summary/ sections; a tall window renders them all. A per-epoch chart has a Step axis.
+            text = visible_text(dom := chromium(browser, scratch / "profile", chart_page, "--dump-dom", height=8000))
+            check("js-plotly-plot" in dom and re.search(r"Model metrics \(\d+\).*test_pgd_acc.*Step", text) is not None,
+                  f"child run {children[0].info.run_name!r} shows per-epoch curves (plotly) incl. test_pgd_acc",
+                  failures)
             args.screenshot.parent.mkdir(parents=True, exist_ok=True)
             chromium(browser, scratch / "profile", chart_page, f"--screenshot={args.screenshot.resolve()}")
             check(args.screenshot.is_file() and args.screenshot.stat().st_size > 10_000,

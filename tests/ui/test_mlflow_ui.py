@@ -11,11 +11,13 @@ SCRIPT = Path(__file__).resolve().parent / "check_mlflow_ui.py"
 
 
 @pytest.mark.slow
-def test_mlflow_ui_shows_the_study_its_runs_and_a_metric_chart(tmp_path):
+def test_mlflow_ui_opens_the_readmes_url_on_the_runs_table_and_shows_the_study_and_a_chart(tmp_path):
     if not (shutil.which("chromium") or shutil.which("chromium-browser")):
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    screenshot = tmp_path / "mlflow_ui.png"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--screenshot", str(screenshot)],
-                            capture_output=True, text=True, timeout=900)
+    screenshot, runs_table = tmp_path / "mlflow_ui.png", tmp_path / "mlflow_ui_runs.png"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--screenshot", str(screenshot),
+                             "--readme-screenshot", str(runs_table)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "FAIL" not in result.stdout and screenshot.stat().st_size > 10_000
+    # The page the README's URL opens is the runs table (checked in the DOM by the script), screenshotted.
+    assert "ok   the README's URL opens the runs table" in result.stdout and runs_table.stat().st_size > 10_000

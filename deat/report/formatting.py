@@ -1,0 +1,59 @@
+"""How the report prints a number or names a run: percent with two decimals, mean ± sd, the table markers, and
+JSON-safe values for summary.json. Accuracies come in as fractions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+MISSING = "—"
+PARTIAL = "‡"  # a mean over fewer seeds than the study asks
+MASKED = "†"  # a number from a checkpoint whose evaluation flagged gradient masking
+
+
+def run_label(row) -> str:
+    return f"{point_label(row.arch, row.label, row.lr, row.batch_size, row.variant)} seed {row.seed}"
+
+
+def point_label(arch: str, label: str, lr: float, batch_size: int, variant: str = "") -> str:
+    return f"{arch} {label} α={lr:g} b={batch_size}" + (f" {variant}" if variant else "")
+
+
+def format_percent(fraction: float) -> str:
+    return MISSING if pd.isna(fraction) else f"{100 * fraction:.2f}"
+
+
+def format_delta(fraction: float) -> str:
+    return MISSING if pd.isna(fraction) else f"{100 * fraction:+.2f}"
+
+
+def format_p(p: float) -> str:
+    if pd.isna(p):
+        return MISSING
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def format_mean_std(mean: float, std: float, n: int, n_expected: int) -> str:
+    """"44.30 ± 0.28" (percent); one seed: no ±; fewer seeds than asked: marked ‡; none: —."""
+    if n == 0:
+        return MISSING
+    text = f"{100 * mean:.2f}" if n < 2 else f"{100 * mean:.2f} ± {100 * std:.2f}"
+    return text + (PARTIAL if n < n_expected else "")
+
+
+def json_value(value):
+    """NaN → null and numpy scalars → Python, for summary.json."""
+    if isinstance(value, (np.integer, np.floating)):
+        value = value.item()
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def records(frame: pd.DataFrame) -> list[dict]:
+    return [{key: json_value(value) for key, value in row.items()} for row in frame.to_dict("records")]
+
+
+def ordered(values) -> list:
+    """Distinct values in first-seen order."""
+    return list(dict.fromkeys(values))

@@ -1,0 +1,83 @@
+"""One study's report: every table (Markdown, LaTeX, CSV), ``protocol.md``, ``runs.csv``, the figures and
+``summary.json`` (the key numbers, accuracies as fractions like every JSON file of the project)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from . import figures, tables
+from .formatting import run_label
+from .loading import CHECKPOINTS, EVAL_METRICS, load_runs
+from .protocol import PROTOCOL_FILE, protocol_markdown
+from .render import write_table
+
+log = logging.getLogger(__name__)
+
+
+def build_report(manifest: dict, tables_dir: str | Path, figures_dir: str | Path,
+                 runs_root: str | Path = ".") -> list[Path]:
+    """Write every table, figure and summary.json of one study; returns the files written.
+
+    ``runs_root`` is the directory that relative run directories in the manifest are relative to (the repository
+    root). A figure or table the grid cannot support is skipped with a logged note (listed under ``skipped`` in
+    summary.json)."""
+    tables_dir, figures_dir = Path(tables_dir), Path(figures_dir)
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    study = manifest["study"]
+    runs, epochs = load_runs(manifest, runs_root)
+    head = figures.headline(manifest.get("protocol", {}))
+    skipped: list[str] = []
+
+    built = {}
+    for metric, stem in EVAL_METRICS.items():
+        for checkpoint in CHECKPOINTS:
+            if runs[f"eval_{checkpoint}_{metric}"].isna().all() and metric == "aa_acc":
+                skipped.append(f"table2_aa_{checkpoint}: aa_acc is null or absent in every run")
+                continue
+            built[f"table2_{stem}_{checkpoint}"] = tables.accuracy_table(runs, metric, checkpoint)
+    built["equal_effective_step"] = tables.equal_step_table(runs)
+    built["table3_correlation"] = tables.correlation_table(runs, head.metric)
+    built["table4_paired_ttest"] = tables.paired_table(runs)
+    built["table4_anova"] = tables.anova_table(runs)
+    built["robust_overfitting"] = tables.robust_overfitting_table(runs)
+    if tables.varies_variant(runs):
+        built["sweep_sensitivity"] = tables.sweep_table(runs)
+    if manifest.get("paper_reference"):
+        for checkpoint in CHECKPOINTS:
+            built[f"paper_comparison_{checkpoint}"] = tables.paper_comparison_table(runs, checkpoint)
+
+    protocol_path = tables_dir / PROTOCOL_FILE
+    protocol_path.write_text(protocol_markdown(manifest, runs), encoding="utf-8")
+    written = [protocol_path]
+    for table, _ in built.values():
+        written += write_table(table, study, tables_dir)
+    runs_csv = tables_dir / "runs.csv"
+    runs.to_csv(runs_csv, index=False)
+    written.append(runs_csv)
+
+    written += figures.figure_accuracy_vs_lr(runs, head, figures_dir, skipped)
+    written += figures.figure_accuracy_per_epoch(runs, epochs, head, figures_dir, skipped)
+    written += figures.figure_heatmap(runs, head, figures_dir, skipped)
+    written += figures.figure_accuracy_vs_ratio(runs, head, figures_dir, skipped)
+    if tables.varies_variant(runs):
+        written += figures.figure_sweep_heatmap(runs, head, figures_dir, skipped)
+    for note in skipped:
+        log.info("study %s: skipped %s", study, note)
+
+    summary = {
+        "study": study,
+        "paper_reference": bool(manifest.get("paper_reference")),
+        "runs": {"expected": len(runs), "with_metrics": int((runs.metrics_problem == "").sum()),
+                 "with_eval": int((runs.eval_problem == "").sum()),
+                 "missing": [f"{run_label(r)} ({'; '.join(p for p in (r.metrics_problem, r.eval_problem) if p)})"
+                             for r in runs.itertuples() if r.metrics_problem or r.eval_problem]},
+        **{name: records for name, (_, records) in built.items()},
+        "skipped": skipped,
+    }
+    summary_path = tables_dir / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    written.append(summary_path)
+    return written

@@ -1,0 +1,508 @@
+"""Every table of a study as display strings (``render.Table``) plus its summary records (numbers, fractions).
+
+Each builder takes the runs frame of ``loading.load_runs`` and returns ``(Table, list[dict])``. The numbers come
+from ``statistics``; this module decides rows, columns, captions and footnotes: a missing value is "—" with a
+footnote naming the run, a mean over fewer seeds than the study asks is marked "‡", and a number from a
+checkpoint whose evaluation flagged gradient masking is marked "†" with the run and the flag named.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import statistics
+from .formatting import (MASKED, MISSING, PARTIAL, format_delta, format_mean_std, format_p, format_percent,
+                         json_value, ordered, point_label, records, run_label)
+from .loading import BASELINE, CHECKPOINTS, EVAL_METRICS, POINT_KEYS, TREATMENT, label_of, methods_of, study_aa_label
+from .render import Table
+
+EQUAL_STEP_RTOL = 0.01  # "equal effective step": within 1 % relative (math.isclose semantics)
+PAPER_TABLE2_CSV = Path(__file__).resolve().parent.parent / "paper_table2.csv"
+ROBUST_COLUMN = "eval_best_pgd10_acc"  # the paper's Table 2 metric: PGD-10 robust test accuracy, best checkpoint
+
+
+def metric_words(metric: str, runs: pd.DataFrame) -> str:
+    """"PGD-10 robust test accuracy", "clean test accuracy", "APGD-CE + APGD-T robust test accuracy"."""
+    return {"pgd10_acc": "PGD-10 robust", "clean_acc": "clean",
+            "aa_acc": f"{study_aa_label(runs)} robust"}[metric] + " test accuracy"
+
+
+def seeds_words(runs: pd.DataFrame) -> str:
+    """", mean ± std over seeds" when some grid point has ≥ 2 seeds, else ", one seed"."""
+    most = runs.groupby(POINT_KEYS, sort=False).seed.nunique().max() if len(runs) else 0
+    return ", mean ± std over seeds" if most >= 2 else ", one seed"
+
+
+def _has_delta(runs: pd.DataFrame) -> bool:
+    return {BASELINE, TREATMENT} <= set(runs.method)
+
+
+def _delta_words(runs: pd.DataFrame) -> str:
+    return f"{label_of(runs, TREATMENT)} − {label_of(runs, BASELINE)}"
+
+
+def _varies_batch(runs: pd.DataFrame) -> bool:
+    return runs.batch_size.nunique() > 1
+
+
+def varies_variant(runs: pd.DataFrame) -> bool:
+    return runs.variant.nunique() > 1
+
+
+def curve_keys(runs: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(arch, method, variant) in arch, method and variant order: one curve over (α, b) each."""
+    return [(arch, method, variant) for arch in ordered(runs.arch) for method in methods_of(runs)
+            for variant in ordered(runs.variant[runs.method == method])]
+
+
+def _grid_rows(runs: pd.DataFrame) -> list[tuple[str, float, int]]:
+    """(variant, α, b) of every grid point, variants in manifest order."""
+    order = {variant: i for i, variant in enumerate(ordered(runs.variant))}
+    return sorted(set(zip(runs.variant, runs.lr, runs.batch_size)), key=lambda v: (order[v[0]], v[1], v[2]))
+
+
+# ------------------------------------------------------------------------------------------------ footnotes
+
+
+def missing_note(runs: pd.DataFrame, columns: list[str]) -> list[str]:
+    """Footnote naming each run without a value in ``columns`` and why."""
+    lacking = runs[runs[columns].isna().any(axis=1)]
+    if lacking.empty:
+        return []
+    reasons = []
+    for row in lacking.itertuples():
+        column = next(c for c in columns if pd.isna(getattr(row, c)))
+        source = column.split("_")[0]
+        problem = getattr(row, f"{source}_problem") or f"{column.split('_', 2)[-1]} not computed (null)"
+        reasons.append(f"{run_label(row)} ({problem})")
+    return [f"{MISSING} no value; runs without one: " + "; ".join(reasons) + "."]
+
+
+def partial_note(point_stats: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
+    partial = point_stats[(point_stats.n > 0) & (point_stats.n < point_stats.n_expected)]
+    if partial.empty:
+        return []
+    items = [f"{point_label(r.arch, label_of(runs, r.method), r.lr, r.batch_size, r.variant)} "
+             f"(n={r.n} of {r.n_expected} seeds)" for r in partial.itertuples()]
+    return [f"{PARTIAL} mean over fewer seeds than the study asks: " + "; ".join(items) + "."]
+
+
+def masked_runs(runs: pd.DataFrame, checkpoints=CHECKPOINTS) -> pd.DataFrame:
+    """Runs whose evaluation of one of ``checkpoints`` flagged gradient masking."""
+    flagged = np.zeros(len(runs), dtype=bool)
+    for checkpoint in checkpoints:
+        flagged |= (runs[f"eval_{checkpoint}_masking"] != "").to_numpy()
+    return runs[flagged]
+
+
+def evaluation_notes(runs: pd.DataFrame, checkpoints=CHECKPOINTS, with_skipped: bool = True) -> list[str]:
+    """† footnote naming every run/checkpoint whose evaluation flagged gradient masking, and the attacks the
+    evaluation skipped (eval.json ``masking_flags`` / ``skipped_attacks``)."""
+    notes, masked, skipped = [], [], []
+    for row in runs.itertuples():
+        for checkpoint in checkpoints:
+            if getattr(row, f"eval_{checkpoint}_masking"):
+                masked.append(f"{run_label(row)} {checkpoint}: {getattr(row, f'eval_{checkpoint}_masking')}")
+            if with_skipped and getattr(row, f"eval_{checkpoint}_skipped"):
+                skipped.append(f"{run_label(row)} {checkpoint}: {getattr(row, f'eval_{checkpoint}_skipped')}")
+    if masked:
+        notes.append(f"{MASKED} gradient-masking signature in the evaluation (robust accuracy may be overstated): "
+                     + "; ".join(masked) + ".")
+    if skipped:
+        notes.append("Attacks not run: " + "; ".join(skipped) + ".")
+    return notes
+
+
+def _masked_points(runs: pd.DataFrame, checkpoint: str) -> set[tuple]:
+    return {tuple(getattr(r, k) for k in POINT_KEYS) for r in masked_runs(runs, [checkpoint]).itertuples()}
+
+
+# ------------------------------------------------------------------------------------------------ Table 2
+
+
+def accuracy_table(runs: pd.DataFrame, metric: str, checkpoint: str) -> tuple[Table, list[dict]]:
+    """Table 2 analogue: rows α (and b), columns arch × method plus Δ = DEAT − PGD-AT per arch."""
+    column = f"eval_{checkpoint}_{metric}"
+    point_stats = statistics.seed_stats(runs, column)
+    lookup = {tuple(r[k] for k in POINT_KEYS): r for r in point_stats.to_dict("records")}
+    masked = _masked_points(runs, checkpoint) if metric != "clean_acc" else set()
+    archs, methods, varies_batch = ordered(runs.arch), methods_of(runs), _varies_batch(runs)
+    with_delta = _has_delta(runs)
+
+    by_variant = varies_variant(runs)
+    key_columns = (["variant"] if by_variant else []) + (["α", "b"] if varies_batch else ["α"])
+    labels = [label_of(runs, m) for m in methods] + (["Δ"] if with_delta else [])
+    columns = key_columns + [f"{arch} {label}" for arch in archs for label in labels]
+    groups = [("", len(key_columns))] + [(arch, len(labels)) for arch in archs]
+    subcolumns = key_columns + labels * len(archs)
+
+    rows, deltas = [], []
+    for variant, lr, batch_size in _grid_rows(runs):
+        cells = ([variant] if by_variant else []) + [f"{lr:g}"] + ([str(batch_size)] if varies_batch else [])
+        for arch in archs:
+            point = {m: lookup.get((arch, m, variant, lr, batch_size)) for m in methods}
+            for method, p in point.items():
+                text = "" if p is None else format_mean_std(p["mean"], p["std"], p["n"], p["n_expected"])
+                flagged = (arch, method, variant, lr, batch_size) in masked and text not in ("", MISSING)
+                cells.append(text + (MASKED if flagged else ""))
+            if with_delta:
+                pgd, deat = point[BASELINE], point[TREATMENT]
+                delta = float("nan") if pgd is None or deat is None else deat["mean"] - pgd["mean"]
+                partial = pgd is not None and deat is not None and (
+                    0 < pgd["n"] < pgd["n_expected"] or 0 < deat["n"] < deat["n_expected"])
+                cells.append(format_delta(delta) + (PARTIAL if partial and not pd.isna(delta) else ""))
+                deltas.append({"arch": arch, "variant": variant, "lr": lr, "batch_size": batch_size,
+                               "delta_acc": delta})
+        rows.append(cells)
+
+    notes = missing_note(runs, [column]) + partial_note(point_stats, runs)
+    notes += evaluation_notes(runs, [checkpoint], with_skipped=metric == "aa_acc") if metric != "clean_acc" else []
+    if any("" in row for row in rows):
+        notes.append("Blank: not a grid point of this study.")
+    if with_delta:
+        notes.append(f"Δ = {_delta_words(runs)}, difference of the seed means (percentage points).")
+    caption = (f"Table 2 analogue: {metric_words(metric, runs)} (%) of the {checkpoint} checkpoint"
+               f"{seeds_words(runs)}")
+    summary = [{"metric": metric, "checkpoint": checkpoint, **r} for r in records(
+        point_stats.rename(columns={"mean": "mean_acc", "std": "std_acc", "n": "n_seeds",
+                                    "n_expected": "n_seeds_expected"}))]
+    summary += [{"metric": metric, "checkpoint": checkpoint, "method": f"{TREATMENT}_minus_{BASELINE}", **r}
+                for r in records(pd.DataFrame(deltas))]
+    return Table(f"table2_{EVAL_METRICS[metric]}_{checkpoint}", caption, columns, rows, notes, groups,
+                 subcolumns), summary
+
+
+# ------------------------------------------------------------------------------------------------ Table 3
+
+
+def correlation_table(runs: pd.DataFrame, metric: str = "pgd10_acc") -> tuple[Table, list[dict]]:
+    """Table 3 analogue: Pearson r, Spearman ρ, Kendall τ of the seed-mean accuracy per grid point with α and with
+    α/b (the paper's claim is about α/b; it only varied α), p-values exact or by permutation at small n."""
+    words = metric_words(metric, runs)
+    tests = {"pearson": "Pearson r", "spearman": "Spearman ρ", "kendall": "Kendall τ"}
+    columns = ["arch", "method", "checkpoint", "points"] + [f"{name} vs {x}" for x in ("α", "α/b")
+                                                            for name in tests.values()]
+    rows, summary, undefined, sizes = [], [], {}, set()
+    for arch, method, variant in curve_keys(runs):
+        subset = runs[(runs.arch == arch) & (runs.method == method) & (runs.variant == variant)]
+        for checkpoint in CHECKPOINTS:
+            point_stats = statistics.seed_stats(subset, f"eval_{checkpoint}_{metric}")
+            present = point_stats[point_stats.n > 0]
+            partial = (present.n < present.n_expected).any()
+            label = label_of(runs, method) + (f" {variant}" if variant else "")
+            cells = [arch, label, checkpoint,
+                     (f"{len(present)}" if len(present) == len(point_stats)
+                      else f"{len(present)} of {len(point_stats)}") + (PARTIAL if partial else "")]
+            y = present["mean"].to_numpy()
+            for x_name, x in (("lr", present.lr.to_numpy()),
+                              ("lr_over_batch", (present.lr / present.batch_size).to_numpy())):
+                for test, name in tests.items():
+                    statistic, p = statistics.correlation(x, y, test)
+                    if pd.isna(statistic):
+                        few = len(x) < statistics.MIN_CORRELATION_POINTS
+                        why = (f"fewer than {statistics.MIN_CORRELATION_POINTS} grid points with a result" if few
+                               else "undefined for constant input")
+                        undefined.setdefault(why, []).append(f"{arch} {label} {checkpoint}")
+                        text = MISSING + ("ᵃ" if few else "ᵇ")
+                    else:
+                        text = f"{statistic:.3f} (p={format_p(p)})"
+                        sizes.add(len(x))
+                    cells.append(text)
+                    summary.append({"arch": arch, "method": method, "variant": variant, "checkpoint": checkpoint,
+                                    "x": x_name, "test": test, "statistic": json_value(statistic),
+                                    "p": json_value(p), "n_points": len(present)})
+            rows.append(cells)
+    notes = []
+    for why, items in undefined.items():
+        marker = "ᵃ" if why.startswith("fewer") else "ᵇ"
+        notes.append(f"{MISSING}{marker} {why}: " + ", ".join(ordered(items)) + ".")
+    p_words = "; ".join(f"n={n}: {statistics.p_value_method(n)}" for n in sorted(sizes))
+    notes.append(f"Correlation of the seed-mean {words} per grid point (α, b) with α and with α/b. p: two-sided, "
+                 f"from a permutation test of no association ({p_words}; Kendall: scipy's exact distribution "
+                 "where there are no ties), not the large-sample approximation. Points: grid points with a result"
+                 f" ({PARTIAL}: some seed-means over fewer seeds than the study asks).")
+    if not _varies_batch(runs):
+        notes.append("One batch size: α/b is α rescaled, so its correlations equal those with α.")
+    groups = [("", 4), ("vs α", 3), ("vs α/b", 3)]
+    subcolumns = columns[:4] + list(tests.values()) * 2
+    caption = f"Table 3 analogue: correlation of {words} with the learning rate α and with α/b"
+    return Table("table3_correlation", caption, columns, rows, notes, groups, subcolumns), summary
+
+
+# ------------------------------------------------------------------------------------------------ Table 4
+
+
+def _headline_metrics(runs: pd.DataFrame) -> list[str]:
+    return [metric for metric in EVAL_METRICS
+            if any(runs[f"eval_{c}_{metric}"].notna().any() for c in CHECKPOINTS)]
+
+
+def paired_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
+    """Table 4 analogue: Δ = DEAT − PGD-AT per α with a 95 % confidence interval over the pairs at that α, the
+    t-test with α as the unit, and the paper's pooled paired t-test over all (α, b, seed) pairs, labelled so."""
+    if not _has_delta(runs):
+        return Table("table4_paired_ttest", "Table 4 analogue: needs both DEAT and PGD-AT runs", ["arch"], [],
+                     empty_message="The study does not run both methods."), []
+    columns = ["arch", "metric", "checkpoint", "α", "pairs", "mean Δ (pp)", f"{statistics.CONFIDENCE:.0%} CI (pp)",
+               "t", "p"]
+    rows, summary = [], []
+    for arch in ordered(runs.arch):
+        for metric in _headline_metrics(runs):
+            for checkpoint in CHECKPOINTS:
+                column = f"eval_{checkpoint}_{metric}"
+                if runs[column].isna().all():
+                    continue
+                matched, n_matches = statistics.matched_pairs(runs, column, arch)
+                words = metric_words(metric, runs).replace(" test accuracy", "")
+                flag = MASKED if metric != "clean_acc" and len(masked_runs(runs[runs.arch == arch], [checkpoint])) \
+                    else ""
+                per_alpha = statistics.delta_per_alpha(matched)
+                for r in per_alpha.itertuples():
+                    interval = (MISSING if pd.isna(r.ci_low) else f"[{100 * r.ci_low:+.2f}, {100 * r.ci_high:+.2f}]")
+                    rows.append([arch, words + flag, checkpoint, f"{r.lr:g}", str(r.n_pairs),
+                                 format_delta(r.mean_delta), interval, "", ""])
+                    summary.append({"arch": arch, "metric": metric, "checkpoint": checkpoint, "test": "per_alpha",
+                                    "lr": r.lr, "n_pairs": r.n_pairs, "mean_delta_acc": json_value(r.mean_delta),
+                                    "ci_low": json_value(r.ci_low), "ci_high": json_value(r.ci_high)})
+                t, p = statistics.alpha_as_unit_ttest(per_alpha)
+                rows.append([arch, words + flag, checkpoint, "α as the unit", f"{len(per_alpha)} α",
+                             format_delta(per_alpha.mean_delta.mean() if len(per_alpha) else float("nan")),
+                             "", MISSING if pd.isna(t) else f"{t:.2f}", format_p(p)])
+                summary.append({"arch": arch, "metric": metric, "checkpoint": checkpoint, "test": "alpha_as_unit",
+                                "n_alphas": len(per_alpha), "t": json_value(t), "p": json_value(p)})
+                differences = (matched[TREATMENT] - matched[BASELINE]).to_numpy()
+                mean = differences.mean() if len(differences) else float("nan")
+                t, p = statistics.pooled_paired_ttest(matched)
+                pairs = f"{len(matched)}" + ("" if len(matched) == n_matches else f" of {n_matches}{PARTIAL}")
+                rows.append([arch, words + flag, checkpoint, "pooled (paper's test)", pairs, format_delta(mean), "",
+                             MISSING if pd.isna(t) else f"{t:.2f}", format_p(p)])
+                summary.append({"arch": arch, "metric": metric, "checkpoint": checkpoint, "test": "pooled_paired",
+                                "n_pairs": len(matched), "n_pairs_expected": n_matches,
+                                "mean_delta_acc": json_value(mean), "t": json_value(t), "p": json_value(p)})
+    notes = []
+    if any(PARTIAL in row[4] for row in rows):
+        notes.append(f"{PARTIAL} pairs with a run missing are left out (see the Table 2 footnotes for which).")
+    notes += evaluation_notes(runs, with_skipped=False)
+    notes.append(f"Pairs: {label_of(runs, TREATMENT)} and {label_of(runs, BASELINE)} runs of the same arch, α, b "
+                 f"and seed; Δ = {_delta_words(runs)} in percentage points. Per α: mean Δ with a "
+                 f"{statistics.CONFIDENCE:.0%} t-interval over the pairs at that α ({MISSING}: fewer than 2 pairs). "
+                 "α as the unit: one-sample t-test of the per-α means against 0. Pooled (paper's test): "
+                 "scipy.stats.ttest_rel over every pair, as if the pairs were interchangeable; it overstates the "
+                 "evidence when Δ changes with α (see table4_anova).")
+    caption = f"Table 4 analogue: Δ = {_delta_words(runs)} per α with a confidence interval, and paired t-tests"
+    return Table("table4_paired_ttest", caption, columns, rows, notes,
+                 empty_message="No matched DEAT/PGD-AT pairs with results."), summary
+
+
+def anova_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
+    """Method × α two-way ANOVA (statsmodels) per arch, metric and checkpoint, with a one-line reading of which
+    effects the grid supports at the 5 % level."""
+    columns = ["arch", "metric", "checkpoint", "effect", "df", "F", "p"]
+    rows, summary, readings = [], [], []
+    if _has_delta(runs):
+        for arch in ordered(runs.arch):
+            for metric in _headline_metrics(runs):
+                for checkpoint in CHECKPOINTS:
+                    column = f"eval_{checkpoint}_{metric}"
+                    effects = statistics.method_by_alpha_anova(runs[runs.arch == arch], column)
+                    if effects.empty:
+                        continue
+                    words = metric_words(metric, runs).replace(" test accuracy", "")
+                    for e in effects.itertuples():
+                        rows.append([arch, words, checkpoint, e.effect, f"{e.df:g}",
+                                     "" if pd.isna(e.F) else f"{e.F:.2f}", "" if e.effect == "residual"
+                                     else format_p(e.p)])
+                        summary.append({"arch": arch, "metric": metric, "checkpoint": checkpoint,
+                                        "effect": e.effect, "df": json_value(e.df), "F": json_value(e.F),
+                                        "p": json_value(e.p)})
+                    supported = [e.effect for e in effects.itertuples() if e.effect != "residual" and e.p < 0.05]
+                    meaning = (" (Δ depends on α: read it per α, not as one pooled number)"
+                               if "method × α" in supported else "")
+                    readings.append(f"{arch} {words} {checkpoint}: "
+                                    + (("p < 0.05 for " + ", ".join(supported)) if supported
+                                       else "no effect at p < 0.05") + meaning + ".")
+    notes = ["Two-way ANOVA of accuracy (%) on method × α, with b and sweep variant as additive blocks where the "
+             "study varies them: statsmodels ols + anova_lm (type II). The method × α row appears only where "
+             "replicates (seeds or batch sizes) leave residual degrees of freedom for it; a significant interaction "
+             "means the difference between the methods depends on α, so a single pooled Δ does not summarise it."]
+    notes += ["Reading: " + " ".join(readings)] if readings else []
+    caption = "Table 4 analogue, model: which effects (method, α, method × α) the grid supports"
+    return Table("table4_anova", caption, columns, rows, notes,
+                 empty_message="The design cannot be fitted (needs both methods at ≥ 2 α and residual degrees of "
+                               "freedom)."), summary
+
+
+# ------------------------------------------------------------------------------------------------ other tables
+
+
+def equal_step_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
+    """DEAT vs PGD-AT at equal effective step (not equal α): runs of the same arch, b and seed whose effective steps
+    agree within 1 % relative. Equal α is not an equal step (SGD momentum 0.9: ≈10α; DEAT: ≈0.45α)."""
+    base = label_of(runs, BASELINE) if BASELINE in set(runs.method) else "PGD-AT"
+    columns = ["arch", "b", "seed", f"α {base}", "α DEAT", "effective step", f"{base} best", "DEAT best", "Δ best",
+               f"{base} last", "DEAT last", "Δ last"]
+    rows, summary = [], []
+    pgd_runs, deat_runs = runs[runs.method == BASELINE], runs[runs.method == TREATMENT]
+    for pgd in pgd_runs.sort_values(["arch", "batch_size", "lr", "seed"]).itertuples():
+        partners = deat_runs[(deat_runs.arch == pgd.arch) & (deat_runs.batch_size == pgd.batch_size)
+                             & (deat_runs.seed == pgd.seed)]
+        for deat in partners.itertuples():
+            if not math.isclose(pgd.effective_step, deat.effective_step, rel_tol=EQUAL_STEP_RTOL):
+                continue
+            cells = [pgd.arch, str(pgd.batch_size), str(pgd.seed), f"{pgd.lr:g}", f"{deat.lr:g}",
+                     f"{pgd.effective_step:.4g}"]
+            record = {"arch": pgd.arch, "batch_size": pgd.batch_size, "seed": pgd.seed, "lr_pgd_at": pgd.lr,
+                      "lr_deat": deat.lr, "effective_step_pgd_at": pgd.effective_step,
+                      "effective_step_deat": deat.effective_step}
+            for checkpoint in CHECKPOINTS:
+                column = f"eval_{checkpoint}_pgd10_acc"
+                before, after = getattr(pgd, column), getattr(deat, column)
+                cells += [format_percent(before) + (MASKED if getattr(pgd, f"eval_{checkpoint}_masking") else ""),
+                          format_percent(after) + (MASKED if getattr(deat, f"eval_{checkpoint}_masking") else ""),
+                          format_delta(after - before)]
+                record.update({f"pgd_at_{checkpoint}_acc": before, f"deat_{checkpoint}_acc": after})
+            rows.append(cells)
+            summary.append({key: json_value(value) for key, value in record.items()})
+    notes = []
+    if rows:
+        in_pairs = {(r["arch"], BASELINE, r["lr_pgd_at"], r["batch_size"], r["seed"]) for r in summary} | {
+            (r["arch"], TREATMENT, r["lr_deat"], r["batch_size"], r["seed"]) for r in summary}
+        members = runs[[(r.arch, r.method, r.lr, r.batch_size, r.seed) in in_pairs for r in runs.itertuples()]]
+        notes += missing_note(members, ["eval_best_pgd10_acc", "eval_last_pgd10_acc"])
+        notes += evaluation_notes(members, with_skipped=False)
+    notes.append("Effective step: step per unit gradient, lr/(1−m) for PGD-AT with SGD momentum m and "
+                 "lr/√((1+k1)²+k1²) for DEAT (from metrics.json, else from the protocol); PGD-10 robust test "
+                 "accuracy (%) per run, Δ = DEAT − PGD-AT (pp).")
+    caption = f"DEAT vs {base} at equal effective step (within 1 %), PGD-10 robust test accuracy (%) per run"
+    empty = "No DEAT/PGD-AT pair (same arch, b, seed) in this study has effective steps within 1 % of each other."
+    return Table("equal_effective_step", caption, columns, rows, notes, empty_message=empty), summary
+
+
+def robust_overfitting_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
+    """Per run, from training's own per-epoch evaluation (metrics.json): best − last robust test accuracy, and
+    beside it the final epoch's running training accuracy under the training attack. The two final-epoch
+    numbers are not measured alike (running average during the epoch under PGD-K training attack vs end of epoch
+    under the test attack), so no difference of them is printed."""
+    train_steps = ordered(runs.train_pgd_steps.dropna().astype(int))
+    test_steps = ordered(runs.train_eval_pgd_steps.dropna().astype(int))
+    attack = "/".join(f"PGD-{k}" for k in train_steps) or "PGD-K"
+    test_attack = "/".join(f"PGD-{k}" for k in test_steps) or "PGD"
+    train_column = f"final train robust acc (running, training attack {attack})"
+    test_column = f"final test robust acc (end of epoch, {test_attack})"
+    columns = ["arch", "method", "α", "b", "seed", "best epoch", f"best test {test_attack}",
+               f"last test {test_attack}", "best − last", train_column, test_column]
+    rows = []
+    frame = runs.assign(best_minus_last_acc=runs.metrics_best_test_pgd_acc - runs.metrics_last_test_pgd_acc)
+    for row in frame.itertuples():
+        method = row.label + (f" {row.variant}" if row.variant else "")
+        rows.append([row.arch, method, f"{row.lr:g}", str(row.batch_size), str(row.seed),
+                     MISSING if pd.isna(row.metrics_best_epoch) else str(int(row.metrics_best_epoch)),
+                     format_percent(row.metrics_best_test_pgd_acc), format_percent(row.metrics_last_test_pgd_acc),
+                     format_delta(row.best_minus_last_acc), format_percent(row.metrics_final_train_robust_acc),
+                     format_percent(row.metrics_final_test_pgd_acc)])
+    notes = missing_note(runs, ["metrics_best_test_pgd_acc", "metrics_last_test_pgd_acc",
+                                "metrics_final_train_robust_acc", "metrics_final_test_pgd_acc"])
+    notes.append(f"From metrics.json: training's own per-epoch evaluation on a fixed test subset ({test_attack}); "
+                 "best epoch chosen on the validation split; best − last in percentage points (robust "
+                 f"overfitting: the paper's Fig. 5). The train column is the running accuracy over the final "
+                 f"epoch's batches under the training attack ({attack}, weights changing during the epoch), not an "
+                 "end-of-epoch measurement with the test attack: it is shown beside the test column, not "
+                 "subtracted from it.")
+    per_method = frame.groupby(["arch", "method", "variant"], sort=False)[["best_minus_last_acc"]]
+    summary = records(per_method.mean().add_prefix("mean_").join(per_method.count()["best_minus_last_acc"]
+                                                                  .rename("n_runs")).reset_index())
+    caption = "Robust overfitting per run: best − last robust test accuracy (%), with the final training accuracy"
+    return Table("robust_overfitting", caption, columns, rows, notes), summary
+
+
+def sweep_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
+    """Sensitivity to a study's sweep axes (e.g. DEAT's k1 × k2): per variant the seed-mean accuracies, then per
+    (arch, method, α, b) the range of the variant means and a one-way ANOVA across variants over the seeds."""
+    metrics = _headline_metrics(runs) or list(EVAL_METRICS)
+    columns = ["arch", "method", "α", "b", "variant", "effective step"] + [
+        f"{metric_words(metric, runs).split(' test')[0]} {checkpoint}" for metric in metrics
+        for checkpoint in CHECKPOINTS]
+    metric_columns = [f"eval_{checkpoint}_{metric}" for metric in metrics for checkpoint in CHECKPOINTS]
+    rows, summary, notes = [], [], []
+    for (arch, method, lr, batch_size), curve in runs.groupby(["arch", "method", "lr", "batch_size"], sort=False):
+        variants = ordered(curve.variant)
+        for variant in variants:
+            point = curve[curve.variant == variant]
+            cells = [arch, label_of(runs, method), f"{lr:g}", str(batch_size), variant,
+                     f"{point.effective_step.iloc[0]:.4g}"]
+            for column in metric_columns:
+                values = point[column].dropna()
+                cells.append(format_mean_std(values.mean(), values.std(ddof=1), len(values), len(point)))
+            rows.append(cells)
+        for column in metric_columns:
+            groups = [curve[curve.variant == v][column].dropna().to_numpy() for v in variants]
+            means = [g.mean() for g in groups if len(g)]
+            f, p = statistics.oneway_anova(groups)
+            spread = max(means) - min(means) if means else float("nan")
+            summary.append({"arch": arch, "method": method, "lr": lr, "batch_size": batch_size, "metric": column,
+                            "n_variants": len(variants), "range_of_means_acc": json_value(spread),
+                            "anova_f": json_value(f), "anova_p": json_value(p)})
+            if column == ROBUST_COLUMN:
+                notes.append(f"{arch} {label_of(runs, method)} α={lr:g} b={batch_size}: PGD-10 best ranges "
+                             f"{format_percent(min(means)) if means else MISSING}–"
+                             f"{format_percent(max(means)) if means else MISSING} over {len(variants)} variants "
+                             f"(range {format_delta(spread)} pp); one-way ANOVA across variants "
+                             + (f"F = {f:.2f}, p = {format_p(p)}." if not pd.isna(p)
+                                else f"{MISSING} (needs ≥ 2 variants with ≥ 2 seeds each)."))
+    notes += missing_note(runs, metric_columns) + evaluation_notes(runs)
+    notes.append(f"Accuracy (%){seeds_words(runs)}. Effective step: step per unit gradient (see "
+                 "equal_effective_step); at a fixed α, DEAT's k1 changes it as 1/√((1+k1)²+k1²). ANOVA: "
+                 "scipy.stats.f_oneway over the seeds of each variant.")
+    caption = "Sensitivity to the swept settings: accuracy per variant (%)"
+    return Table("sweep_sensitivity", caption, columns, rows, notes), summary
+
+
+def load_paper_table2(path: str | Path = PAPER_TABLE2_CSV) -> pd.DataFrame:
+    """The paper's Table 2 (percent) as columns alpha, arch, method, robust_acc."""
+    return pd.read_csv(path, comment="#")
+
+
+def paper_comparison_table(runs: pd.DataFrame, checkpoint: str) -> tuple[Table, list[dict]]:
+    """Our PGD-10 robust test accuracy beside the paper's Table 2 number for the same arch, method and α."""
+    paper = load_paper_table2()
+    paper_lookup = {(r.arch, r.method, round(r.alpha, 9)): r.robust_acc for r in paper.itertuples()}
+    point_stats = statistics.seed_stats(runs, f"eval_{checkpoint}_pgd10_acc")
+    lookup = {tuple(r[k] for k in POINT_KEYS): r for r in point_stats.to_dict("records")}
+    masked = _masked_points(runs, checkpoint)
+    varies_batch, methods, by_variant = _varies_batch(runs), methods_of(runs), varies_variant(runs)
+    columns = ["arch"] + (["variant"] if by_variant else []) + ["α"] + (["b"] if varies_batch else [])
+    for method in methods:
+        label = label_of(runs, method)
+        columns += [f"{label} ours", f"{label} paper", f"{label} ours − paper"]
+    rows, summary = [], []
+    for arch in ordered(runs.arch):
+        for variant, lr, batch_size in _grid_rows(runs[runs.arch == arch]):
+            cells = ([arch] + ([variant] if by_variant else []) + [f"{lr:g}"]
+                     + ([str(batch_size)] if varies_batch else []))
+            for method in methods:
+                ours = lookup.get((arch, method, variant, lr, batch_size))
+                reported = paper_lookup.get((arch, method, round(lr, 9)), float("nan"))
+                mean = float("nan") if ours is None or ours["n"] == 0 else 100 * ours["mean"]
+                shown = "" if ours is None else format_mean_std(ours["mean"], ours["std"], ours["n"],
+                                                                ours["n_expected"])
+                if (arch, method, variant, lr, batch_size) in masked and shown not in ("", MISSING):
+                    shown += MASKED
+                cells += [shown,
+                          MISSING if pd.isna(reported) else f"{reported:.2f}",
+                          MISSING if pd.isna(mean - reported) else f"{mean - reported:+.2f}"]
+                summary.append({"arch": arch, "method": method, "lr": lr, "batch_size": batch_size,
+                                "checkpoint": checkpoint, "ours_percent": json_value(mean),
+                                "paper_percent": json_value(float(reported))})
+            rows.append(cells)
+    notes = missing_note(runs, [f"eval_{checkpoint}_pgd10_acc"]) + partial_note(point_stats, runs)
+    notes += evaluation_notes(runs, [checkpoint], with_skipped=False)
+    notes.append("Paper: Sun, Sinha, Zhang, KDD 2023 (arXiv 2306.02618), Table 2 (CIFAR-10, b = 128, mean of 3 "
+                 f"runs); {MISSING} in the paper column: α or arch not in the paper. Ours − paper in percentage "
+                 "points.")
+    caption = (f"PGD-10 robust test accuracy (%), {checkpoint} checkpoint{seeds_words(runs)}: ours beside the "
+               "paper's Table 2")
+    return Table(f"paper_comparison_{checkpoint}", caption, columns, rows, notes), summary
