@@ -69,7 +69,7 @@ class CountingAttack:
         return self.attack(*args, **kwargs)
 
 
-def _halve(model, x, y, attack, eps, norm, batch_size, seed=0) -> torch.Tensor:
+def _halve(model, x, y, attack, eps, norm, batch_size, seed=0, num_classes=None) -> torch.Tensor:
     """A cheap deterministic stand-in for one AutoAttack attack: every other example survives."""
     return torch.arange(len(y)) % 2 == 0
 
@@ -188,11 +188,11 @@ def test_resume_skips_finished_work_and_matches_an_uninterrupted_run(standard_ru
     flags = ("--eps", "0.1", "--n-examples", "60", "--pgd-steps", "3", "--pgd-restarts", "2",
              "--autoattack-attacks", "apgd-ce", "apgd-t")
     crashed = Path(shutil.copytree(standard_run, tmp_path / "crashed"))
-    real_robust_accuracy = evaluate.robust_accuracy
+    real_robust_mask = evaluate.robust_mask
 
     # Session 1 dies in best's PGD-3x2, after clean and PGD-10 finished.
-    pgd = CountingAttack(real_robust_accuracy, crash_on=2)
-    monkeypatch.setattr(evaluate, "robust_accuracy", pgd)
+    pgd = CountingAttack(real_robust_mask, crash_on=2)
+    monkeypatch.setattr(evaluate, "robust_mask", pgd)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _evaluate(crashed, *flags)
     partial = json.loads((crashed / "eval.partial.json").read_text())
@@ -200,9 +200,9 @@ def test_resume_skips_finished_work_and_matches_an_uninterrupted_run(standard_ru
     assert not (crashed / "eval.json").exists()
 
     # Session 2 reruns only best's PGD-3x2, then dies in AutoAttack's second attack (APGD-T).
-    pgd = CountingAttack(real_robust_accuracy)
+    pgd = CountingAttack(real_robust_mask)
     autoattack = CountingAttack(_halve, crash_on=2)
-    monkeypatch.setattr(evaluate, "robust_accuracy", pgd)
+    monkeypatch.setattr(evaluate, "robust_mask", pgd)
     monkeypatch.setattr(evaluate, "autoattack_survivors", autoattack)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _evaluate(crashed, *flags)
@@ -210,18 +210,20 @@ def test_resume_skips_finished_work_and_matches_an_uninterrupted_run(standard_ru
     partial = json.loads((crashed / "eval.partial.json").read_text())
     assert set(partial["checkpoints"]["best"]["autoattack"]) == {"apgd-ce"}
 
-    # Session 3: APGD-T for best, then all of last; the partial file is gone once eval.json is written.
-    pgd, autoattack = CountingAttack(real_robust_accuracy), CountingAttack(_halve)
-    monkeypatch.setattr(evaluate, "robust_accuracy", pgd)
+    # Session 3: APGD-T for best; last holds best's weights (training stopped improving), so its result is
+    # reused, not recomputed. The partial file is gone once eval.json is written.
+    pgd, autoattack = CountingAttack(real_robust_mask), CountingAttack(_halve)
+    monkeypatch.setattr(evaluate, "robust_mask", pgd)
     monkeypatch.setattr(evaluate, "autoattack_survivors", autoattack)
     resumed = _evaluate(crashed, *flags)
-    assert (pgd.calls, autoattack.calls) == (2, 3)
+    assert (pgd.calls, autoattack.calls) == (0, 1)
+    assert resumed["checkpoints"]["last"]["reused_from"] == "best"
     assert not (crashed / "eval.partial.json").exists()
     assert "resuming from" in capsys.readouterr().out
 
     # A fourth run finds eval.json up to date and attacks nothing.
-    pgd = CountingAttack(real_robust_accuracy)
-    monkeypatch.setattr(evaluate, "robust_accuracy", pgd)
+    pgd = CountingAttack(real_robust_mask)
+    monkeypatch.setattr(evaluate, "robust_mask", pgd)
     _evaluate(crashed, *flags)
     assert pgd.calls == 0 and "nothing to do" in capsys.readouterr().out
 
@@ -229,23 +231,23 @@ def test_resume_skips_finished_work_and_matches_an_uninterrupted_run(standard_ru
     assert _strip_timings(resumed) == _strip_timings(uninterrupted)
     best = resumed["checkpoints"]["best"]
     assert best["aa_acc"] == best["autoattack"]["apgd-t"]["acc"]
-    assert resumed["wall_time_s"] == pytest.approx(sum(t for c in resumed["checkpoints"].values()
-                                                       for t in c["wall_time_s"].values()))
+    assert resumed["wall_time_s"] == pytest.approx(sum(resumed["checkpoints"]["best"]["wall_time_s"].values()))
 
 
 def test_partial_file_from_other_settings_is_ignored(run_copy, monkeypatch, capsys):
     flags = ("--out", str(run_copy / "eval_abc.json"), "--n-examples", "30", "--pgd-steps", "2",
              "--pgd-restarts", "1", "--autoattack", "none")
-    monkeypatch.setattr(evaluate, "robust_accuracy", CountingAttack(evaluate.robust_accuracy, crash_on=2))
+    monkeypatch.setattr(evaluate, "robust_mask", CountingAttack(evaluate.robust_mask, crash_on=2))
     with pytest.raises(RuntimeError, match="simulated crash"):
         _evaluate(run_copy, "--eps", "0.1", *flags)
     assert evaluate.partial_path(run_copy / "eval_abc.json") == run_copy / "eval_abc.partial.json"
     assert (run_copy / "eval_abc.partial.json").is_file()
-    pgd = CountingAttack(evaluate.robust_accuracy.attack)
-    monkeypatch.setattr(evaluate, "robust_accuracy", pgd)
+    pgd = CountingAttack(evaluate.robust_mask.attack)
+    monkeypatch.setattr(evaluate, "robust_mask", pgd)
     result = _evaluate(run_copy, "--eps", "0.2", *flags)
     assert "was written for other settings; ignoring it" in capsys.readouterr().out
-    assert pgd.calls == 4  # PGD-10 and PGD-2 for both checkpoints: nothing was taken from the eps-0.1 session
+    # PGD-10 and PGD-2 for best (last has the same weights): nothing was taken from the eps-0.1 session.
+    assert pgd.calls == 2
     assert result["settings"]["eps"] == 0.2
 
 
@@ -268,13 +270,17 @@ def test_cli_end_to_end_writes_every_key_and_logs_to_mlflow(run_copy, tmp_path, 
     assert result["settings"] == {
         "dataset": "mnist5k", "eps": 0.1, "norm": "linf", "n_examples": 20, "example_seed": 0, "pgd10_steps": 10,
         "pgd10_step_size": pytest.approx(0.025), "pgd_steps": 3, "pgd_restarts": 2, "pgd_step_size": 0.025,
-        "autoattack": "standard", "autoattack_attacks": ["apgd-ce"], "attack_seed": 0, "batch_size": 500,
-        "precision": "fp32"}
+        "autoattack": "standard", "autoattack_attacks": ["apgd-ce"], "autoattack_skipped": {}, "num_classes": 10,
+        "autoattack_target_classes": 9, "aa_label": "APGD-CE", "robust_rule": evaluate.ROBUST_RULE,
+        "attack_seed": 0, "batch_size": 500, "precision": "fp32"}
     index = evaluate.select_examples(1000, 20, seed=0)
     assert result["examples"]["n"] == 20 and result["examples"]["indices_sha256"] == evaluate.indices_sha256(index)
     for name in ("best", "last"):
         entry = result["checkpoints"][name]
-        assert set(entry) == {"epoch", *ACCURACIES, "autoattack", "wall_time_s"}
+        assert set(entry) == {"epoch", *ACCURACIES, "worst_case_acc", "autoattack", "skipped_attacks",
+                              "masking_flags", "masking_checks", "wall_time_s", "weights_sha256", "reused_from"}
+        assert entry["worst_case_acc"] <= min(entry[k] for k in ACCURACIES)
+        assert entry["skipped_attacks"] == {} and entry["masking_flags"] == []
         assert entry["epoch"] == 2
         assert all(0 <= entry[k] <= 1 for k in ACCURACIES)
         assert set(entry["wall_time_s"]) == {"clean", "pgd10", "pgd", "aa"}
@@ -283,8 +289,9 @@ def test_cli_end_to_end_writes_every_key_and_logs_to_mlflow(run_copy, tmp_path, 
     assert result["versions"]["autoattack"] == "0.2.0" and result["environment"]["device"] == "cpu"
     assert not (run_copy / "eval.partial.json").exists()
     assert logged["file"] == str(tmp_path / "tracking.json") and logged["run_dir"] == run_copy
-    assert logged["values"] == {f"eval/{name}/{k}": result["checkpoints"][name][k]
-                                for name in ("best", "last") for k in ACCURACIES}
+    assert logged["values"] == {**{f"eval/{name}/{k}": result["checkpoints"][name][k]
+                                   for name in ("best", "last") for k in (*ACCURACIES, "worst_case_acc")},
+                                **{f"eval/{name}/masking_flagged": 0.0 for name in ("best", "last")}}
 
 
 def test_bad_arguments_are_refused_with_the_argument_named(run_copy, tmp_path):
