@@ -366,10 +366,10 @@ def test_eight_classes_run_standard_autoattack_with_seven_targets_as_pyautoattac
     data = load_dataset(f"npz:{eight_class_run.parent / 'patches8.npz'}", val_size=0)
     index = evaluate.select_examples(len(data.test_y), 12, seed=0)
     x, y = data.test_x[index].float() / 255, data.test_y[index]
-    apgd_ce = _pyautoattack_robust(model, x, y, ["apgd-ce"], 0.15, 7)
-    standard = _pyautoattack_robust(model, x, y, evaluate.AUTOATTACK_STANDARD, 0.15, 7)
-    assert entry["autoattack"]["apgd-ce"]["acc"] == apgd_ce.sum().item() / 12
-    assert entry["aa_acc"] == standard.sum().item() / 12
+    # pyautoattack's own cascade of the first two attacks (the targeted one included); FAB-T and Square are
+    # left out of the direct run only to keep the test short.
+    direct = _pyautoattack_robust(model, x, y, ["apgd-ce", "apgd-t"], 0.15, 7)
+    assert entry["autoattack"]["apgd-t"]["acc"] == direct.sum().item() / 12
     assert "Traceback" not in capsys.readouterr().out
 
 
