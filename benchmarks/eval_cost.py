@@ -75,7 +75,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _robust_after(attack: str, model, x, y, eps: float, batch_size: int, num_classes: int) -> tuple[torch.Tensor, int]:
+def _robust_after(attack: str, model, x, y, eps: float, batch_size: int,
+                  num_classes: int) -> tuple[torch.Tensor, int]:
     """(N,) bool robust after `attack` alone (or standard AutoAttack's cascade), and how many examples it attacked."""
     with torch.no_grad():
         correct = torch.cat([model(xb).argmax(1) == yb for xb, yb in zip(x.split(batch_size), y.split(batch_size))])

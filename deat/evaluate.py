@@ -170,7 +170,8 @@ def weights_sha256(ckpt: dict[str, Any]) -> str:
 
 def settings_sha256(settings: dict[str, Any], examples: dict[str, Any]) -> str:
     """sha256 of the settings and the example record as canonical JSON: together they fix every result."""
-    return hashlib.sha256(json.dumps({"settings": settings, "examples": examples}, sort_keys=True).encode()).hexdigest()
+    canonical = json.dumps({"settings": settings, "examples": examples}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------- AutoAttack and classes
@@ -186,7 +187,8 @@ def attacks_not_runnable(attacks: list[str] | tuple[str, ...], num_classes: int)
     reasons = {}
     for attack in attacks:
         if attack not in AUTOATTACK_MIN_CLASSES:
-            reasons[attack] = f"{attack} is not an AutoAttack standard attack; allowed: {', '.join(AUTOATTACK_STANDARD)}"
+            allowed = ", ".join(AUTOATTACK_STANDARD)
+            reasons[attack] = f"{attack} is not an AutoAttack standard attack; allowed: {allowed}"
             continue
         need, why = AUTOATTACK_MIN_CLASSES[attack]
         if num_classes < need:
@@ -234,7 +236,8 @@ def autoattack_survivors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, att
     adversary = AutoAttack(model, eps=eps, norm=_AUTOATTACK_NORMS[norm], version="standard", seed=seed,
                            device=x.device)
     adversary.attacks_to_run = [attack]
-    adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = autoattack_target_classes(num_classes)
+    targets = autoattack_target_classes(num_classes)
+    adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = targets
     cuda_devices = [x.device.index or 0] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
         _, predictions = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
@@ -260,7 +263,7 @@ def zero_gradient_mask(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch
     A gradient attack cannot move such a point (pyautoattack's checks.check_zero_gradients warns on any).
     Saturated softmax does this: logits scaled by 1e4 keep every prediction but make p_y == 1.0 in fp32.
     """
-    zero = []
+    zero = [torch.zeros(0, dtype=torch.bool, device=x.device)]  # no examples: no zero gradients
     for i in range(0, len(y), batch_size):
         xb = x[i:i + batch_size].detach().clone().requires_grad_(True)
         with torch.enable_grad():
@@ -312,8 +315,9 @@ def masking_flags(entry: dict[str, Any], settings: dict[str, Any]) -> list[str]:
         ran = list(autoattack)
         before = entry["clean_acc"] if ran.index("square") == 0 else autoattack[ran[ran.index("square") - 1]]["acc"]
         if before - autoattack["square"]["acc"] > SQUARE_GAIN:
-            flags.append(f"the black-box Square attack lowered accuracy by {before - autoattack['square']['acc']:.2%}"
-                         f" after the white-box attacks (above {SQUARE_GAIN:.1%}, pyautoattack check_square_sr)")
+            gain = before - autoattack["square"]["acc"]
+            flags.append(f"the black-box Square attack lowered accuracy by {gain:.2%} after the white-box attacks "
+                         f"(above {SQUARE_GAIN:.1%}, pyautoattack check_square_sr)")
     if entry.get("aa_acc") is not None:
         for name, acc in (("PGD-10", entry["pgd10_acc"]), (pgd_name, entry["pgd_acc"])):
             if entry["aa_acc"] > acc:
@@ -395,13 +399,15 @@ class Progress:
     """Start, periodic and end lines for one attack: examples done, elapsed time and an ETA from the rate so far.
 
     `update(done, total)` logs at most every `interval_s` seconds; the ETA assumes the remaining examples cost
-    what the done ones did (for PGD restarts `total` counts every example in every restart: an upper bound).
+    what the done ones did (for PGD restarts `total` counts every example in every restart: an upper bound, so
+    the ETA is one too).
     """
 
-    def __init__(self, log: Callable[[str], None], what: str, total: int, interval_s: float) -> None:
-        self.log, self.what, self.interval_s = log, what, interval_s
+    def __init__(self, log: Callable[[str], None], what: str, total: int, interval_s: float,
+                 unit: str = "examples") -> None:
+        self.log, self.what, self.interval_s, self.unit = log, what, interval_s, unit
         self.started = self.last = time.perf_counter()
-        log(f"{what}: started on {total} examples")
+        log(f"{what}: started on {total} {unit}")
 
     def update(self, done: int, total: int) -> None:
         now = time.perf_counter()
@@ -410,7 +416,7 @@ class Progress:
         self.last = now
         elapsed = now - self.started
         log_eta = _duration(elapsed / done * max(total - done, 0))
-        self.log(f"{self.what}: {done}/{total} examples, {_duration(elapsed)} elapsed, ETA {log_eta}")
+        self.log(f"{self.what}: {done}/{total} {self.unit}, {_duration(elapsed)} elapsed, ETA {log_eta}")
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -487,7 +493,8 @@ def evaluate_checkpoint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sett
             steps, step_size, restarts = ((PGD10_STEPS, settings["pgd10_step_size"], 1) if metric == "pgd10" else
                                           (settings["pgd_steps"], settings["pgd_step_size"], settings["pgd_restarts"]))
             generator = torch.Generator(device=x.device).manual_seed(settings["attack_seed"])
-            progress = Progress(log, f"{label} {metric}", n * restarts, interval_s)
+            unit = "examples" if restarts == 1 else "examples x restarts (at most: restarts attack survivors)"
+            progress = Progress(log, f"{label} {metric}", n * restarts, interval_s, unit)
             robust = robust_mask(model, x, y, eps, step_size, steps, norm, restarts, batch_size, generator,
                                  on_batch=progress.update)
         elif settings["autoattack"] == "none" or not settings["autoattack_attacks"]:
@@ -697,8 +704,9 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
     aa = settings["aa_label"] or "AA"
     log(f"wrote {out}: " + "; ".join(
         f"{name} clean {c['clean_acc']:.2%} PGD-10 {c['pgd10_acc']:.2%} PGD-{settings['pgd_steps']}x"
-        f"{settings['pgd_restarts']} {c['pgd_acc']:.2%} {aa} " + ("—" if c["aa_acc"] is None else f"{c['aa_acc']:.2%}")
-        + f" worst case {c['worst_case_acc']:.2%}" for name, c in checkpoints.items()))
+        f"{settings['pgd_restarts']} {c['pgd_acc']:.2%} {aa} "
+        + ("—" if c["aa_acc"] is None else f"{c['aa_acc']:.2%}") + f" worst case {c['worst_case_acc']:.2%}"
+        for name, c in checkpoints.items()))
     return 0
 
 

@@ -122,7 +122,8 @@ def test_npz_missing_key(tmp_path):
 def test_npz_wrong_dtypes(tmp_path):
     x, y = np.zeros((4, 2, 2, 3), dtype=np.uint8), np.array([0, 1, 0, 1])
     name = _write_npz(tmp_path / "floats.npz", train_x=x.astype(np.float32), train_y=y, test_x=x, test_y=y)
-    with pytest.raises(ValueError, match=r"floats\.npz: train_x has dtype float32; expected uint8 \(N, H, W, C\)"):
+    with pytest.raises(ValueError,
+                       match=r"floats\.npz: train_x has dtype float32; expected uint8 \(N, H, W, C\)"):
         load_dataset(name)
     name = _write_npz(tmp_path / "float_labels.npz", train_x=x, train_y=y, test_x=x, test_y=y.astype(float))
     with pytest.raises(ValueError, match=r"float_labels\.npz: test_y has dtype float64 .* expected integer labels"):
@@ -165,7 +166,8 @@ def test_npz_channel_last_single_channel_is_accepted(tmp_path):
 
 
 @pytest.mark.parametrize("arrays, message", [
-    ({"train_y": np.array([0, 1, 2, 3, 0, 1, 2, -1])}, r"train_y has negative labels \(min -1\); expected labels 0..K-1"),
+    ({"train_y": np.array([0, 1, 2, 3, 0, 1, 2, -1])},
+     r"train_y has negative labels \(min -1\); expected labels 0..K-1"),
     ({"train_y": np.arange(7) % 4}, r"train_y has dtype int64 and shape \(7,\); expected integer labels 0..K-1 "
                                     r"of shape \(8,\), one per image"),
     ({"test_y": np.array([0, 1, 2, 7])}, r"test_y has label\(s\) \[7\] that train_y never uses; expected test "
