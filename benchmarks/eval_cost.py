@@ -119,7 +119,7 @@ def run_case(case: str, args: argparse.Namespace) -> list[dict]:
               "device": env["device"], "device_name": env["device_name"], "cpu_threads": env["cpu_threads"],
               "torch": env["torch"], "autoattack": pyautoattack.__version__,
               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "command": " ".join([sys.executable, *sys.argv])}
+              "command": " ".join(["python -m benchmarks.eval_cost", *sys.argv[1:]])}
     lines = []
     for batch_size in args.batch_sizes:
         for attack in args.attacks:
