@@ -1,7 +1,7 @@
-"""Cost of `python -m deat evaluate`: seconds per 1,000 test examples for PGD-50x10 and AutoAttack standard.
+"""Cost of `python -m deat evaluate`: seconds per 1,000 test examples for each attack, at several batch sizes.
 
-    python -m benchmarks.eval_cost           # from the repository root: the CPU case, plus the GPU case with CUDA
-    python -m benchmarks.eval_cost --cases cpu --cpu-examples 64
+    python -m benchmarks.eval_cost                    # from the repository root: the CPU case, plus CUDA if present
+    OMP_NUM_THREADS=1 python -m benchmarks.eval_cost --cases cpu --cpu-examples 32 --batch-sizes 8 32
 
 Cases (each trains its model briefly with deat.train first, in a temporary directory):
 - cpu: the quick study's model, small_cnn on mnist5k at eps 0.1, one epoch of PGD-5 training (lr 0.05): enough
@@ -10,30 +10,40 @@ Cases (each trains its model briefly with deat.train first, in a temporary direc
 - cuda: preact_resnet18 on ../shared/data/cifar10_small.npz or --cifar-small (random CIFAR-shaped data where it is
   absent, on which AutoAttack finds nothing robust and costs little), eps 8/255, 10 epochs of PGD-10 training.
 
-Evaluation goes through deat.evaluate.main (fp32, batch 500, step eps/4 for PGD-50, 10 restarts). One JSON line per
-(case, attack): seconds, seconds per 1,000 examples, accuracies before and after, and for AutoAttack each attack's
-seconds. AutoAttack's per-iteration overhead does not shrink with n, so on the CPU a small n overstates the cost per
-1,000 examples; the accuracies say how many examples survived to the expensive attacks.
+For every batch size, one JSON line per attack, each attack run ALONE on the same n test examples (the AutoAttack
+attacks on the clean-correct ones, with evaluate's settings: standard's, K - 1 targets below 10 classes):
+clean, pgd10 (PGD-10), pgd (PGD-50 x 10 restarts, step eps/4), apgd-ce, apgd-t, fab-t, square; then
+`autoattack_standard`, the four attacks as evaluate runs them (each on the previous one's survivors), whose time
+is what one checkpoint's AutoAttack costs. Keys: seconds, s_per_1000_examples (seconds x 1000 / n, n the examples
+evaluated, not only those attacked), acc (robust accuracy after the attack, over n), attacked (examples the attack
+ran on), peak_memory_mib (CUDA: torch.cuda.max_memory_allocated during the attack; null on a CPU, where it is
+not measured), and the device, torch version, date and command. The cost of an attack depends on how many
+examples survive into it, so compare batch sizes within one case, and mind that small n overstates
+AutoAttack's per-call overheads.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from deat import evaluate
+from deat.attacks import robust_mask
 from deat.config import TrainConfig
+from deat.data import load_dataset
 from deat.train import environment, train
 
 CIFAR_SMALL = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10_small.npz"
+ATTACKS = ("clean", "pgd10", "pgd", *evaluate.AUTOATTACK_STANDARD, "autoattack_standard")
+PGD_STEPS, PGD_RESTARTS = 50, 10
 
 
 def _random_cifar_npz(path: Path) -> Path:
@@ -60,37 +70,72 @@ def _case_config(case: str, workdir: Path, args: argparse.Namespace) -> tuple[di
             "cifar10_small" if data == cifar_small else "random CIFAR-shaped", args.cuda_examples)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _robust_after(attack: str, model, x, y, eps: float, batch_size: int,
+                  num_classes: int) -> tuple[torch.Tensor, int]:
+    """(N,) bool robust after `attack` alone (or standard AutoAttack's cascade), and how many examples it attacked."""
+    with torch.no_grad():
+        correct = torch.cat([model(xb).argmax(1) == yb for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
+    if attack == "clean":
+        return correct, len(y)
+    if attack in ("pgd10", "pgd"):
+        steps, restarts = (evaluate.PGD10_STEPS, 1) if attack == "pgd10" else (PGD_STEPS, PGD_RESTARTS)
+        generator = torch.Generator(device=x.device).manual_seed(evaluate.ATTACK_SEED)
+        return robust_mask(model, x, y, eps, eps / 4, steps, "linf", restarts, batch_size, generator), len(y)
+    chain = evaluate.AUTOATTACK_STANDARD if attack == "autoattack_standard" else (attack,)
+    robust = correct.clone()
+    for name in chain:
+        index = robust.nonzero().squeeze(1)
+        if len(index) == 0:
+            break
+        survived = [evaluate.autoattack_survivors(model, x[i], y[i], name, eps, "linf", batch_size,
+                                                  num_classes=num_classes)
+                    for i in index.split(batch_size)]
+        robust[index] = torch.cat(survived)
+    return robust, int(correct.sum())
+
+
 def run_case(case: str, args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         options, data_name, n = _case_config(case, workdir, args)
         run_dir = workdir / "run"
         train(TrainConfig.from_dict({**options, "out": str(run_dir)}), log=lambda line: None)
-        out = workdir / "eval.json"
-        eval_args = evaluate.get_args_parser().parse_args(
-            ["--run-dir", str(run_dir), "--out", str(out), "--checkpoints", "last", "--device", options["device"],
-             "--n-examples", str(n), "--pgd-steps", "50", "--pgd-restarts", "10", "--autoattack", "standard"])
-        with contextlib.redirect_stdout(sys.stderr):  # progress lines to stderr: stdout carries only JSON
-            evaluate.main(eval_args)
-        result = json.loads(out.read_text())
-    entry = result["checkpoints"]["last"]
-    common = {"case": case, "model": options["arch"], "data": data_name, "eps": options["eps"],
-              "training": {k: options[k] for k in ("method", "epochs", "pgd_steps", "lr")}, "n_examples": n,
-              "clean_acc": entry["clean_acc"]}
-    env = environment(torch.device(options["device"]))
-    stamp = {"device": env["device"], "device_name": env["device_name"], "cpu_threads": env["cpu_threads"],
-             "torch": env["torch"], "autoattack": result["versions"]["autoattack"],
-             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-             "command": " ".join([sys.executable, *sys.argv])}
+        device = torch.device(options["device"])
+        model, ckpt = evaluate.load_run_model(run_dir / "last.pt", device)
+        data = load_dataset(options["dataset"], "data", options["val_size"])
+    index = evaluate.select_examples(len(data.test_y), n, seed=0)
+    x, y = (data.test_x[index].float() / 255).to(device), data.test_y[index].to(device)
+    num_classes, eps = ckpt["model_spec"]["num_classes"], options["eps"]
+    env = environment(device)
+    import pyautoattack
+
+    common = {"case": case, "model": options["arch"], "data": data_name, "eps": eps, "n_examples": n,
+              "training": {k: options[k] for k in ("method", "epochs", "pgd_steps", "lr")},
+              "device": env["device"], "device_name": env["device_name"], "cpu_threads": env["cpu_threads"],
+              "torch": env["torch"], "autoattack": pyautoattack.__version__,
+              "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "command": " ".join(["python -m benchmarks.eval_cost", *sys.argv[1:]])}
     lines = []
-    for attack, key, name in (("pgd", "pgd_acc", "pgd50x10"), ("aa", "aa_acc", "autoattack_standard")):
-        seconds = entry["wall_time_s"][attack]
-        line = {**common, "attack": name, "acc": entry[key], "seconds": round(seconds, 2),
-                "s_per_1000_examples": round(seconds * 1000 / n, 1)}
-        if attack == "aa":
-            line["per_attack"] = {a: {"acc_after": v["acc"], "seconds": round(v["wall_time_s"], 2)}
-                                  for a, v in entry["autoattack"].items()}
-        lines.append({**line, **stamp})
+    for batch_size in args.batch_sizes:
+        for attack in args.attacks:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            started = time.perf_counter()
+            robust, attacked = _robust_after(attack, model, x, y, eps, batch_size, num_classes)
+            _sync(device)
+            seconds = time.perf_counter() - started
+            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+            line = {**common, "attack": attack, "batch_size": batch_size, "seconds": round(seconds, 3),
+                    "s_per_1000_examples": round(seconds * 1000 / n, 2), "acc": robust.sum().item() / n,
+                    "attacked": attacked, "peak_memory_mib": None if peak is None else round(peak, 1)}
+            print(json.dumps(line), flush=True)
+            lines.append(line)
     return lines
 
 
@@ -103,13 +148,18 @@ def main() -> int:
                         "(default: 1000, all of cifar10_small's test set)")
     parser.add_argument("--cuda-epochs", type=int, default=10, help="PGD-10 training epochs of the cuda case's "
                         "model (default: 10)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[100, 250, 500],
+                        help="evaluation batch sizes to time (default: 100 250 500)")
+    parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS),
+                        help="attacks to time (default: all)")
     parser.add_argument("--cifar-small", default=str(CIFAR_SMALL), help=f"cifar10_small.npz for the cuda case "
                         f"(default: {CIFAR_SMALL}; random data where absent)")
     args = parser.parse_args()
+    if min(args.batch_sizes) < 1:
+        parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
     cases = args.cases or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     for case in cases:
-        for line in run_case(case, args):
-            print(json.dumps(line), flush=True)
+        run_case(case, args)
     return 0
 
 

@@ -17,6 +17,8 @@ The start is then clipped to [0, 1]. Restart r of `pgd(..., restarts=R)` therefo
 of R successive `pgd(..., restarts=1)` calls on the same generator would.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -84,11 +86,17 @@ def _per_example_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) 
 
 
 def _pgd_from(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, eps: float,
-              alpha: float, steps: int, norm: str) -> torch.Tensor:
+              alpha: float, steps: int, norm: str, ever_wrong: torch.Tensor | None = None) -> torch.Tensor:
+    """`steps` PGD steps from x_adv. With `ever_wrong` ((B,) bool), also marks in place every example that some
+    iterate before the last one (the start included) misclassifies: the step's forward pass computes those
+    logits anyway. The last iterate is left to the caller, which classifies it."""
     for _ in range(steps):
         x_adv = x_adv.detach().requires_grad_(True)
+        logits = model(x_adv).float()
+        if ever_wrong is not None:
+            ever_wrong |= logits.detach().argmax(dim=1) != y
         # Summed, not averaged, loss: each example's gradient is then independent of the batch size.
-        loss = _per_example_loss(model, x_adv, y).sum()
+        loss = F.cross_entropy(logits, y, reduction="none").sum()
         (grad,) = torch.autograd.grad(loss, x_adv)
         delta = _project(x_adv.detach() - x + alpha * _ascent_direction(grad, norm), eps, norm)
         # Clipping a point of the ball to the box keeps it in the ball, as x itself lies in the box.
@@ -149,24 +157,46 @@ def clean_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bat
 
 
 @torch.no_grad()
-def robust_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
-                    steps: int, norm: str = "linf", restarts: int = 1, batch_size: int = 500,
-                    generator: torch.Generator | None = None) -> float:
-    """Fraction of x classified correctly under every one of `restarts` randomly started PGD attacks.
+def robust_mask(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
+                norm: str = "linf", restarts: int = 1, batch_size: int = 500,
+                generator: torch.Generator | None = None,
+                on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """(N,) bool: which examples of x stay correctly classified at every iterate of every PGD restart.
 
-    An example counts as broken if it is misclassified clean or if ANY restart misclassifies it, so each restart
-    attacks only the examples still robust (as AutoAttack does), and more restarts never raise the accuracy.
-    Restarts form the outer loop, batches the inner one: the first restart then draws the same random starts
-    whatever `restarts` is, so with a fixed generator seed restarts=R is never above restarts=1.
+    The standard rule of AutoAttack (Croce & Hein, ICML 2020): an example is broken if it is misclassified clean
+    or at ANY point the attack evaluates, i.e. the random start and every iterate of any of the `restarts`
+    randomly started PGD runs, not just the last iterate of each. Each restart attacks only the examples still
+    robust, so more restarts never raise the accuracy. Restarts form the outer loop, batches the inner one: the
+    first restart then draws the same random starts whatever `restarts` is, so with a fixed generator seed
+    restarts=R is never above restarts=1. The iterates are exactly those of `pgd` (same random numbers), whose
+    output (the last iterate) training uses unchanged. `on_batch(done, total)` is called after each batch with
+    the examples attacked so far and the most there can be (N x restarts).
     x and y on model's device. Leaves the model mode alone.
     """
     _check_batch_size(batch_size)
     _check_attack_args(x, y, eps, alpha, steps, norm, True, restarts, generator)
     robust = _correct(model, x, y, batch_size)
+    done, total = 0, x.shape[0] * restarts
+    if steps == 0 or eps == 0:
+        return robust
     for _ in range(restarts):
         still_robust = robust.nonzero().squeeze(1)
         for i in range(0, still_robust.numel(), batch_size):
             index = still_robust[i:i + batch_size]
-            x_adv = pgd(model, x[index], y[index], eps, alpha, steps, norm, generator=generator)
-            robust[index] = model(x_adv).argmax(dim=1) == y[index]
-    return robust.float().mean().item()
+            xb, yb = x[index].clamp(0, 1), y[index]
+            ever_wrong = torch.zeros_like(yb, dtype=torch.bool)
+            with torch.enable_grad():
+                x_adv = _pgd_from(model, xb, yb, _random_start(xb, eps, norm, generator), eps, alpha, steps, norm,
+                                  ever_wrong)
+            robust[index] = ~ever_wrong & (model(x_adv).argmax(dim=1) == yb)
+            done += len(index)
+            if on_batch is not None:
+                on_batch(done, total)
+    return robust
+
+
+def robust_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
+                    steps: int, norm: str = "linf", restarts: int = 1, batch_size: int = 500,
+                    generator: torch.Generator | None = None) -> float:
+    """Fraction of x that `robust_mask` leaves robust: correctly classified at every iterate of every restart."""
+    return robust_mask(model, x, y, eps, alpha, steps, norm, restarts, batch_size, generator).float().mean().item()

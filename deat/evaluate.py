@@ -3,16 +3,29 @@
     python -m deat evaluate --run-dir results/runs/example                 # every test image, the run's eps
     python -m deat evaluate --run-dir RUN --n-examples 200 --autoattack-attacks apgd-ce   # a quick look
 
-Metrics per checkpoint, fractions in [0, 1] of the same fixed test examples:
+Metrics per checkpoint, fractions in [0, 1] of the same fixed test examples. Every robust accuracy follows
+AutoAttack's rule (Croce & Hein, ICML 2020): an example is robust only if it is classified correctly clean and at
+every point an attack evaluates, i.e. every iterate of every restart, not just the last one.
 - clean_acc: no attack.
 - pgd10_acc: PGD-10 with one random start, step 2.5·ε/10 (2/255 at ε = 8/255): the paper's evaluation.
 - pgd_acc: PGD-k with R random restarts (default k = 50, R = 10), step ε/4 (2/255 at 8/255): the PGD-10 step
   taken 5× as often, so the attack can cross the ball several times; Madry et al.'s 2.5·ε/k would shrink it to
   0.4/255 and make PGD-50 little stronger than PGD-10. An example is robust only if no restart breaks it.
-- aa_acc: AutoAttack "standard" (Croce & Hein, ICML 2020: APGD-CE, APGD-T, FAB-T, Square) through the
-  reference package pyautoattack 0.2.0 with its standard settings. Like AutoAttack itself we run one attack at a
-  time on the examples that every earlier attack left correctly classified; `--autoattack-attacks` keeps a subset
-  (standard's settings and order), for quick tests. eval.json records the accuracy after each attack.
+- aa_acc: AutoAttack "standard" (APGD-CE, APGD-T, FAB-T, Square) through the reference package pyautoattack
+  0.2.0 with its standard settings, except that the targeted attacks use min(9, K - 1) target classes on a
+  K-class dataset (AutoAttack's 9 assume K >= 10). Like AutoAttack itself we run one attack at a time on the
+  examples that every earlier attack left correctly classified; `--autoattack-attacks` keeps a subset (standard's
+  settings and order). eval.json records the accuracy after each attack, and `settings["aa_label"]` names what
+  ran: "AutoAttack (standard)" for all four attacks, else the attacks joined ("APGD-CE + APGD-T").
+  An attack the dataset cannot support is skipped, never a crash after training: APGD-T needs K >= 4
+  (`check_attacks` gives the reasons; the workflow can call it before any job starts); the reason goes to
+  `checkpoints[c]["skipped_attacks"]` and a printed line.
+- worst_case_acc: the per-example worst case over every attack run (clean, PGD-10, PGD-k×R, each AutoAttack
+  attack): the fraction of examples that none of them broke. Never above any single accuracy.
+
+Gradient masking: `masking_flags` looks for its signatures (thresholds and sources in its docstring); each one
+found is a line in `checkpoints[c]["masking_flags"]`, printed as a WARNING and logged to MLflow as
+eval/<checkpoint>/masking_flagged = 1 (0 when none).
 
 Examples: the first n of torch.randperm(N_test) drawn with seed `--example-seed`, sorted, the rule train.py
 uses for its per-epoch test subset (so with seed 0 and n = eval_examples both see the same images); eval.json
@@ -22,6 +35,18 @@ can be recomputed alone (on the same device) and a resumed evaluation equals an 
 ε = 0 admits no perturbation: every attack then returns the clean accuracy by definition, and AutoAttack is not
 run (its Square attack would spend 5,000 queries per example finding nothing).
 Models are evaluated in fp32 with BatchNorm in eval mode, whatever precision they were trained in.
+
+Batch size and memory: `--batch-size` (default 500) examples go through each attack at once, AutoAttack's
+attacks included. Memory grows linearly with it: a batch holds the model's activations for a forward and a
+backward pass (PGD, APGD, Square: one input gradient; FAB-T: the gradients of two logits) plus a few copies of
+the batch's images; docs/benchmarks.md has measured times per batch size.
+
+Cost: a checkpoint is attacked once per content: its weights' sha256 (`weights_sha256`) keys the result, so when
+best.pt and last.pt hold the same weights the second reuses the first's result (`reused_from`: "best"). Each
+finished checkpoint result is also kept in eval_cache/<weights sha256>_<settings sha256>.json beside the output;
+a rerun whose output file was deleted rebuilds it from there in seconds (`reused_from`: that file's name).
+Progress lines: each attack's start and end with its time, and every `--log-interval-s` seconds (default 30) the
+examples done with an ETA for that attack.
 
 Resume: after each finished (checkpoint, attack) pair, and after each attack inside AutoAttack (with the mask of
 still-robust examples), progress goes to a partial file beside the output (eval.json -> eval.partial.json); a
@@ -36,6 +61,7 @@ sign of gradient masking, a randomized model or a bug) a WARNING line is printed
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import platform
@@ -46,10 +72,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .attacks import NORMS, clean_accuracy, robust_accuracy
+from .attacks import NORMS, clean_accuracy, robust_mask
 from .checkpoint import load_checkpoint, write_json
 from .config import parse_number
 from .data import load_dataset
@@ -58,11 +85,27 @@ from .train import environment, resolve_device
 
 CHECKPOINTS = ("best", "last")
 AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")  # the order AutoAttack runs them in
+AUTOATTACK_NAMES = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}
+# Fewest classes each attack of pyautoattack 0.2.0 can run on, and why. APGD-T's targeted DLR loss divides by
+# z_max - (z_3rd + z_4th) / 2 (autopgd_base.dlr_loss_targeted; checks.check_n_classes refuses K <= 3); the others
+# need only a correct class and one other: APGD-CE a cross-entropy, FAB-T and Square the margin to another class.
+AUTOATTACK_MIN_CLASSES = {
+    "apgd-ce": (2, "its cross-entropy needs a second class"),
+    "apgd-t": (4, "its targeted DLR loss uses the 3rd and 4th largest logits"),
+    "fab-t": (2, "it needs a target class"),
+    "square": (2, "its margin loss needs a second class"),
+}
+AUTOATTACK_TARGETS = 9  # standard's target classes for APGD-T and FAB-T, meant for K >= 10
 METRICS = ("clean", "pgd10", "pgd", "aa")  # computed in this order, each saved before the next starts
 PGD10_STEPS = 10
 ATTACK_SEED = 0
+ROBUST_RULE = "an example is robust only if no iterate of any restart of any attack misclassifies it"
 _AUTOATTACK_NORMS = {"linf": "Linf", "l2": "L2"}
 
+# Gradient-masking thresholds (see masking_flags).
+CE_VS_OTHERS_GAP = 0.10  # Croce & Hein 2020: AutoAttack's margin/targeted attacks often lowered reported robust
+#                          accuracy "by more than 10%", the mark of a broken, CE-only evaluation
+SQUARE_GAIN = 0.002  # pyautoattack checks.check_square_sr: a black-box attack gaining 0.2 points is suspicious
 
 # ------------------------------------------------------------------------------------------- building blocks
 
@@ -110,20 +153,91 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+
+def weights_sha256(ckpt: dict[str, Any]) -> str:
+    """sha256 of what a checkpoint's predictions depend on: its model_spec and every tensor of its state dict.
+
+    Unlike the file's hash it ignores the epoch, optimizer state and metrics, so best.pt and last.pt that hold
+    the same weights (training never improved after that epoch) hash alike.
+    """
+    digest = hashlib.sha256(json.dumps(ckpt["model_spec"], sort_keys=True).encode())
+    for key in sorted(ckpt["model"]):
+        tensor = ckpt["model"][key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def settings_sha256(settings: dict[str, Any], examples: dict[str, Any]) -> str:
+    """sha256 of the settings and the example record as canonical JSON: together they fix every result."""
+    canonical = json.dumps({"settings": settings, "examples": examples}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------- AutoAttack and classes
+
+def autoattack_target_classes(num_classes: int) -> int:
+    """Target classes of APGD-T and FAB-T on a num_classes dataset: standard's 9, or every other class if fewer."""
+    return min(AUTOATTACK_TARGETS, num_classes - 1)
+
+
+def attacks_not_runnable(attacks: list[str] | tuple[str, ...], num_classes: int) -> dict[str, str]:
+    """{attack: one-line reason} for each of `attacks` that cannot run on a num_classes dataset (see
+    AUTOATTACK_MIN_CLASSES); unknown names get a reason too. Empty when all can run."""
+    reasons = {}
+    for attack in attacks:
+        if attack not in AUTOATTACK_MIN_CLASSES:
+            allowed = ", ".join(AUTOATTACK_STANDARD)
+            reasons[attack] = f"{attack} is not an AutoAttack standard attack; allowed: {allowed}"
+            continue
+        need, why = AUTOATTACK_MIN_CLASSES[attack]
+        if num_classes < need:
+            reasons[attack] = (f"{AUTOATTACK_NAMES[attack]} needs at least {need} classes ({why}); the dataset "
+                               f"has {num_classes}")
+    return reasons
+
+
+def check_attacks(attacks: list[str] | tuple[str, ...], num_classes: int) -> list[str]:
+    """Reasons, one line each, why some of `attacks` (AutoAttack attack names) cannot run on num_classes classes.
+
+    For refusing a study before any job starts: an empty list means every attack can run. evaluate itself skips
+    such attacks and records the reasons instead of failing.
+    """
+    return list(attacks_not_runnable(attacks, num_classes).values())
+
+
+def aa_label(attacks: list[str] | tuple[str, ...]) -> str | None:
+    """The name of what AutoAttack ran: "AutoAttack (standard)" for all four standard attacks in order, otherwise
+    the attacks joined ("APGD-CE + APGD-T"); None when none ran."""
+    if tuple(attacks) == AUTOATTACK_STANDARD:
+        return "AutoAttack (standard)"
+    return " + ".join(AUTOATTACK_NAMES[a] for a in attacks) or None
+
+
 def autoattack_survivors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, eps: float, norm: str,
-                         batch_size: int, seed: int = ATTACK_SEED) -> torch.Tensor:
+                         batch_size: int, seed: int = ATTACK_SEED, num_classes: int | None = None) -> torch.Tensor:
     """(N,) bool: which of x are still classified correctly after one AutoAttack attack, with standard's settings.
 
-    Runs pyautoattack's own loop (its batching, per-batch reseeding and checks) restricted to `attack`. The
-    attacks reseed torch's global generators; fork_rng restores them afterwards.
+    Runs pyautoattack's own loop (its batching, per-batch reseeding and checks) restricted to `attack`, with
+    autoattack_target_classes(num_classes) target classes (num_classes defaults to the model's output width).
+    Raises ValueError for an attack the class count cannot support. The attacks reseed torch's global
+    generators; fork_rng restores them afterwards.
     """
     from pyautoattack import AutoAttack
 
     if attack not in AUTOATTACK_STANDARD:
         raise ValueError(f"attack must be one of {AUTOATTACK_STANDARD}, got {attack!r}")
+    if num_classes is None:
+        with torch.no_grad():
+            num_classes = model(x[:1]).shape[1]
+    reason = attacks_not_runnable([attack], num_classes).get(attack)
+    if reason is not None:
+        raise ValueError(reason)
     adversary = AutoAttack(model, eps=eps, norm=_AUTOATTACK_NORMS[norm], version="standard", seed=seed,
                            device=x.device)
     adversary.attacks_to_run = [attack]
+    targets = autoattack_target_classes(num_classes)
+    adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = targets
     cuda_devices = [x.device.index or 0] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
         _, predictions = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
@@ -141,10 +255,89 @@ def sanity_warnings(label: str, entry: dict[str, Any], settings: dict[str, Any])
             for key, name in (("pgd10_acc", "PGD-10"), ("pgd_acc", pgd_name)) if entry["aa_acc"] > entry[key]]
 
 
+# --------------------------------------------------------------------------------------- gradient masking
+
+def zero_gradient_mask(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N,) bool: examples whose cross-entropy gradient w.r.t. the input is exactly zero.
+
+    A gradient attack cannot move such a point (pyautoattack's checks.check_zero_gradients warns on any).
+    Saturated softmax does this: logits scaled by 1e4 keep every prediction but make p_y == 1.0 in fp32.
+    """
+    zero = [torch.zeros(0, dtype=torch.bool, device=x.device)]  # no examples: no zero gradients
+    for i in range(0, len(y), batch_size):
+        xb = x[i:i + batch_size].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(xb).float(), y[i:i + batch_size], reduction="sum")
+            (grad,) = torch.autograd.grad(loss, xb)
+        zero.append(grad.flatten(1).abs().sum(dim=1) == 0)
+    return torch.cat(zero)
+
+
+def masking_flags(entry: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """One line per signature of gradient masking (or of an unreliable evaluation) found in a checkpoint's result.
+
+    Signatures and thresholds (AutoAttack: Croce & Hein, ICML 2020, and pyautoattack's checks.py; Carlini et
+    al., "On Evaluating Adversarial Robustness", 2019, §4-5; RobustBench's guidance follows them):
+    1. Zero input gradients: any correctly classified example whose cross-entropy gradient is exactly 0
+       (checks.check_zero_gradients flags any). Reads entry["masking_checks"]["zero_gradient_examples"].
+    2. Cross-entropy attacks far weaker than the margin/targeted ones: the examples that survive every CE-based
+       attack (PGD-10, PGD-k×R, APGD-CE; entry["masking_checks"]["ce_worst_case_acc"]) exceed those that
+       survive every attack (worst_case_acc, which adds APGD-T, FAB-T, Square) by more than CE_VS_OTHERS_GAP =
+       10 points of the examples: the size of the drops by which Croce & Hein found CE-based evaluations "often"
+       overstated robustness. Comparing per-example worst cases, not single accuracies, keeps CE attacks that
+       break different examples from looking weak.
+    3. Square, a black-box attack, breaks more than SQUARE_GAIN = 0.2 % of the examples after the white-box
+       attacks (checks.check_square_sr's alpha = 0.002).
+    4. AutoAttack leaves more examples robust than PGD-10 or PGD-k×R on the same examples (stronger attack,
+       weaker result; any amount).
+    5. More steps and restarts do not help: with k >= 10, PGD-k×R leaves more examples robust than PGD-10 (any
+       amount). With the default step sizes PGD-k's first restart replays PGD-10's iterates and goes on, so
+       this cannot happen by chance.
+    Not checked here: robust accuracy not falling as ε grows needs several evaluations (one per ε).
+    """
+    flags = []
+    n, pgd_name = settings["n_examples"], f"PGD-{settings['pgd_steps']}x{settings['pgd_restarts']}"
+    checks = entry.get("masking_checks") or {}
+    zero, correct = checks.get("zero_gradient_examples"), round(entry["clean_acc"] * n)
+    if zero:
+        flags.append(f"zero input gradient of the cross-entropy at {zero} of {correct} correctly classified "
+                     f"examples: gradient attacks cannot move them (pyautoattack check_zero_gradients)")
+    autoattack = entry.get("autoattack") or {}
+    others = [AUTOATTACK_NAMES[a] for a in autoattack if a != "apgd-ce"]
+    ce_worst, worst = checks.get("ce_worst_case_acc"), entry.get("worst_case_acc")
+    if others and ce_worst is not None and worst is not None and ce_worst - worst > CE_VS_OTHERS_GAP:
+        ce_names = ["PGD-10", f"PGD-{settings['pgd_steps']}x{settings['pgd_restarts']}"] + \
+            (["APGD-CE"] if "apgd-ce" in autoattack else [])
+        flags.append(f"cross-entropy attacks leave far more examples robust than margin/targeted ones: "
+                     f"{ce_worst:.2%} survive {' + '.join(ce_names)}, {worst:.2%} also survive "
+                     f"{' + '.join(others)} (gap above {CE_VS_OTHERS_GAP:.0%})")
+    if "square" in autoattack:
+        ran = list(autoattack)
+        before = entry["clean_acc"] if ran.index("square") == 0 else autoattack[ran[ran.index("square") - 1]]["acc"]
+        if before - autoattack["square"]["acc"] > SQUARE_GAIN:
+            gain = before - autoattack["square"]["acc"]
+            flags.append(f"the black-box Square attack lowered accuracy by {gain:.2%} after the white-box attacks "
+                         f"(above {SQUARE_GAIN:.1%}, pyautoattack check_square_sr)")
+    if entry.get("aa_acc") is not None:
+        for name, acc in (("PGD-10", entry["pgd10_acc"]), (pgd_name, entry["pgd_acc"])):
+            if entry["aa_acc"] > acc:
+                flags.append(f"{aa_label(list(autoattack)) or 'AutoAttack'} {entry['aa_acc']:.2%} above {name} "
+                             f"{acc:.2%} on the same examples")
+    if settings["pgd_steps"] >= PGD10_STEPS and entry["pgd_acc"] > entry["pgd10_acc"]:
+        flags.append(f"more steps and restarts did not help: {pgd_name} {entry['pgd_acc']:.2%} above PGD-10 "
+                     f"{entry['pgd10_acc']:.2%}")
+    return flags
+
+
 # ---------------------------------------------------------------------------------------------- settings
 
-def resolve_settings(args: argparse.Namespace, run_config: dict[str, Any], n_test: int) -> dict[str, Any]:
-    """Every choice that changes a result, explicit (no nulls for defaults), validated."""
+def resolve_settings(args: argparse.Namespace, run_config: dict[str, Any], n_test: int,
+                     num_classes: int | None = None) -> dict[str, Any]:
+    """Every choice that changes a result, explicit (no nulls for defaults), validated.
+
+    num_classes (the model's) decides AutoAttack's target classes and which attacks are skipped; None keeps
+    the standard 9 targets and skips nothing.
+    """
     eps = run_config["eps"] if args.eps is None else args.eps
     norm = run_config["norm"] if args.norm is None else args.norm
     checks = [(eps >= 0, "eps", "a number >= 0"), (norm in NORMS, "norm", f"one of {NORMS}"),
@@ -162,6 +355,9 @@ def resolve_settings(args: argparse.Namespace, run_config: dict[str, Any], n_tes
     unknown = sorted(set(requested) - set(AUTOATTACK_STANDARD))
     if unknown:
         raise ValueError(f"autoattack_attacks: unknown attack(s) {unknown}; allowed: {AUTOATTACK_STANDARD}")
+    requested = [a for a in AUTOATTACK_STANDARD if a in requested]
+    skipped = attacks_not_runnable(requested, num_classes) if num_classes is not None else {}
+    running = [a for a in requested if a not in skipped]
     n_examples = n_test if args.n_examples is None else args.n_examples
     select_examples(n_test, n_examples, args.example_seed)  # validates n_examples against the test set
     return {"dataset": run_config["dataset"], "eps": eps, "norm": norm, "n_examples": n_examples,
@@ -169,7 +365,10 @@ def resolve_settings(args: argparse.Namespace, run_config: dict[str, Any], n_tes
             "pgd10_step_size": 2.5 * eps / PGD10_STEPS if args.pgd10_step_size is None else args.pgd10_step_size,
             "pgd_steps": args.pgd_steps, "pgd_restarts": args.pgd_restarts,
             "pgd_step_size": eps / 4 if args.pgd_step_size is None else args.pgd_step_size,
-            "autoattack": args.autoattack, "autoattack_attacks": [a for a in AUTOATTACK_STANDARD if a in requested],
+            "autoattack": args.autoattack, "autoattack_attacks": running, "autoattack_skipped": skipped,
+            "num_classes": num_classes,
+            "autoattack_target_classes": autoattack_target_classes(num_classes or AUTOATTACK_TARGETS + 1),
+            "aa_label": aa_label(running), "robust_rule": ROBUST_RULE,
             "attack_seed": ATTACK_SEED, "batch_size": args.batch_size, "precision": "fp32"}
 
 
@@ -187,14 +386,40 @@ def _same_json(a: Any, b: Any) -> bool:
 
 # ------------------------------------------------------------------------------------------- evaluation
 
-def _exact_fraction(accuracy: float, n: int) -> float:
-    # attacks.py returns float32 means; k / n in float64 is the value they round (exact for n far below 2^23).
-    return round(accuracy * n) / n
-
-
 def _progress_line(label: str, what: str, acc: float, n_examples: int, seconds: float) -> str:
     rate = f"{n_examples / seconds:.1f}" if seconds > 0 else "—"
     return f"{label} {what}: acc {acc:.2%} on {n_examples} examples, {seconds:.1f} s, {rate} examples/s"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+class Progress:
+    """Start, periodic and end lines for one attack: examples done, elapsed time and an ETA from the rate so far.
+
+    `update(done, total)` logs at most every `interval_s` seconds; the ETA assumes the remaining examples cost
+    what the done ones did (for PGD restarts `total` counts every example in every restart: an upper bound, so
+    the ETA is one too).
+    """
+
+    def __init__(self, log: Callable[[str], None], what: str, total: int, interval_s: float,
+                 unit: str = "examples") -> None:
+        self.log, self.what, self.interval_s, self.unit = log, what, interval_s, unit
+        self.started = self.last = time.perf_counter()
+        log(f"{what}: started on {total} {unit}")
+
+    def update(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.interval_s or done <= 0:
+            return
+        self.last = now
+        elapsed = now - self.started
+        log_eta = _duration(elapsed / done * max(total - done, 0))
+        self.log(f"{self.what}: {done}/{total} {self.unit}, {_duration(elapsed)} elapsed, ETA {log_eta}")
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
 
 @torch.no_grad()
@@ -204,28 +429,35 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
                       for i in range(0, len(y), batch_size)])
 
 
-def _run_autoattack(model, x, y, settings, entry, label, save, log) -> None:
+def _run_autoattack(model, x, y, settings, entry, label, save, log, interval_s) -> None:
     """AutoAttack's attacks one at a time on the still-robust examples; progress saved after each attack.
 
     entry["autoattack"] maps each finished attack to the accuracy after it and its seconds; entry["aa_robust"]
-    holds the positions (in x) still robust, the state a resumed run starts from.
+    holds the positions (in x) still robust, the state a resumed run starts from. Each attack goes through
+    pyautoattack one batch of `batch_size` examples at a time (what its own loop does, with the same per-batch
+    seed, so the result is the same) so that progress lines can report the examples done.
     """
     done = entry.setdefault("autoattack", {})
     if "aa_robust" not in entry:
         entry["aa_robust"] = _correct(model, x, y, settings["batch_size"]).nonzero().squeeze(1).tolist()
+    batch_size, num_classes = settings["batch_size"], settings.get("num_classes")
     for attack in settings["autoattack_attacks"]:
         if attack in done:
             log(f"{label} aa/{attack}: done earlier, acc {done[attack]['acc']:.2%}")
             continue
         attacked = torch.tensor(entry["aa_robust"], dtype=torch.long, device=x.device)
-        started = time.perf_counter()
-        robust = attacked
-        if len(attacked) > 0 and settings["eps"] > 0:
-            survivors = autoattack_survivors(model, x[attacked], y[attacked], attack, settings["eps"],
-                                             settings["norm"], settings["batch_size"], settings["attack_seed"])
-            robust = attacked[survivors]
-        seconds = time.perf_counter() - started
-        entry["aa_robust"] = robust.tolist()
+        progress = Progress(log, f"{label} aa/{attack}", len(attacked), interval_s)
+        survived = []
+        if settings["eps"] > 0:
+            for i in range(0, len(attacked), batch_size):
+                index = attacked[i:i + batch_size]
+                survived.append(autoattack_survivors(model, x[index], y[index], attack, settings["eps"],
+                                                     settings["norm"], batch_size, settings["attack_seed"],
+                                                     num_classes))
+                progress.update(i + len(index), len(attacked))
+        robust = attacked[torch.cat(survived)] if survived else attacked
+        seconds = progress.elapsed()
+        entry["aa_robust"] = entry["robust_positions"][f"aa/{attack}"] = robust.tolist()
         done[attack] = {"acc": len(robust) / len(y), "wall_time_s": seconds}
         save()
         log(_progress_line(label, f"aa/{attack}", len(robust) / len(y), len(attacked), seconds))
@@ -233,13 +465,19 @@ def _run_autoattack(model, x, y, settings, entry, label, save, log) -> None:
 
 def evaluate_checkpoint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: dict[str, Any],
                         entry: dict[str, Any], label: str, save: Callable[[], None],
-                        log: Callable[[str], None]) -> None:
-    """Fill entry[f"{metric}_acc"] and entry["wall_time_s"][metric] for each metric not already there.
+                        log: Callable[[str], None], interval_s: float = 30.0) -> None:
+    """Fill entry[f"{metric}_acc"] and entry["wall_time_s"][metric] for each metric not already there, then
+    entry["worst_case_acc"], entry["skipped_attacks"] and entry["masking_flags"].
 
     `entry` is this checkpoint's part of the progress record; `save()` persists it after every finished step.
+    entry["robust_positions"][metric] keeps which examples each metric left robust (for the worst case).
     """
     times = entry.setdefault("wall_time_s", {})
+    positions = entry.setdefault("robust_positions", {})
     n, batch_size, eps, norm = len(y), settings["batch_size"], settings["eps"], settings["norm"]
+    entry["skipped_attacks"] = dict(settings.get("autoattack_skipped", {}))
+    for attack, reason in entry["skipped_attacks"].items():
+        log(f"{label} aa/{attack}: skipped: {reason}")
     for metric in METRICS:
         if metric in times:
             acc = entry[f"{metric}_acc"]
@@ -247,26 +485,40 @@ def evaluate_checkpoint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sett
             continue
         started = time.perf_counter()
         if metric == "clean":
-            acc = _exact_fraction(clean_accuracy(model, x, y, batch_size), n)
+            correct = _correct(model, x, y, batch_size)
+            zero = zero_gradient_mask(model, x[correct], y[correct], batch_size)
+            entry["masking_checks"] = {"zero_gradient_examples": int(zero.sum())}
+            robust = correct
         elif metric in ("pgd10", "pgd"):
             steps, step_size, restarts = ((PGD10_STEPS, settings["pgd10_step_size"], 1) if metric == "pgd10" else
                                           (settings["pgd_steps"], settings["pgd_step_size"], settings["pgd_restarts"]))
             generator = torch.Generator(device=x.device).manual_seed(settings["attack_seed"])
-            acc = _exact_fraction(robust_accuracy(model, x, y, eps, step_size, steps, norm, restarts, batch_size,
-                                                  generator), n)
-        elif settings["autoattack"] == "none":
+            unit = "examples" if restarts == 1 else "examples x restarts (at most: restarts attack survivors)"
+            progress = Progress(log, f"{label} {metric}", n * restarts, interval_s, unit)
+            robust = robust_mask(model, x, y, eps, step_size, steps, norm, restarts, batch_size, generator,
+                                 on_batch=progress.update)
+        elif settings["autoattack"] == "none" or not settings["autoattack_attacks"]:
             entry["aa_acc"], times["aa"] = None, None
             save()
             continue
         else:
-            _run_autoattack(model, x, y, settings, entry, label, save, log)
-            acc = len(entry.pop("aa_robust")) / n
+            _run_autoattack(model, x, y, settings, entry, label, save, log, interval_s)
+            robust = torch.zeros(n, dtype=torch.bool, device=x.device)
+            robust[torch.tensor(entry.pop("aa_robust"), dtype=torch.long, device=x.device)] = True
+        positions[metric] = robust.nonzero().squeeze(1).tolist()
+        acc = len(positions[metric]) / n
         seconds = time.perf_counter() - started
         if metric == "aa":  # the sum over attacks, some of which may have run before a resume
             seconds = sum(a["wall_time_s"] for a in entry["autoattack"].values())
         entry[f"{metric}_acc"], times[metric] = acc, seconds
         save()
         log(_progress_line(label, metric, acc, n, seconds))
+    robust_everywhere = set(positions["clean"]).intersection(*positions.values())
+    ce_attacks = [positions[k] for k in ("pgd10", "pgd", "aa/apgd-ce") if k in positions]
+    entry["worst_case_acc"] = len(robust_everywhere) / n
+    entry["masking_checks"]["ce_worst_case_acc"] = len(set(positions["clean"]).intersection(*ce_attacks)) / n
+    entry["masking_flags"] = masking_flags(entry, settings)
+    save()
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -301,7 +553,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--autoattack-attacks", nargs="+", choices=AUTOATTACK_STANDARD, default=None,
                         help="run only these of standard's attacks, with its settings, in its order (default: "
                         "all four)")
-    parser.add_argument("--batch-size", type=int, default=500, help="examples per attack batch (default: 500)")
+    parser.add_argument("--batch-size", type=int, default=500, help="examples per attack batch, for PGD and for "
+                        "every AutoAttack attack; memory grows linearly with it (default: 500)")
+    parser.add_argument("--log-interval-s", type=float, default=30.0, help="seconds between progress lines inside "
+                        "an attack (default: 30)")
     return parser
 
 
@@ -336,6 +591,28 @@ def _load_partial(path: Path, identity: dict[str, Any], log: Callable[[str], Non
     return saved
 
 
+# What a checkpoint's result holds in eval.json; robust_positions stay in the partial file and the cache.
+ENTRY_KEYS = ("epoch", "clean_acc", "pgd10_acc", "pgd_acc", "aa_acc", "worst_case_acc", "autoattack",
+              "skipped_attacks", "masking_flags", "masking_checks", "wall_time_s", "weights_sha256", "reused_from")
+
+
+def cache_path(out: Path, weights_sha: str, settings_sha: str) -> Path:
+    """Where a finished checkpoint result is kept: eval_cache/ beside the output, one file per (weights, settings)."""
+    return out.parent / "eval_cache" / f"{weights_sha[:16]}_{settings_sha[:16]}.json"
+
+
+def _read_cache(path: Path, identity: dict[str, Any], weights_sha: str) -> dict[str, Any] | None:
+    cached = _read_json(path)
+    if (cached is None or cached.get("weights_sha256") != weights_sha
+            or not all(_same_json(cached.get(k), identity[k]) for k in ("settings", "examples"))):
+        return None
+    return cached["entry"]
+
+
+def _finished(entry: dict[str, Any] | None) -> bool:
+    return entry is not None and "masking_flags" in entry  # set last by evaluate_checkpoint
+
+
 def main(args: argparse.Namespace, lease: object | None = None) -> int:
     """Evaluate the run in args.run_dir; writes eval.json and, with args.mlflow, logs eval/<checkpoint>/<metric>.
 
@@ -344,6 +621,9 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
     log = _print_now
     if re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device) is None:
         raise ValueError(f"device={args.device!r} is invalid; expected auto, cpu, cuda or cuda:N")
+    interval_s = getattr(args, "log_interval_s", 30.0)
+    if not interval_s > 0:
+        raise ValueError(f"log_interval_s={interval_s!r} is invalid; expected a number > 0")
     run_dir = Path(args.run_dir)
     out = Path(args.out) if args.out else run_dir / "eval.json"
     progress_path = partial_path(out)
@@ -351,10 +631,11 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
 
     paths = {name: run_dir / f"{name}.pt" for name in args.checkpoints}
     models = {name: load_run_model(path, device) for name, path in paths.items()}
-    run_config = models[args.checkpoints[0]][1]["config"]
+    first_ckpt = models[args.checkpoints[0]][1]
+    run_config = first_ckpt["config"]
     data = load_dataset(run_config["dataset"], args.data_root or run_config["data_root"], run_config["val_size"])
     n_test = len(data.test_y)
-    settings = resolve_settings(args, run_config, n_test)
+    settings = resolve_settings(args, run_config, n_test, first_ckpt["model_spec"]["num_classes"])
     indices = select_examples(n_test, settings["n_examples"], settings["example_seed"])
     x = (data.test_x[indices].float() / 255).to(device)
     y = data.test_y[indices].to(device)
@@ -371,32 +652,60 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
         write_json(progress_path, progress)
 
     log(f"evaluating {run_dir} on {device}: {settings['n_examples']} of {n_test} {settings['dataset']} test "
-        f"images, eps {settings['eps']:.5g} ({settings['eps'] * 255:.3g}/255) {settings['norm']}")
+        f"images, eps {settings['eps']:.5g} ({settings['eps'] * 255:.3g}/255) {settings['norm']}, batch "
+        f"{settings['batch_size']}, AutoAttack: {settings['aa_label'] or 'none'}")
 
-    warnings = []
+    settings_sha = settings_sha256(settings, identity["examples"])
+    warnings, done_by_weights = [], {}
     for name in args.checkpoints:
         model, ckpt = models[name]
-        entry = progress["checkpoints"].setdefault(name, {"epoch": ckpt["epoch"]})
-        evaluate_checkpoint(model, x, y, settings, entry, name, save, log)
+        weights_sha = weights_sha256(ckpt)
+        cached = cache_path(out, weights_sha, settings_sha)
+        entry = progress["checkpoints"].get(name)
+        if not _finished(entry):  # a finished result for the same weights and settings is reused, not redone
+            twin, from_cache = done_by_weights.get(weights_sha), _read_cache(cached, identity, weights_sha)
+            if twin is not None:
+                entry = {**copy.deepcopy(progress["checkpoints"][twin]), "reused_from": twin}
+            elif from_cache is not None:
+                entry = {**from_cache, "reused_from": f"eval_cache/{cached.name}"}
+            if _finished(entry):
+                entry["epoch"] = ckpt["epoch"]
+                progress["checkpoints"][name] = entry
+                log(f"{name}: same weights and settings as {entry['reused_from']}: result reused, nothing attacked")
+                save()
+        if not _finished(entry):
+            entry = progress["checkpoints"].setdefault(name, {"epoch": ckpt["epoch"]})
+            entry.update(weights_sha256=weights_sha, reused_from=None)
+            evaluate_checkpoint(model, x, y, settings, entry, name, save, log, interval_s)
+            write_json(cached, {"weights_sha256": weights_sha, "settings": settings,
+                                "examples": identity["examples"], "entry": entry})
+        done_by_weights.setdefault(weights_sha, name)
         warnings += sanity_warnings(name, entry, settings)
+        for flag in entry["masking_flags"]:
+            log(f"WARNING: {name}: possible gradient masking: {flag}")
     for warning in warnings:
         log(f"WARNING: {warning}")
 
-    metric_keys = ("epoch", "clean_acc", "pgd10_acc", "pgd_acc", "aa_acc", "autoattack", "wall_time_s")
-    checkpoints = {name: {k: progress["checkpoints"][name].get(k) for k in metric_keys} for name in args.checkpoints}
+    checkpoints = {name: {k: progress["checkpoints"][name].get(k) for k in ENTRY_KEYS} for name in args.checkpoints}
     result = {**identity, "run_dir": str(run_dir), "checkpoints": checkpoints, "warnings": warnings,
               "environment": environment(device), "versions": _versions(),
-              "wall_time_s": sum(t for c in checkpoints.values() for t in c["wall_time_s"].values() if t)}
+              "wall_time_s": sum(t for c in checkpoints.values() if not c["reused_from"]
+                                 for t in c["wall_time_s"].values() if t)}
     if getattr(args, "mlflow", None):
         from .tracking import log_metrics
 
-        log_metrics(args.mlflow, run_dir, {f"eval/{name}/{k}": c[k] for name, c in checkpoints.items()
-                                           for k in ("clean_acc", "pgd10_acc", "pgd_acc", "aa_acc")})
+        values = {f"eval/{name}/{k}": c[k] for name, c in checkpoints.items()
+                  for k in ("clean_acc", "pgd10_acc", "pgd_acc", "aa_acc", "worst_case_acc")}
+        values.update({f"eval/{name}/masking_flagged": float(bool(c["masking_flags"]))
+                       for name, c in checkpoints.items()})
+        log_metrics(args.mlflow, run_dir, values)
     write_json(out, result)
     progress_path.unlink(missing_ok=True)
+    aa = settings["aa_label"] or "AA"
     log(f"wrote {out}: " + "; ".join(
         f"{name} clean {c['clean_acc']:.2%} PGD-10 {c['pgd10_acc']:.2%} PGD-{settings['pgd_steps']}x"
-        f"{settings['pgd_restarts']} {c['pgd_acc']:.2%} AA " + ("—" if c["aa_acc"] is None else f"{c['aa_acc']:.2%}")
+        f"{settings['pgd_restarts']} {c['pgd_acc']:.2%} {aa} "
+        + ("—" if c["aa_acc"] is None else f"{c['aa_acc']:.2%}") + f" worst case {c['worst_case_acc']:.2%}"
         for name, c in checkpoints.items()))
     return 0
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deat.attacks import clean_accuracy, pgd, robust_accuracy
+from deat.attacks import clean_accuracy, pgd, robust_accuracy, robust_mask
 
 SHAPE = (1, 4, 4)  # (C, H, W) of the toy images
 DIM = 16
@@ -202,16 +202,59 @@ def test_clean_accuracy_over_uneven_batches(trained_model):
     assert clean_accuracy(trained_model, x, y, batch_size=16) == expected
 
 
+def _linf_iterates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
+                   seed: int) -> list[torch.Tensor]:
+    """Every point one ℓ∞ PGD run evaluates: its random start (drawn by hand as documented: Uniform[-ε, ε], then
+    clipped to [0, 1]) and `pgd`'s iterates 1..steps, each replayed from the same seed."""
+    start = (x + (2 * torch.rand(x.shape, generator=_generator(seed)) - 1) * eps).clamp(0, 1)
+    return [start] + [pgd(model, x, y, eps, alpha, t, generator=_generator(seed)) for t in range(1, steps + 1)]
+
+
 def test_robust_accuracy_counts_clean_errors_as_broken(trained_model):
     x, y = _toy_problem(100, seed=26)
     x[:20] = 1 - x[:20]
     correct = trained_model(x).argmax(dim=1) == y
-    x_adv = pgd(trained_model, x[correct], y[correct], eps=0.2, alpha=0.05, steps=5, generator=_generator(27))
-    expected = (trained_model(x_adv).argmax(dim=1) == y[correct]).sum().item() / 100
+    iterates = _linf_iterates(trained_model, x[correct], y[correct], eps=0.2, alpha=0.05, steps=5, seed=27)
+    robust = torch.stack([trained_model(x_t).argmax(dim=1) == y[correct] for x_t in iterates]).all(dim=0)
     got = robust_accuracy(trained_model, x, y, eps=0.2, alpha=0.05, steps=5, batch_size=200,
                           generator=_generator(27))
-    assert got == pytest.approx(expected, abs=1e-7)
+    assert got == pytest.approx(robust.sum().item() / 100, abs=1e-7)
     assert 0 < got < correct.float().mean().item()
+
+
+class _Band(nn.Module):
+    """Two classes on one pixel p: class 1 wins only inside the band |p - 0.3| < 0.1, where class 0's
+    cross-entropy peaks. PGD on a class-0 example at p = 0.1 with step 0.25 jumps into the band (misclassified)
+    and, as the gradient there points back, out again: the last iterate alone misses that the example broke."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = x.flatten(1)[:, :1]
+        return torch.cat([torch.zeros_like(p), 1 - 10 * (p - 0.3).abs()], dim=1)
+
+
+def test_an_example_broken_at_any_iterate_counts_as_broken():
+    # Issue 13, case 4: PGD-20x2 reported more than PGD-10 as only the last iterate of each restart counted.
+    model, n, eps, alpha, steps = _Band(), 200, 0.25, 0.25, 4
+    x, y = torch.full((n, 1, 1, 1), 0.1), torch.zeros(n, dtype=torch.long)
+    iterates = _linf_iterates(model, x, y, eps, alpha, steps, seed=40)
+    wrong = torch.stack([model(x_t).argmax(dim=1) != y for x_t in iterates])  # (steps + 1, n)
+    last_iterate_robust = ~wrong[-1]
+    assert last_iterate_robust.sum() > 0 and wrong.any(dim=0).all()  # the case the old rule got wrong
+    mask = robust_mask(model, x, y, eps, alpha, steps, batch_size=64, generator=_generator(40))
+    assert torch.equal(mask, ~wrong.any(dim=0))  # by hand: robust only if no evaluated point is misclassified
+    assert robust_accuracy(model, x, y, eps, alpha, steps, batch_size=64, generator=_generator(40)) == 0.0
+
+
+def test_robust_mask_reports_progress_and_matches_robust_accuracy(trained_model):
+    x, y = _toy_problem(100, seed=41)
+    calls = []
+    mask = robust_mask(trained_model, x, y, eps=0.2, alpha=0.05, steps=3, restarts=2, batch_size=32,
+                       generator=_generator(42), on_batch=lambda done, total: calls.append((done, total)))
+    assert mask.dtype == torch.bool and mask.shape == (100,)
+    assert mask.float().mean().item() == robust_accuracy(trained_model, x, y, eps=0.2, alpha=0.05, steps=3,
+                                                         restarts=2, batch_size=32, generator=_generator(42))
+    assert [t for _, t in calls] == [200] * len(calls)
+    assert all(a < b for (a, _), (b, _) in zip(calls, calls[1:]))
 
 
 def test_robust_accuracy_at_zero_eps_is_clean_accuracy(trained_model):

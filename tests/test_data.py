@@ -80,7 +80,7 @@ def test_npz_colour_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     train_x = rng.integers(0, 256, (30, 8, 6, 3), dtype=np.uint8)  # (N, H, W, C)
     test_x = rng.integers(0, 256, (7, 8, 6, 3), dtype=np.uint8)
-    train_y, test_y = rng.integers(0, 4, 30).astype(np.uint8), np.array([0, 1, 2, 3, 4, 0, 1])
+    train_y, test_y = np.resize(np.arange(5, dtype=np.uint8), 30), np.array([0, 1, 2, 3, 4, 0, 1])
     name = _write_npz(tmp_path / "colour.npz", train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
 
     whole = load_dataset(name, val_size=0)
@@ -88,7 +88,7 @@ def test_npz_colour_round_trip(tmp_path):
     assert torch.equal(whole.train_y, torch.from_numpy(train_y).long())
     assert torch.equal(whole.test_x, torch.from_numpy(test_x.transpose(0, 3, 1, 2).copy()))
     assert torch.equal(whole.test_y, torch.from_numpy(test_y))
-    assert whole.num_classes == 5  # the largest label, 4, is only in the test set
+    assert whole.num_classes == 5
     assert whole.mean == pytest.approx((train_x / 255).mean(axis=(0, 1, 2)).tolist(), rel=1e-9)
 
     split = load_dataset(name, val_size=6)
@@ -120,13 +120,70 @@ def test_npz_missing_key(tmp_path):
 
 
 def test_npz_wrong_dtypes(tmp_path):
-    x, y = np.zeros((4, 2, 2, 3), dtype=np.uint8), np.zeros(4, dtype=int)
+    x, y = np.zeros((4, 2, 2, 3), dtype=np.uint8), np.array([0, 1, 0, 1])
     name = _write_npz(tmp_path / "floats.npz", train_x=x.astype(np.float32), train_y=y, test_x=x, test_y=y)
-    with pytest.raises(ValueError, match=r"floats\.npz: train_x must be uint8 .* got float32"):
+    with pytest.raises(ValueError,
+                       match=r"floats\.npz: train_x has dtype float32; expected uint8 \(N, H, W, C\)"):
         load_dataset(name)
     name = _write_npz(tmp_path / "float_labels.npz", train_x=x, train_y=y, test_x=x, test_y=y.astype(float))
-    with pytest.raises(ValueError, match=r"float_labels\.npz: test_y must be integer labels"):
+    with pytest.raises(ValueError, match=r"float_labels\.npz: test_y has dtype float64 .* expected integer labels"):
         load_dataset(name)
+
+
+def _npz_case(tmp_path, train_x=None, train_y=None, test_x=None, test_y=None) -> str:
+    """An npz of 8 training and 4 test 6x6 RGB images (labels 0..3), with the given arrays replaced."""
+    rng = np.random.default_rng(0)
+    arrays = {"train_x": rng.integers(0, 256, (8, 6, 6, 3), dtype=np.uint8), "train_y": np.arange(8) % 4,
+              "test_x": rng.integers(0, 256, (4, 6, 6, 3), dtype=np.uint8), "test_y": np.arange(4)}
+    given = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+    arrays.update({k: v for k, v in given.items() if v is not None})
+    return _write_npz(tmp_path / "case.npz", **arrays)
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 32, 32), (8, 1, 16, 16)])
+def test_npz_channel_first_images_are_refused_not_misread(tmp_path, shape):
+    # Issue 13: (N, 3, 32, 32) was read as 32-channel 3x32 images, (N, 1, 16, 16) as 16 channels.
+    images = np.zeros(shape, dtype=np.uint8)
+    name = _npz_case(tmp_path, train_x=images, test_x=images[:4])
+    message = (rf"case\.npz: train_x has shape {re.escape(str(shape))} \(it looks channel-first: use "
+               rf"x\.transpose\(0, 2, 3, 1\)\); expected uint8 \(N, H, W, C\) with C in \{{1, 3\}}")
+    with pytest.raises(ValueError, match=message):
+        load_dataset(name)
+
+
+@pytest.mark.parametrize("shape", [(8, 6, 6, 2), (8, 6, 6, 4), (8, 36), (8, 1, 6, 6, 3)])
+def test_npz_images_of_no_accepted_layout_are_refused(tmp_path, shape):
+    name = _npz_case(tmp_path, train_x=np.zeros(shape, dtype=np.uint8))
+    with pytest.raises(ValueError, match=rf"train_x has shape {re.escape(str(shape))}; expected uint8 "
+                                         r"\(N, H, W, C\) with C in \{1, 3\} \(channel-last\), or uint8 \(N, H, W\)"):
+        load_dataset(name)
+
+
+def test_npz_channel_last_single_channel_is_accepted(tmp_path):
+    images = np.arange(8 * 6 * 6, dtype=np.uint8).reshape(8, 6, 6, 1)
+    data = load_dataset(_npz_case(tmp_path, train_x=images, test_x=images[:4]), val_size=0)
+    assert data.train_x.shape == (8, 1, 6, 6) and torch.equal(data.train_x[:, 0], torch.from_numpy(images[..., 0]))
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"train_y": np.array([0, 1, 2, 3, 0, 1, 2, -1])},
+     r"train_y has negative labels \(min -1\); expected labels 0..K-1"),
+    ({"train_y": np.arange(7) % 4}, r"train_y has dtype int64 and shape \(7,\); expected integer labels 0..K-1 "
+                                    r"of shape \(8,\), one per image"),
+    ({"test_y": np.array([0, 1, 2, 7])}, r"test_y has label\(s\) \[7\] that train_y never uses; expected test "
+                                         r"labels within train's classes \[0, 1, 2, 3\]"),
+    ({"train_y": np.zeros(8, dtype=int), "test_y": np.zeros(4, dtype=int)},
+     r"train_y holds 1 class; expected at least 2"),
+    ({"test_x": np.zeros((4, 6, 5, 3), dtype=np.uint8)},
+     r"train_x and test_x images differ in \(H, W, C\): \(6, 6, 3\) vs \(6, 5, 3\)"),
+    ({"test_x": np.zeros((4, 6, 6), dtype=np.uint8)},
+     r"train_x and test_x images differ in \(H, W, C\): \(6, 6, 3\) vs \(6, 6, 1\)"),
+    ({"test_x": np.zeros((0, 6, 6, 3), dtype=np.uint8), "test_y": np.zeros(0, dtype=int)},
+     r"test_x holds no images; expected at least one"),
+])
+def test_npz_labels_and_train_test_agreement_are_checked(tmp_path, arrays, message):
+    with pytest.raises(ValueError, match=r"case\.npz: " + message):
+        load_dataset(_npz_case(tmp_path, **arrays))
 
 
 # --------------------------------------------------------------------------------------- torchvision sets

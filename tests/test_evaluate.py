@@ -7,9 +7,11 @@ and a briefly PGD-trained small_cnn on cifar10_small for the PGD-vs-APGD agreeme
 import copy
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,7 +71,7 @@ class CountingAttack:
         return self.attack(*args, **kwargs)
 
 
-def _halve(model, x, y, attack, eps, norm, batch_size, seed=0) -> torch.Tensor:
+def _halve(model, x, y, attack, eps, norm, batch_size, seed=0, num_classes=None) -> torch.Tensor:
     """A cheap deterministic stand-in for one AutoAttack attack: every other example survives."""
     return torch.arange(len(y)) % 2 == 0
 
@@ -188,11 +190,11 @@ def test_resume_skips_finished_work_and_matches_an_uninterrupted_run(standard_ru
     flags = ("--eps", "0.1", "--n-examples", "60", "--pgd-steps", "3", "--pgd-restarts", "2",
              "--autoattack-attacks", "apgd-ce", "apgd-t")
     crashed = Path(shutil.copytree(standard_run, tmp_path / "crashed"))
-    real_robust_accuracy = evaluate.robust_accuracy
+    real_robust_mask = evaluate.robust_mask
 
     # Session 1 dies in best's PGD-3x2, after clean and PGD-10 finished.
-    pgd = CountingAttack(real_robust_accuracy, crash_on=2)
-    monkeypatch.setattr(evaluate, "robust_accuracy", pgd)
+    pgd = CountingAttack(real_robust_mask, crash_on=2)
+    monkeypatch.setattr(evaluate, "robust_mask", pgd)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _evaluate(crashed, *flags)
     partial = json.loads((crashed / "eval.partial.json").read_text())
@@ -200,9 +202,9 @@ def test_resume_skips_finished_work_and_matches_an_uninterrupted_run(standard_ru
     assert not (crashed / "eval.json").exists()
 
     # Session 2 reruns only best's PGD-3x2, then dies in AutoAttack's second attack (APGD-T).
-    pgd = CountingAttack(real_robust_accuracy)
+    pgd = CountingAttack(real_robust_mask)
     autoattack = CountingAttack(_halve, crash_on=2)
-    monkeypatch.setattr(evaluate, "robust_accuracy", pgd)
+    monkeypatch.setattr(evaluate, "robust_mask", pgd)
     monkeypatch.setattr(evaluate, "autoattack_survivors", autoattack)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _evaluate(crashed, *flags)
@@ -210,18 +212,20 @@ def test_resume_skips_finished_work_and_matches_an_uninterrupted_run(standard_ru
     partial = json.loads((crashed / "eval.partial.json").read_text())
     assert set(partial["checkpoints"]["best"]["autoattack"]) == {"apgd-ce"}
 
-    # Session 3: APGD-T for best, then all of last; the partial file is gone once eval.json is written.
-    pgd, autoattack = CountingAttack(real_robust_accuracy), CountingAttack(_halve)
-    monkeypatch.setattr(evaluate, "robust_accuracy", pgd)
+    # Session 3: APGD-T for best; last holds best's weights (training stopped improving), so its result is
+    # reused, not recomputed. The partial file is gone once eval.json is written.
+    pgd, autoattack = CountingAttack(real_robust_mask), CountingAttack(_halve)
+    monkeypatch.setattr(evaluate, "robust_mask", pgd)
     monkeypatch.setattr(evaluate, "autoattack_survivors", autoattack)
     resumed = _evaluate(crashed, *flags)
-    assert (pgd.calls, autoattack.calls) == (2, 3)
+    assert (pgd.calls, autoattack.calls) == (0, 1)
+    assert resumed["checkpoints"]["last"]["reused_from"] == "best"
     assert not (crashed / "eval.partial.json").exists()
     assert "resuming from" in capsys.readouterr().out
 
     # A fourth run finds eval.json up to date and attacks nothing.
-    pgd = CountingAttack(real_robust_accuracy)
-    monkeypatch.setattr(evaluate, "robust_accuracy", pgd)
+    pgd = CountingAttack(real_robust_mask)
+    monkeypatch.setattr(evaluate, "robust_mask", pgd)
     _evaluate(crashed, *flags)
     assert pgd.calls == 0 and "nothing to do" in capsys.readouterr().out
 
@@ -229,23 +233,23 @@ def test_resume_skips_finished_work_and_matches_an_uninterrupted_run(standard_ru
     assert _strip_timings(resumed) == _strip_timings(uninterrupted)
     best = resumed["checkpoints"]["best"]
     assert best["aa_acc"] == best["autoattack"]["apgd-t"]["acc"]
-    assert resumed["wall_time_s"] == pytest.approx(sum(t for c in resumed["checkpoints"].values()
-                                                       for t in c["wall_time_s"].values()))
+    assert resumed["wall_time_s"] == pytest.approx(sum(resumed["checkpoints"]["best"]["wall_time_s"].values()))
 
 
 def test_partial_file_from_other_settings_is_ignored(run_copy, monkeypatch, capsys):
     flags = ("--out", str(run_copy / "eval_abc.json"), "--n-examples", "30", "--pgd-steps", "2",
              "--pgd-restarts", "1", "--autoattack", "none")
-    monkeypatch.setattr(evaluate, "robust_accuracy", CountingAttack(evaluate.robust_accuracy, crash_on=2))
+    monkeypatch.setattr(evaluate, "robust_mask", CountingAttack(evaluate.robust_mask, crash_on=2))
     with pytest.raises(RuntimeError, match="simulated crash"):
         _evaluate(run_copy, "--eps", "0.1", *flags)
     assert evaluate.partial_path(run_copy / "eval_abc.json") == run_copy / "eval_abc.partial.json"
     assert (run_copy / "eval_abc.partial.json").is_file()
-    pgd = CountingAttack(evaluate.robust_accuracy.attack)
-    monkeypatch.setattr(evaluate, "robust_accuracy", pgd)
+    pgd = CountingAttack(evaluate.robust_mask.attack)
+    monkeypatch.setattr(evaluate, "robust_mask", pgd)
     result = _evaluate(run_copy, "--eps", "0.2", *flags)
     assert "was written for other settings; ignoring it" in capsys.readouterr().out
-    assert pgd.calls == 4  # PGD-10 and PGD-2 for both checkpoints: nothing was taken from the eps-0.1 session
+    # PGD-10 and PGD-2 for best (last has the same weights): nothing was taken from the eps-0.1 session.
+    assert pgd.calls == 2
     assert result["settings"]["eps"] == 0.2
 
 
@@ -268,13 +272,17 @@ def test_cli_end_to_end_writes_every_key_and_logs_to_mlflow(run_copy, tmp_path, 
     assert result["settings"] == {
         "dataset": "mnist5k", "eps": 0.1, "norm": "linf", "n_examples": 20, "example_seed": 0, "pgd10_steps": 10,
         "pgd10_step_size": pytest.approx(0.025), "pgd_steps": 3, "pgd_restarts": 2, "pgd_step_size": 0.025,
-        "autoattack": "standard", "autoattack_attacks": ["apgd-ce"], "attack_seed": 0, "batch_size": 500,
-        "precision": "fp32"}
+        "autoattack": "standard", "autoattack_attacks": ["apgd-ce"], "autoattack_skipped": {}, "num_classes": 10,
+        "autoattack_target_classes": 9, "aa_label": "APGD-CE", "robust_rule": evaluate.ROBUST_RULE,
+        "attack_seed": 0, "batch_size": 500, "precision": "fp32"}
     index = evaluate.select_examples(1000, 20, seed=0)
     assert result["examples"]["n"] == 20 and result["examples"]["indices_sha256"] == evaluate.indices_sha256(index)
     for name in ("best", "last"):
         entry = result["checkpoints"][name]
-        assert set(entry) == {"epoch", *ACCURACIES, "autoattack", "wall_time_s"}
+        assert set(entry) == {"epoch", *ACCURACIES, "worst_case_acc", "autoattack", "skipped_attacks",
+                              "masking_flags", "masking_checks", "wall_time_s", "weights_sha256", "reused_from"}
+        assert entry["worst_case_acc"] <= min(entry[k] for k in ACCURACIES)
+        assert entry["skipped_attacks"] == {} and entry["masking_flags"] == []
         assert entry["epoch"] == 2
         assert all(0 <= entry[k] <= 1 for k in ACCURACIES)
         assert set(entry["wall_time_s"]) == {"clean", "pgd10", "pgd", "aa"}
@@ -283,8 +291,9 @@ def test_cli_end_to_end_writes_every_key_and_logs_to_mlflow(run_copy, tmp_path, 
     assert result["versions"]["autoattack"] == "0.2.0" and result["environment"]["device"] == "cpu"
     assert not (run_copy / "eval.partial.json").exists()
     assert logged["file"] == str(tmp_path / "tracking.json") and logged["run_dir"] == run_copy
-    assert logged["values"] == {f"eval/{name}/{k}": result["checkpoints"][name][k]
-                                for name in ("best", "last") for k in ACCURACIES}
+    assert logged["values"] == {**{f"eval/{name}/{k}": result["checkpoints"][name][k]
+                                   for name in ("best", "last") for k in (*ACCURACIES, "worst_case_acc")},
+                                **{f"eval/{name}/masking_flagged": 0.0 for name in ("best", "last")}}
 
 
 def test_bad_arguments_are_refused_with_the_argument_named(run_copy, tmp_path):
@@ -301,3 +310,250 @@ def test_bad_arguments_are_refused_with_the_argument_named(run_copy, tmp_path):
     save_checkpoint(tmp_path / "foreign.pt", {"config": {}, "epoch": 1, "model": {}})
     with pytest.raises(KeyError, match="has no 'model_spec'"):
         evaluate.load_run_model(tmp_path / "foreign.pt", "cpu")
+
+
+# ------------------------------------------------------------------------------------ few classes (issue 13)
+
+def _patch_npz(path: Path, num_classes: int, n_train: int = 256, n_test: int = 64) -> Path:
+    """16x16 grayscale images, class c lights the c-th 4x4 patch of a 4x4 grid on faint noise (uint8 NHWC)."""
+    rng = np.random.default_rng(num_classes)
+
+    def split(n):
+        y = np.arange(n) % num_classes
+        x = rng.integers(0, 60, (n, 16, 16, 1), dtype=np.uint8)
+        for i, c in enumerate(y):
+            row, col = divmod(int(c), 4)
+            x[i, 4 * row:4 * row + 4, 4 * col:4 * col + 4] = 220
+        return x, y
+
+    (train_x, train_y), (test_x, test_y) = split(n_train), split(n_test)
+    np.savez(path, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+    return path
+
+
+@pytest.fixture(scope="module")
+def eight_class_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("eight")
+    return _train_run(tmp / "run", dataset=f"npz:{_patch_npz(tmp / 'patches8.npz', 8)}", epochs=2, lr=0.1)
+
+
+def _pyautoattack_robust(model, x, y, attacks, eps, n_target_classes) -> torch.Tensor:
+    """pyautoattack run directly, as its README shows, with the target count set by hand: (N,) robust bool."""
+    from pyautoattack import AutoAttack
+
+    adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=0, device=x.device)
+    adversary.attacks_to_run = list(attacks)
+    adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = n_target_classes
+    with torch.random.fork_rng():
+        _, predictions = adversary.run_standard_evaluation(x, y, batch_size=500)
+    return predictions == y
+
+
+def test_eight_classes_run_standard_autoattack_with_seven_targets_as_pyautoattack_does(eight_class_run, capsys):
+    # Issue 13, case 1: with 8 classes the default AutoAttack asked for 9 target classes and died with
+    # IndexError after training. Now the targeted attacks use K - 1 = 7, and the result is pyautoattack's own.
+    # At eps 0.15 (measured) examples survive APGD-CE, so APGD-T, FAB-T and Square all have work to do.
+    result = _evaluate(eight_class_run, "--checkpoints", "last", "--eps", "0.15", "--n-examples", "12",
+                       "--pgd-steps", "10", "--pgd-restarts", "1")
+    settings, entry = result["settings"], result["checkpoints"]["last"]
+    assert settings["num_classes"] == 8 and settings["autoattack_target_classes"] == 7
+    assert settings["aa_label"] == "AutoAttack (standard)" and entry["skipped_attacks"] == {}
+    assert list(entry["autoattack"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert entry["clean_acc"] >= 0.9, "the model must classify the patches, else the attacks have nothing to do"
+    assert entry["autoattack"]["apgd-ce"]["acc"] > 0  # survivors went on to APGD-T, where 9 targets crashed
+
+    model, _ = evaluate.load_run_model(eight_class_run / "last.pt", "cpu")
+    data = load_dataset(f"npz:{eight_class_run.parent / 'patches8.npz'}", val_size=0)
+    index = evaluate.select_examples(len(data.test_y), 12, seed=0)
+    x, y = data.test_x[index].float() / 255, data.test_y[index]
+    # pyautoattack's own cascade of the first two attacks (the targeted one included); FAB-T and Square are
+    # left out of the direct run only to keep the test short.
+    direct = _pyautoattack_robust(model, x, y, ["apgd-ce", "apgd-t"], 0.15, 7)
+    assert entry["autoattack"]["apgd-t"]["acc"] == direct.sum().item() / 12
+    assert "Traceback" not in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def three_class_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("three")
+    return _train_run(tmp / "run", dataset=f"npz:{_patch_npz(tmp / 'patches3.npz', 3, 96, 24)}", epochs=2, lr=0.1,
+                      batch_size=32)
+
+
+def test_three_classes_skip_apgd_t_with_the_reason_recorded_and_printed(three_class_run, capsys):
+    result = _evaluate(three_class_run, "--eps", "0.3", "--n-examples", "12", "--pgd-steps", "5",
+                       "--pgd-restarts", "1", "--autoattack-attacks", "apgd-ce", "apgd-t", "fab-t")
+    reason = ("APGD-T needs at least 4 classes (its targeted DLR loss uses the 3rd and 4th largest logits); "
+              "the dataset has 3")
+    assert result["settings"]["autoattack_skipped"] == {"apgd-t": reason}
+    assert result["settings"]["aa_label"] == "APGD-CE + FAB-T"
+    assert result["settings"]["autoattack_target_classes"] == 2
+    for entry in result["checkpoints"].values():
+        assert entry["skipped_attacks"] == {"apgd-t": reason}
+        assert list(entry["autoattack"]) == ["apgd-ce", "fab-t"]
+    assert f"aa/apgd-t: skipped: {reason}" in capsys.readouterr().out
+
+
+def test_check_attacks_names_each_attack_the_class_count_cannot_support():
+    assert evaluate.check_attacks(evaluate.AUTOATTACK_STANDARD, 10) == []
+    assert evaluate.check_attacks(evaluate.AUTOATTACK_STANDARD, 4) == []  # APGD-T with 3 targets
+    assert evaluate.check_attacks(["apgd-ce", "apgd-t"], 3) == [
+        "APGD-T needs at least 4 classes (its targeted DLR loss uses the 3rd and 4th largest logits); "
+        "the dataset has 3"]
+    assert len(evaluate.check_attacks(evaluate.AUTOATTACK_STANDARD, 1)) == 4
+    assert evaluate.check_attacks(["fab"], 10) == [
+        "fab is not an AutoAttack standard attack; allowed: apgd-ce, apgd-t, fab-t, square"]
+    assert [evaluate.autoattack_target_classes(k) for k in (2, 3, 8, 10, 100)] == [1, 2, 7, 9, 9]
+    with pytest.raises(ValueError, match="APGD-T needs at least 4 classes"):
+        evaluate.autoattack_survivors(torch.nn.Linear(2, 3), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long),
+                                      "apgd-t", 0.1, "linf", 10)
+
+
+def test_aa_label_names_what_ran():
+    # Issue 13, case 5: a subset is labelled by its attacks; "AutoAttack (standard)" only for all four.
+    assert evaluate.aa_label(["apgd-ce", "apgd-t", "fab-t", "square"]) == "AutoAttack (standard)"
+    assert evaluate.aa_label(["apgd-ce", "apgd-t"]) == "APGD-CE + APGD-T"
+    assert evaluate.aa_label(["fab-t"]) == "FAB-T"
+    assert evaluate.aa_label([]) is None
+
+
+# --------------------------------------------------------------------------------- gradient masking (issue 13)
+
+def _scaled_copy(run_dir: Path, out: Path, factor: float) -> Path:
+    """The run with the classifier's (last layer's) weight and bias multiplied by `factor` in both checkpoints:
+    the same predictions, but a softmax so saturated that cross-entropy gradients vanish."""
+    out = Path(shutil.copytree(run_dir, out))
+    for name in ("best", "last"):
+        ckpt = torch.load(out / f"{name}.pt", weights_only=True)
+        ckpt["model"]["net.head.3.weight"] *= factor
+        ckpt["model"]["net.head.3.bias"] *= factor
+        save_checkpoint(out / f"{name}.pt", {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    return out
+
+
+MASKING_FLAGS = ("--checkpoints", "best", "--eps", "0.1", "--n-examples", "40", "--pgd-steps", "10",
+                 "--pgd-restarts", "1", "--autoattack-attacks", "apgd-ce", "apgd-t")
+
+
+def test_scaled_logits_are_flagged_as_gradient_masking_and_the_plain_model_is_not(standard_run, tmp_path,
+                                                                                   monkeypatch, capsys):
+    # Issue 13, case 3: logits x 1e4 kept every prediction, PGD-10, PGD-k and APGD-CE reported the clean
+    # accuracy, APGD-T broke nearly everything, and eval.json said nothing.
+    import deat.tracking
+
+    logged = {}
+    monkeypatch.setattr(deat.tracking, "log_metrics", lambda file, run_dir, values: logged.update(values))
+    plain = _evaluate(standard_run, "--out", str(tmp_path / "plain.json"), *MASKING_FLAGS)["checkpoints"]["best"]
+    assert plain["masking_flags"] == [] and plain["masking_checks"]["zero_gradient_examples"] == 0
+    capsys.readouterr()
+
+    scaled_run = _scaled_copy(standard_run, tmp_path / "scaled", 1e4)
+    import deat.__main__
+
+    assert deat.__main__.main(["evaluate", "--run-dir", str(scaled_run), "--device", "cpu", "--mlflow",
+                               str(tmp_path / "tracking.json"), *MASKING_FLAGS]) == 0
+    scaled = json.loads((scaled_run / "eval.json").read_text())["checkpoints"]["best"]
+    assert scaled["clean_acc"] == plain["clean_acc"]  # same predictions
+    ce_accs = (scaled["pgd10_acc"], scaled["pgd_acc"], scaled["autoattack"]["apgd-ce"]["acc"])
+    assert ce_accs == (scaled["clean_acc"],) * 3  # the cross-entropy attacks find nothing
+    assert scaled["aa_acc"] <= plain["aa_acc"] + 0.05  # APGD-T's DLR loss ignores the scale
+    correct = round(scaled["clean_acc"] * 40)
+    assert scaled["masking_checks"]["zero_gradient_examples"] == correct
+    assert scaled["masking_flags"][0] == (f"zero input gradient of the cross-entropy at {correct} of {correct} "
+                                          f"correctly classified examples: gradient attacks cannot move them "
+                                          f"(pyautoattack check_zero_gradients)")
+    assert scaled["masking_flags"][1].startswith(
+        f"cross-entropy attacks leave far more examples robust than margin/targeted ones: "
+        f"{scaled['clean_acc']:.2%} survive PGD-10 + PGD-10x1 + APGD-CE, {scaled['worst_case_acc']:.2%} also "
+        f"survive APGD-T")
+    assert len(scaled["masking_flags"]) == 2
+    assert logged["eval/best/masking_flagged"] == 1.0
+    out = capsys.readouterr().out
+    assert f"WARNING: best: possible gradient masking: {scaled['masking_flags'][0]}" in out
+
+
+def test_masking_flags_thresholds():
+    settings = {"n_examples": 100, "pgd_steps": 50, "pgd_restarts": 10}
+    entry = {"clean_acc": 0.9, "pgd10_acc": 0.5, "pgd_acc": 0.45, "aa_acc": 0.4, "worst_case_acc": 0.4,
+             "autoattack": {"apgd-ce": {"acc": 0.46}, "apgd-t": {"acc": 0.41}, "fab-t": {"acc": 0.41},
+                            "square": {"acc": 0.41}},
+             "masking_checks": {"zero_gradient_examples": 0, "ce_worst_case_acc": 0.5}}
+    assert evaluate.masking_flags(entry, settings) == []  # a 10-point gap is not above 10 points
+    gap = evaluate.masking_flags({**entry, "masking_checks": {"ce_worst_case_acc": 0.51}}, settings)
+    assert len(gap) == 1 and gap[0].startswith("cross-entropy attacks leave far more")
+    square = {**entry["autoattack"], "square": {"acc": 0.407}}
+    flags = evaluate.masking_flags({**entry, "autoattack": square, "aa_acc": 0.407, "worst_case_acc": 0.407},
+                                   settings)
+    assert flags == ["the black-box Square attack lowered accuracy by 0.30% after the white-box attacks "
+                     "(above 0.2%, pyautoattack check_square_sr)"]
+    flags = evaluate.masking_flags({**entry, "pgd_acc": 0.52, "aa_acc": 0.51}, settings)
+    assert flags == ["AutoAttack (standard) 51.00% above PGD-10 50.00% on the same examples",
+                     "more steps and restarts did not help: PGD-50x10 52.00% above PGD-10 50.00%"]
+    assert evaluate.masking_flags({**entry, "pgd_acc": 0.52}, {**settings, "pgd_steps": 5}) == []
+
+
+# --------------------------------------------------------------------- worst case, reuse, cache, progress (13)
+
+def test_worst_case_is_the_per_example_intersection_of_every_attack(run_copy):
+    flags = ("--checkpoints", "best", "--eps", "0.1", "--n-examples", "40", "--pgd-steps", "5",
+             "--pgd-restarts", "2", "--autoattack-attacks", "apgd-ce", "apgd-t")
+    entry = _evaluate(run_copy, *flags)["checkpoints"]["best"]
+    model, x, y = _test_examples(run_copy, 40)
+    seeded = lambda: torch.Generator().manual_seed(0)  # noqa: E731 - each attack gets a fresh generator
+    pgd10 = evaluate.robust_mask(model, x, y, 0.1, 0.025, 10, generator=seeded())
+    pgd5 = evaluate.robust_mask(model, x, y, 0.1, 0.025, 5, restarts=2, generator=seeded())
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    aa = _pyautoattack_robust(model, x, y, ["apgd-ce", "apgd-t"], 0.1, 9)
+    assert entry["pgd10_acc"] == pgd10.sum().item() / 40 and entry["pgd_acc"] == pgd5.sum().item() / 40
+    assert entry["aa_acc"] == aa.sum().item() / 40
+    assert entry["worst_case_acc"] == (correct & pgd10 & pgd5 & aa).sum().item() / 40
+    assert entry["worst_case_acc"] <= min(entry["pgd10_acc"], entry["pgd_acc"], entry["aa_acc"])
+
+
+def test_a_deleted_result_is_rebuilt_from_the_cache_without_attacking(run_copy, monkeypatch, capsys):
+    # Issue 13, case 6: best and last with the same weights are attacked once; a rerun after the output was
+    # deleted takes every result from eval_cache/ and attacks nothing.
+    flags = ("--eps", "0.1", "--n-examples", "30", "--pgd-steps", "3", "--pgd-restarts", "1",
+             "--autoattack-attacks", "apgd-ce")
+    pgd = CountingAttack(evaluate.robust_mask)
+    monkeypatch.setattr(evaluate, "robust_mask", pgd)
+    first = _evaluate(run_copy, *flags)
+    assert pgd.calls == 2  # PGD-10 and PGD-3 for best only
+    assert first["checkpoints"]["best"]["reused_from"] is None
+    assert first["checkpoints"]["last"]["reused_from"] == "best"
+    assert first["checkpoints"]["best"]["weights_sha256"] == first["checkpoints"]["last"]["weights_sha256"]
+    assert "last: same weights and settings as best: result reused, nothing attacked" in capsys.readouterr().out
+
+    (run_copy / "eval.json").unlink()
+    monkeypatch.setattr(evaluate, "robust_mask", CountingAttack(None, crash_on=1))
+    monkeypatch.setattr(evaluate, "autoattack_survivors", CountingAttack(None, crash_on=1))
+    again = _evaluate(run_copy, *flags)
+    cache_file = evaluate.cache_path(run_copy / "eval.json", first["checkpoints"]["best"]["weights_sha256"],
+                                     evaluate.settings_sha256(first["settings"], first["examples"]))
+    assert cache_file.is_file()
+    assert again["checkpoints"]["best"]["reused_from"] == f"eval_cache/{cache_file.name}"
+    strip = lambda c: {k: v for k, v in c.items() if k != "reused_from"}  # noqa: E731
+    for name in ("best", "last"):
+        assert strip(again["checkpoints"][name]) == strip(first["checkpoints"][name])
+
+
+def test_weights_hash_ignores_everything_but_the_weights(standard_run, tmp_path):
+    best = torch.load(standard_run / "best.pt", weights_only=True)
+    other = {**best, "epoch": 99, "metrics": {}}
+    assert evaluate.weights_sha256(best) == evaluate.weights_sha256(other)
+    changed = copy.deepcopy(best)
+    changed["model"]["net.head.3.bias"][0] += 1e-6
+    assert evaluate.weights_sha256(changed) != evaluate.weights_sha256(best)
+
+
+def test_progress_lines_give_each_attack_its_start_end_and_eta(run_copy, capsys):
+    _evaluate(run_copy, "--checkpoints", "best", "--eps", "0.1", "--n-examples", "40", "--pgd-steps", "3",
+              "--pgd-restarts", "2", "--autoattack-attacks", "apgd-ce", "--batch-size", "8",
+              "--log-interval-s", "1e-9")
+    out = capsys.readouterr().out
+    assert "best pgd10: started on 40 examples" in out
+    assert "best pgd: started on 80 examples x restarts (at most: restarts attack survivors)" in out
+    assert re.search(r"best pgd10: 8/40 examples, \d+ s elapsed, ETA \d+ s", out)
+    assert re.search(r"best aa/apgd-ce: \d+/\d+ examples, \d+ s elapsed, ETA \d+ s", out)
+    assert re.search(r"best aa/apgd-ce: acc [\d.]+% on \d+ examples, [\d.]+ s", out)
