@@ -21,7 +21,8 @@ from deat.config import TrainConfig
 from deat.fast import CudaGraphStep, GraphSafeUpdate, build_train_step
 from deat.models import build_model
 from deat.optim import DEAT, build_optimizer, build_scheduler
-from deat.train import adversarial_step, check_same_run, train
+from deat.objectives import adversarial_step
+from deat.train import check_same_run, train
 
 REPO = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -29,7 +30,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # The keys issue 6 asks of every benchmark line.
 BENCHMARK_KEYS = {"arch", "method", "batch_size", "precision", "channels_last", "mode", "device", "device_name",
                   "torch", "clean_ms_per_step", "clean_images_per_s", "at_ms_per_step", "at_images_per_s",
-                  "deat_over_pgd_at", "batch_ms", "augment_ms", "batch_share", "cpu_fallback", "data", "pgd_steps",
+                  "deat_over_pgd_at", "deat_over_sgd", "objective", "outer_step", "awp_gamma", "batch_ms", "augment_ms", "batch_share", "cpu_fallback", "data", "pgd_steps",
                   "date"}
 
 
@@ -202,6 +203,7 @@ def test_throughput_quick_prints_one_complete_json_line_per_case():
         at = {line["method"]: line for line in lines if line["mode"] == mode}
         assert at["deat"]["deat_over_pgd_at"] == at["pgd_at"]["deat_over_pgd_at"] == pytest.approx(
             at["deat"]["at_ms_per_step"] / at["pgd_at"]["at_ms_per_step"], rel=1e-2)
+        assert at["deat"]["deat_over_sgd"] == at["deat"]["deat_over_pgd_at"]
 
 
 # ------------------------------------------------------------------------------ CUDA: captured vs eager
