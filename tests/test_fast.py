@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from deat.config import TrainConfig
+from deat.config import TrainConfig, outer_step_of
 from deat.fast import CudaGraphStep, GraphSafeUpdate, build_train_step
 from deat.models import build_model
 from deat.optim import DEAT, build_optimizer, build_scheduler
@@ -227,7 +227,8 @@ def train_steps(method: str, graph: bool, steps: int = 6, batch_size: int = 32):
         x = torch.rand(batch_size, 3, 32, 32, device=device, generator=data)
         y = torch.randint(0, 10, (batch_size,), device=device, generator=data)
         buffers = ("odd_momentum", "even_momentum")
-        before = [[s[b].clone() for b in buffers] for s in optimizer.state.values()] if method == "deat" else None
+        before = ([[s[b].clone() for b in buffers] for s in optimizer.state.values()]
+                  if outer_step_of(method) == "deat" else None)
         loss, _ = step(x, y)
         losses.append(loss.item())
         if before and t > 1:  # which of the two buffers this step changed: (odd, even)
@@ -239,7 +240,7 @@ def train_steps(method: str, graph: bool, steps: int = 6, batch_size: int = 32):
 
 
 @needs_cuda
-@pytest.mark.parametrize("method", ["pgd_at", "deat"])
+@pytest.mark.parametrize("method", ["pgd_at", "deat", "trades", "trades_deat", "mart", "mart_deat", "fast_at"])
 def test_cuda_graph_step_matches_the_eager_step(method, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # eager vs eager exact
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # true fp32: no TF32 rounding steps to cross
@@ -252,7 +253,7 @@ def test_cuda_graph_step_matches_the_eager_step(method, monkeypatch):
     assert torch.equal(gen, eager_gen)  # every replay drew fresh random starts, the same ones eager drew
     for index, state in eager_optimizer["state"].items():
         assert optimizer["state"][index].get("step") == state.get("step")
-    if method == "deat":
+    if outer_step_of(method) == "deat":
         assert fed == [True] * 5  # steps 2..6 each changed exactly the buffer of their parity
 
 
