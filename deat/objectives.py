@@ -24,7 +24,7 @@ csdongxian/AWP) where the papers leave a choice open:
   (KLDivLoss(sum) / batch size); its gradient flows through both p(x) and p(x'). Here the clean forward pass runs
   once per step (the reference runs it twice in train mode, which gives the same logits).
 - MART: the reference's numerical guards are kept, as they change the value: −log(1.0001 − max_{k≠y} p_k) and the
-  weight (1.0000001 − p_y(x)); the weight is not detached.
+  weight (1.0000001 − p_y(x)); the weight is not detached. Its log(p + 1e-12) inside the KL is log_softmax here.
 - AWP: the reference finds v on a copy of the model (one SGD step of the negated loss, train-mode BatchNorm) so the
   model's BatchNorm running statistics see each batch once; here the ascent forward runs on copies of the buffers
   (torch.func.functional_call) for the same effect. Only weights with more than one dimension are perturbed (not
