@@ -1,27 +1,33 @@
-"""Throughput of one PGD-AT / DEAT training iteration: one JSON line per case (tables in docs/benchmarks.md).
+"""Throughput of one adversarial-training iteration: one JSON line per case (tables in docs/benchmarks.md).
 
     PYTHONPATH=. python3 benchmarks/throughput.py --quick                  # small CNN on a 2-core CPU, ~25 s
     PYTHONPATH=. python3 benchmarks/throughput.py --npz .bench_data/cifar10_small.npz \\
         --archs preact_resnet18 --batch-sizes 128 512 1024 \\
         --variants fp32:eager bf16-cl:eager bf16-cl:cuda_graph --out results/bench/throughput.jsonl
 
-A case is (architecture, batch size, variant, method). A variant is PRECISION[-cl]:MODE: PRECISION fp32 | bf16
-(autocast), -cl for channels_last, MODE eager | cuda_graph | compile (torch.compile, mode from --compile-mode).
+A case is (architecture, batch size, variant, method); a method is an objective with an outer step (deat.config:
+pgd_at / deat, trades / trades_deat, mart / mart_deat, fast_at / fast_at_deat; --methods, default pgd_at deat).
+A variant is PRECISION[-cl]:MODE: PRECISION fp32 | bf16 (autocast), -cl for channels_last, MODE eager |
+cuda_graph | compile (torch.compile, mode from --compile-mode).
 On a CPU every variant runs the plain eager fp32 step (the fast options are CUDA-only; `cpu_fallback` says so).
 
 Each case times the training loop's per-iteration work (train.train_one_epoch: the step deat.fast chooses,
 the lr scheduler, the loss accumulation) on batches made beforehand:
-  clean step: the outer step alone (pgd_steps=0);  AT step: PGD-K (--pgd-steps) + the outer step.
+  clean step: the objective's loss and outer step without its attack (pgd_steps=0, eps=0);
+  AT step: the objective's attack (PGD-K with K = --pgd-steps; fast AT: one FGSM step) + the same;
+  --awp-gamma > 0 adds AWP (Wu et al. 2020) to the methods whose objective admits it (PGD-AT, TRADES).
 Per (architecture, batch size) it also times producing one batch (deat.data.Batches on the data's device:
 gather, crop/flip, float conversion; `batch_ms`) and the crop/flip alone (`augment_ms`); `batch_share` is
 batch_ms / (batch_ms + AT step ms), the fraction of a training iteration spent making its batch.
 
 Timing: --warmup iterations first (cuDNN heuristics, graph capture, compilation; their wall time is `setup_s`),
 then --repeats timings of --steps consecutive iterations each: CUDA events after a synchronize on CUDA, the host
-clock on CPU. Reported: the median ms per iteration, with the fastest and slowest repeat. PGD-AT and DEAT of one
-(architecture, batch size, variant) are timed in alternation, so `deat_over_pgd_at` (DEAT AT step / PGD-AT AT
-step) compares the two under the same machine state. Data: --npz (uint8 train_x as in deat.data) or synthetic
-CIFAR-shaped uint8 images. A case that fails (out of memory, compile error) prints a line with "error".
+clock on CPU. Reported: the median ms per iteration, with the fastest and slowest repeat. The methods of one
+(architecture, batch size, variant) are timed in alternation, so `deat_over_sgd` (AT step of the objective's DEAT
+method / that of its SGD-momentum method, e.g. trades_deat / trades) compares the two outer steps under the same
+machine state; `deat_over_pgd_at` is that ratio for PGD-AT (deat / pgd_at) on every line. Data: --npz (uint8
+train_x as in deat.data) or synthetic CIFAR-shaped uint8 images. A case that fails (out of memory, compile error,
+a refused option such as AWP with cuda_graph) prints a line with "error".
 """
 
 from __future__ import annotations
@@ -41,11 +47,11 @@ from pathlib import Path
 
 import torch
 
-from deat.config import COMPILE_MODES, TrainConfig
+from deat.config import AWP_OBJECTIVES, COMPILE_MODES, METHODS, TrainConfig, objective_of, outer_step_of
 from deat.data import Batches, augment_batch, load_dataset
 from deat.fast import build_train_step, cuda_only_requests
 from deat.models import ARCHITECTURES, build_model
-from deat.optim import METHODS, build_optimizer, build_scheduler
+from deat.optim import build_optimizer, build_scheduler
 from deat.train import resolve_device
 
 MODES = ("eager", "cuda_graph", "compile")
@@ -80,7 +86,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--archs", nargs="+", choices=ARCHITECTURES, help=f"default {FULL['archs']}")
     parser.add_argument("--batch-sizes", nargs="+", type=int, help=f"default {FULL['batch_sizes']}")
     parser.add_argument("--variants", nargs="+", help=f"PRECISION[-cl]:MODE, default {FULL['variants']}")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: both")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["pgd_at", "deat"],
+                        help="objective + outer step, e.g. trades trades_deat (default: pgd_at deat)")
+    parser.add_argument("--awp-gamma", type=float, default=0.0,
+                        help="AWP's relative perturbation for PGD-AT and TRADES methods (default 0: off)")
     parser.add_argument("--compile-mode", default="reduce-overhead", choices=[m for m in COMPILE_MODES if m != "none"],
                         help="torch.compile mode of the 'compile' variants (default reduce-overhead)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
@@ -104,6 +113,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.variants = [Variant.parse(v) for v in args.variants]
+    if args.awp_gamma < 0:
+        raise ValueError(f"--awp-gamma must be >= 0, got {args.awp_gamma}")
     for name in ("warmup", "repeats", "steps", "synthetic_images", "pgd_steps"):
         if getattr(args, name) < (0 if name in ("warmup", "pgd_steps") else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name in ('warmup', 'pgd_steps') else 1}, "
@@ -203,7 +214,9 @@ def build_run(method: str, arch: str, batch_size: int, variant: Variant, images:
                       precision=variant.precision, channels_last=variant.channels_last,
                       cuda_graph=variant.mode == "cuda_graph",
                       compile=args.compile_mode if variant.mode == "compile" else "none",
-                      cudnn_benchmark=args.cudnn_benchmark, seed=args.seed).resolved()
+                      cudnn_benchmark=args.cudnn_benchmark, seed=args.seed,
+                      awp_gamma=args.awp_gamma if objective_of(method) in AWP_OBJECTIVES else 0.0).resolved()
+    cfg.validate("benchmark")
     torch.manual_seed(args.seed)  # both methods start from the same weights
     model = build_model(arch, images["num_classes"], in_channels=images["x"].shape[1], mean=images["mean"],
                         std=images["std"]).to(device)
@@ -220,7 +233,7 @@ def build_run(method: str, arch: str, batch_size: int, variant: Variant, images:
         print(f"[{arch} bs{batch_size} {method}] {message}", file=sys.stderr)
 
     steps = {"at": build_train_step(model, optimizer, cfg, attack_gen, note),
-             "clean": build_train_step(model, optimizer, dataclasses.replace(cfg, pgd_steps=0), attack_gen,
+             "clean": build_train_step(model, optimizer, dataclasses.replace(cfg, pgd_steps=0, eps=0.0), attack_gen,
                                        lambda message: None)}  # the same note twice would say nothing new
     return MethodRun(method, scheduler, steps, torch.zeros((), device=device),
                      torch.zeros((), device=device, dtype=torch.long))
@@ -255,6 +268,10 @@ def case_lines(arch: str, batch_size: int, variant: Variant, measured: dict[str,
                common: dict) -> list[dict]:
     at_median = {method: statistics.median(t["at"]) for method, t in measured.items()}
     ratio = at_median["deat"] / at_median["pgd_at"] if {"deat", "pgd_at"} <= set(at_median) else None
+
+    def deat_over_sgd(method: str) -> float | None:
+        pair = {outer_step_of(m): at_median[m] for m in at_median if objective_of(m) == objective_of(method)}
+        return round(pair["deat"] / pair["sgd"], 4) if len(pair) == 2 else None
     batch_ms, augment_ms = batch
     lines = []
     for method, t in measured.items():
@@ -264,6 +281,7 @@ def case_lines(arch: str, batch_size: int, variant: Variant, measured: dict[str,
             "clean_ms_per_step": round(clean_ms, 3), "clean_images_per_s": round(batch_size * 1000 / clean_ms, 1),
             "at_ms_per_step": round(at_ms, 3), "at_images_per_s": round(batch_size * 1000 / at_ms, 1),
             "at_ms_min": round(min(t["at"]), 3), "at_ms_max": round(max(t["at"]), 3),
+            "deat_over_sgd": deat_over_sgd(method),
             "deat_over_pgd_at": None if ratio is None else round(ratio, 4),
             "batch_ms": round(batch_ms, 4), "augment_ms": round(augment_ms, 4),
             "batch_share": round(batch_ms / (batch_ms + at_ms), 5), "setup_s": round(t["setup_s"], 2),
@@ -275,10 +293,12 @@ def case_key(arch: str, method: str, batch_size: int, variant: Variant, common: 
     fallback = common["device"] == "cpu" and bool(cuda_only_requests(TrainConfig(
         precision=variant.precision, channels_last=variant.channels_last, cuda_graph=variant.mode == "cuda_graph",
         compile=common["compile_mode"] if variant.mode == "compile" else "none")))
-    return {"arch": arch, "method": method, "batch_size": batch_size, "precision": variant.precision,
+    return {"arch": arch, "method": method, "objective": objective_of(method), "outer_step": outer_step_of(method),
+            "awp_gamma": common["awp_gamma"] if objective_of(method) in AWP_OBJECTIVES else 0.0,
+            "batch_size": batch_size, "precision": variant.precision,
             "channels_last": variant.channels_last, "mode": variant.mode,
             "compile_mode": common["compile_mode"] if variant.mode == "compile" else None,
-            "cpu_fallback": fallback, **{k: v for k, v in common.items() if k != "compile_mode"}}
+            "cpu_fallback": fallback, **{k: v for k, v in common.items() if k not in ("compile_mode", "awp_gamma")}}
 
 
 def emit(line: dict, out: Path | None) -> None:
@@ -304,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "compile_mode": args.compile_mode,
         "cudnn_benchmark": args.cudnn_benchmark,
+        "awp_gamma": args.awp_gamma,
     }
     for arch, batch_size in itertools.product(args.archs, args.batch_sizes):
         if batch_size > len(images["y"]):

@@ -17,7 +17,15 @@ from typing import Any
 
 import yaml
 
-METHODS = ("pgd_at", "deat")
+# A method is a training objective (with the inner attack it needs) and an outer optimizer: "<objective>" trains
+# with SGD-momentum, "<objective>_deat" with DEAT's outer step. PGD-AT keeps its historical names: "pgd_at" is
+# PGD-AT with SGD-momentum and "deat" PGD-AT with DEAT (the paper's method), so existing configs mean what they meant.
+OBJECTIVES = ("pgd_at", "trades", "mart", "fast_at")
+OUTER_STEPS = ("sgd", "deat")
+_METHOD_PARTS = {"pgd_at": ("pgd_at", "sgd"), "deat": ("pgd_at", "deat"),
+                 **{method: (name, step) for name in OBJECTIVES[1:]
+                    for method, step in ((name, "sgd"), (f"{name}_deat", "deat"))}}
+METHODS = tuple(_METHOD_PARTS)
 ARCHITECTURES = ("preact_resnet18", "senet18", "vgg19", "wrn34_10", "small_cnn")
 SCHEDULES = ("piecewise", "cosine", "constant")
 NORMS = ("linf", "l2")
@@ -26,15 +34,48 @@ PRECISIONS = ("fp32", "bf16")
 # torch.compile modes ("default" is torch's mode=None); "none" trains uncompiled.
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
+# Adversarial weight perturbation (Wu et al. 2020) is defined, and offered here, for these objectives only.
+AWP_OBJECTIVES = ("pgd_at", "trades")
+
 # Options that do not change what a run computes: a checkpoint written under other values still resumes.
 # cudnn_benchmark picks among cuDNN algorithms for the same convolution: it changes speed, and the result only as
 # much as GPU kernels' own nondeterminism does.
 NON_RESULT_KEYS = ("out", "device", "data_root", "log_interval_s", "cudnn_benchmark")
 
+def objective_of(method: str) -> str:
+    """The training objective of `method`: one of OBJECTIVES ("trades_deat" -> "trades", "deat" -> "pgd_at")."""
+    return _METHOD_PARTS[method][0]
+
+
+def outer_step_of(method: str) -> str:
+    """The outer optimizer of `method`: "sgd" (SGD-momentum) or "deat" (DEAT's two-buffer step)."""
+    return _METHOD_PARTS[method][1]
+
+
+def _methods_where(objectives: tuple[str, ...] = OBJECTIVES, outer_steps: tuple[str, ...] = OUTER_STEPS):
+    return tuple(m for m in METHODS if objective_of(m) in objectives and outer_step_of(m) in outer_steps)
+
+
 # Options that only some methods read. For any other method they are not part of the run: left out of its identity
 # (the run directory's hash, the check that a checkpoint belongs to the run), its command-line flags and its MLflow
 # params, so changing them in a study never touches that method's finished runs.
-METHOD_OPTIONS = {"momentum": ("pgd_at",), "k1": ("deat",), "k2": ("deat",), "decoupled_weight_decay": ("deat",)}
+METHOD_OPTIONS = {
+    "momentum": _methods_where(outer_steps=("sgd",)),
+    "k1": _methods_where(outer_steps=("deat",)),
+    "k2": _methods_where(outer_steps=("deat",)),
+    "decoupled_weight_decay": _methods_where(outer_steps=("deat",)),
+    # Fast AT takes one FGSM step of its own size; TRADES and MART start at x + 0.001·N(0, 1) as their references do.
+    "pgd_steps": _methods_where(objectives=("pgd_at", "trades", "mart")),
+    "pgd_step_size": _methods_where(objectives=("pgd_at", "trades", "mart")),
+    "random_start": _methods_where(objectives=("pgd_at", "fast_at")),
+    "fgsm_step_size": _methods_where(objectives=("fast_at",)),
+    "beta": _methods_where(objectives=("trades", "mart")),
+    "awp_gamma": _methods_where(objectives=AWP_OBJECTIVES),
+}
+
+# Options added after runs were published, with the value that computes what those runs computed: at that value
+# the option is left out of the run identity, so the runs keep their directories (the hash of their identity).
+LATER_OPTIONS_OFF = {"awp_gamma": 0.0}
 
 
 def unused_options(config: dict[str, Any]) -> tuple[str, ...]:
@@ -49,8 +90,10 @@ def run_identity(config: dict[str, Any]) -> dict[str, Any]:
     missing from `config` (a run written before the option existed) counts as its default.
     """
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    skip = set(NON_RESULT_KEYS) | set(unused_options({**defaults, **config}))
-    return {key: config.get(key, default) for key, default in defaults.items() if key not in skip}
+    full = {**defaults, **config}
+    skip = set(NON_RESULT_KEYS) | set(unused_options(full))
+    skip |= {key for key, off in LATER_OPTIONS_OFF.items() if full[key] == off}
+    return {key: full[key] for key in defaults if key not in skip}
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -68,14 +111,16 @@ class TrainConfig:
     arch: str = _opt("small_cnn", " | ".join(ARCHITECTURES))
     width: int | None = _opt(None, "base channel width (wrn34_10: widen factor); null: the architecture's usual")
     # --- outer step
-    method: str = _opt("deat", "pgd_at (SGD) | deat (two-buffer positive-negative momentum, Algorithm 2)")
+    method: str = _opt("deat", "OBJECTIVE (SGD-momentum) or OBJECTIVE_deat (DEAT's two-buffer step, Algorithm 2), "
+                               "OBJECTIVE one of pgd_at, trades, mart, fast_at; PGD-AT with DEAT is plain 'deat': "
+                               + " | ".join(METHODS))
     lr: float = _opt(0.1, "learning rate alpha")
     batch_size: int = _opt(128, "training batch size b")
-    momentum: float = _opt(0.9, "pgd_at only: SGD momentum (0 = the paper's Algorithm 1 as printed)")
+    momentum: float = _opt(0.9, "SGD methods only: SGD momentum (0 = the paper's Algorithm 1 as printed)")
     weight_decay: float = _opt(5e-4, "weight decay")
-    decoupled_weight_decay: bool = _opt(True, "deat only: theta *= 1 - lr*wd (PNM's default) instead of g += wd*theta")
-    k1: float = _opt(1.0, "deat only: negative-momentum coefficient k1")
-    k2: float = _opt(0.8, "deat only: buffer decay k2")
+    decoupled_weight_decay: bool = _opt(True, "DEAT methods only: theta *= 1 - lr*wd (PNM's default) instead of g += wd*theta")
+    k1: float = _opt(1.0, "DEAT methods only: negative-momentum coefficient k1")
+    k2: float = _opt(0.8, "DEAT methods only: buffer decay k2")
     epochs: int = _opt(110, "training epochs")
     schedule: str = _opt("piecewise", "piecewise | cosine | constant, stepped every iteration")
     milestones: list[float] | None = _opt(None, "piecewise: epochs where lr *= gamma (null: 100/110 and 105/110 of epochs)")
@@ -83,9 +128,15 @@ class TrainConfig:
     # --- inner attack (training)
     eps: float | None = _opt(None, "attack radius in [0,1] pixels, '8/255' accepted (null: 0.3 for mnist5k, else 8/255)")
     norm: str = _opt("linf", "linf | l2")
-    pgd_steps: int = _opt(10, "PGD steps K in training (0 = standard training)")
-    pgd_step_size: float | None = _opt(None, "PGD step size (null: 2.5 * eps / pgd_steps, i.e. 2/255 for 8/255, K=10)")
-    random_start: bool = _opt(True, "uniform random start in the eps-ball (Algorithm 2 writes delta_0 = 0)")
+    pgd_steps: int = _opt(10, "PGD steps K in training (0 = standard training); not fast_at")
+    pgd_step_size: float | None = _opt(None, "PGD step size (null: 2.5 * eps / pgd_steps, i.e. 2/255 for 8/255, K=10); "
+                                             "not fast_at")
+    random_start: bool = _opt(True, "pgd_at and fast_at: uniform random start in the eps-ball (Algorithm 2 writes "
+                                    "delta_0 = 0); TRADES and MART always start at x + 0.001*N(0, 1)")
+    fgsm_step_size: float | None = _opt(None, "fast_at only: the FGSM step (null: 1.25 * eps, Wong et al. 2020)")
+    beta: float = _opt(6.0, "trades and mart only: weight of the KL term (6 for CIFAR-10 in both papers)")
+    awp_gamma: float = _opt(0.0, "pgd_at and trades objectives only: adversarial weight perturbation of relative "
+                                 "size gamma per layer (Wu et al. 2020; 5e-3 typical; 0 = off)")
     attack_bn_eval: bool = _opt(True, "BatchNorm in eval mode while attacking (the paper's setting)")
     # --- per-epoch evaluation (the paper's per-epoch curve)
     eval_pgd_steps: int = _opt(10, "PGD steps for the per-epoch validation and test accuracy (step 2.5*eps/steps)")
@@ -144,6 +195,17 @@ class TrainConfig:
         check(self.eps is None or self.eps >= 0, "eps", "a number >= 0")
         check(self.pgd_steps >= 0, "pgd_steps", "an integer >= 0")
         check(self.pgd_step_size is None or self.pgd_step_size >= 0, "pgd_step_size", "a number >= 0")
+        check(self.fgsm_step_size is None or self.fgsm_step_size >= 0, "fgsm_step_size", "a number >= 0")
+        check(self.beta >= 0, "beta", "a number >= 0")
+        check(self.awp_gamma >= 0, "awp_gamma", "a number >= 0")
+        if self.method in METHODS:
+            check(self.awp_gamma == 0 or objective_of(self.method) in AWP_OBJECTIVES, "awp_gamma",
+                  f"0 for method {self.method} (AWP is offered for the objectives {AWP_OBJECTIVES} only)")
+        # AWP's ascent and its perturb/restore of the weights run in Python around the step: nothing to capture.
+        check(self.awp_gamma == 0 or not self.cuda_graph, "awp_gamma",
+              "0 when cuda_graph is true (AWP runs eagerly; set cuda_graph false)")
+        check(self.awp_gamma == 0 or self.compile == "none", "awp_gamma",
+              "0 when compile is not 'none' (AWP runs eagerly; set compile none)")
         check(self.eval_pgd_steps >= 1, "eval_pgd_steps", "an integer >= 1")
         check(self.eval_examples is None or self.eval_examples >= 1, "eval_examples", "null or an integer >= 1")
         check(self.val_size is None or self.val_size >= 0, "val_size", "null or an integer >= 0")
@@ -155,14 +217,17 @@ class TrainConfig:
               "milestones", f"strictly increasing epochs within (0, epochs={self.epochs}]")
 
     def resolved(self) -> "TrainConfig":
-        """Fill the per-dataset defaults (eps, step size, milestones) so that the saved config is explicit."""
+        """Fill the per-dataset defaults (eps, step sizes, milestones) so that the saved config is explicit."""
         eps = self.eps if self.eps is not None else (0.3 if self.dataset == "mnist5k" else 8 / 255)
         # Madry et al.'s rule, step = 2.5 * eps / K: 2/255 for eps 8/255 and K = 10, the paper's setting.
         step = self.pgd_step_size if self.pgd_step_size is not None else 2.5 * eps / max(self.pgd_steps, 1)
+        # Wong et al. (2020): FGSM from a uniform random start with step 1.25 * eps (10/255 for eps 8/255).
+        fgsm_step = self.fgsm_step_size if self.fgsm_step_size is not None else 1.25 * eps
         # The paper decays at epochs 100 and 105 of 110; shorter runs keep the same fractions.
         milestones = self.milestones if self.milestones is not None else [self.epochs * 100 / 110,
                                                                           self.epochs * 105 / 110]
-        return dataclasses.replace(self, eps=eps, pgd_step_size=step, milestones=list(milestones))
+        return dataclasses.replace(self, eps=eps, pgd_step_size=step, fgsm_step_size=fgsm_step,
+                                   milestones=list(milestones))
 
 
 def parse_number(text: str) -> float:

@@ -7,8 +7,12 @@ CUDA graphs removes that cost. `build_train_step(model, optimizer, cfg, attack_g
 
 - `cfg.cuda_graph` on CUDA: `CudaGraphStep`;
 - `cfg.compile != "none"` on CUDA: the eager step around `torch.compile(model, mode=cfg.compile)`;
-- otherwise, and on every non-CUDA device, the eager `train.adversarial_step` itself, so the CPU path is
+- otherwise, and on every non-CUDA device, the eager `objectives.adversarial_step` itself, so the CPU path is
   the plain path bit for bit (cuda_graph, compile, bf16 and channels_last are CUDA-only; the log says so once).
+
+Every objective of deat.objectives (PGD-AT, TRADES, MART, fast AT) runs on every path. AWP (`awp_gamma` > 0)
+perturbs and restores the weights around the step in Python and runs eagerly only: config validation refuses it
+with cuda_graph or compile.
 
 What a captured step must get right, and how `CudaGraphStep` does it:
 
@@ -47,7 +51,7 @@ import torch
 
 from .config import TrainConfig
 from .optim import DEAT
-from .train import adversarial_forward, adversarial_step
+from .objectives import adversarial_forward, adversarial_step
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -257,6 +261,8 @@ class CudaGraphStep:
         if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
             raise RuntimeError(f"cuda_graph needs torch >= 2.4 (CUDAGraph.register_generator_state) for fresh "
                                f"random starts on every replay; this is torch {torch.__version__}")
+        if cfg.awp_gamma > 0:
+            raise ValueError(f"awp_gamma={cfg.awp_gamma}: AWP runs eagerly only; set cuda_graph false")
         if eager_steps < 1:
             raise ValueError(f"eager_steps must be >= 1 (warm-up before capture), got {eager_steps}")
         self.model, self.optimizer, self.cfg, self.attack_gen = model, optimizer, cfg, attack_gen

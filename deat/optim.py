@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-METHODS = ("pgd_at", "deat")
+from .config import METHODS, outer_step_of
+
 SCHEDULES = ("piecewise", "cosine", "constant")
 
 
@@ -152,13 +153,13 @@ def build_optimizer(method: str, params: Iterable[torch.Tensor] | Iterable[dict]
                     decoupled_weight_decay: bool) -> torch.optim.Optimizer:
     """The outer optimizer of `method`.
 
-    "pgd_at": ``torch.optim.SGD`` (coupled weight decay, no dampening, no Nesterov); ``momentum=0`` is the
-    paper's Algorithm 1 as printed, 0.9 the Bag-of-Tricks code the authors adapted. k1, k2 and
-    decoupled_weight_decay are ignored.
-    "deat": `DEAT` with k1, k2, weight decay as given; momentum is ignored.
+    SGD-momentum methods ("pgd_at", "trades", "mart", "fast_at"; deat.config.outer_step_of): ``torch.optim.SGD``
+    (coupled weight decay, no dampening, no Nesterov); ``momentum=0`` is the paper's Algorithm 1 as printed, 0.9
+    the Bag-of-Tricks code the authors adapted. k1, k2 and decoupled_weight_decay are ignored.
+    DEAT methods ("deat", "trades_deat", ...): `DEAT` with k1, k2, weight decay as given; momentum is ignored.
     """
     _check_method(method)
-    if method == "pgd_at":
+    if outer_step_of(method) == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False)
     return DEAT(params, lr=lr, k1=k1, k2=k2, weight_decay=weight_decay,
                 decoupled_weight_decay=decoupled_weight_decay)
@@ -174,7 +175,7 @@ def effective_step(method: str, lr: float, momentum: float, k1: float) -> float:
     comparison needs this number.
     """
     _check_method(method)
-    if method == "pgd_at":
+    if outer_step_of(method) == "sgd":
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         return lr / (1.0 - momentum)

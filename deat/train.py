@@ -1,4 +1,4 @@
-"""Train one adversarially robust classifier with PGD-AT or DEAT, with per-epoch checkpoints and exact resume.
+"""Train one adversarially robust classifier (PGD-AT, TRADES, MART or fast AT, with SGD-momentum or DEAT), with per-epoch checkpoints and exact resume.
 
     python -m deat train --dataset cifar10 --arch preact_resnet18 --method deat --lr 0.1 --batch-size 128 \\
         --seed 0 --epochs 110 --out results/runs/example
@@ -11,7 +11,6 @@ directory and `running/` is removed. Rerunning the same command continues from t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import math
@@ -25,14 +24,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import __version__
-from .attacks import clean_accuracy, pgd, robust_accuracy
+from .attacks import clean_accuracy, robust_accuracy
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
 from .config import TrainConfig, add_config_arguments, config_from_args, run_identity
 from .data import Batches, augment_policy, load_dataset
+from .fast import build_train_step
 from .models import build_model
+from .objectives import adversarial_step, attacks_in_training, autocast
 from .optim import build_optimizer, build_scheduler, effective_step
 
 EVAL_SEED = 0  # per-epoch evaluation uses the same attack starts every epoch, so curves are comparable
@@ -58,42 +58,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={name!r} was asked for but torch sees no CUDA device")
     return torch.device(name)
-
-
-def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if cfg.precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def adversarial_forward(model, x, y, cfg: TrainConfig, attack_gen: torch.Generator):
-    """PGD-K on the batch (the inner max), then the training forward pass. Returns (loss, logits).
-
-    Kept free of .item() and host syncs so that fast.py can capture it in a CUDA graph.
-    """
-    if cfg.pgd_steps > 0:
-        if cfg.attack_bn_eval:
-            model.eval()
-        with autocast(cfg, x.device):
-            x = pgd(model, x, y, cfg.eps, cfg.pgd_step_size, cfg.pgd_steps, cfg.norm, cfg.random_start,
-                    generator=attack_gen)
-        model.train()
-    with autocast(cfg, x.device):
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-    return loss, logits
-
-
-def adversarial_step(model, optimizer, x, y, cfg: TrainConfig, attack_gen: torch.Generator):
-    """One iteration: PGD-K on the batch (inner max), then the method's outer step. Returns (loss, n_correct) tensors.
-
-    The eager step; fast.py wraps it (torch.compile) or replaces it with a captured equivalent (CUDA graphs).
-    """
-    loss, logits = adversarial_forward(model, x, y, cfg, attack_gen)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), (logits.argmax(1) == y).sum()
 
 
 def train_one_epoch(model, optimizer, scheduler, batches, cfg, attack_gen, epoch, log,
@@ -249,8 +213,6 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
         metrics.update(epochs=state["metrics"]["epochs"], best=state["metrics"]["best"],
                        last=state["metrics"]["last"], wall_time_s=state["metrics"]["wall_time_s"])
         log(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}")
-    from .fast import build_train_step  # imported here: fast.py builds on this module's adversarial_step
-
     step = build_train_step(model, optimizer, cfg, attack_gen, log)
     start_epoch = len(metrics["epochs"]) + 1
     log(f"{cfg.method} {cfg.arch} on {cfg.dataset}: lr {cfg.lr} batch {cfg.batch_size} seed {cfg.seed}, "
@@ -260,7 +222,7 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
     for record in metrics["epochs"]:  # epochs finished before a crash: the tracker logs those it has not got
         logger.epoch(record)
 
-    select = "val_pgd_acc" if cfg.pgd_steps > 0 else "val_clean_acc"
+    select = "val_pgd_acc" if attacks_in_training(cfg) else "val_clean_acc"
     for epoch in range(start_epoch, cfg.epochs + 1):
         started = time.perf_counter()
         record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}

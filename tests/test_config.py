@@ -99,7 +99,18 @@ def test_nullable_options_accept_null(tmp_path):
     ({"epochs": 10, "milestones": [8, 5]}, r"milestones=\[8\.0, 5\.0\] is invalid"),
     ({"epochs": 10, "milestones": [5, 5]}, r"milestones=\[5\.0, 5\.0\] is invalid"),
     ({"epochs": 10, "milestones": [0, 5]}, r"milestones=\[0\.0, 5\.0\] is invalid"),
-    ({"method": "sgd"}, r"method='sgd' is invalid; expected one of \('pgd_at', 'deat'\)"),
+    ({"method": "sgd"}, r"method='sgd' is invalid; expected one of \('pgd_at', 'deat', 'trades', 'trades_deat', 'mart', "
+                        r"'mart_deat', 'fast_at', 'fast_at_deat'\)"),
+    ({"beta": -1}, r"beta=-1\.0 is invalid; expected a number >= 0"),
+    ({"fgsm_step_size": -1}, r"fgsm_step_size=-1\.0 is invalid; expected a number >= 0"),
+    ({"awp_gamma": -0.1}, r"awp_gamma=-0\.1 is invalid; expected a number >= 0"),
+    ({"method": "mart", "awp_gamma": 5e-3},
+     r"awp_gamma=0\.005 is invalid; expected 0 for method mart \(AWP is offered for the objectives \('pgd_at', 'trades'\)"),
+    ({"method": "fast_at_deat", "awp_gamma": 5e-3}, r"awp_gamma=0\.005 is invalid; expected 0 for method fast_at_deat"),
+    ({"method": "trades", "awp_gamma": 5e-3, "cuda_graph": True},
+     r"awp_gamma=0\.005 is invalid; expected 0 when cuda_graph is true \(AWP runs eagerly"),
+    ({"method": "pgd_at", "awp_gamma": 5e-3, "compile": "default"},
+     r"awp_gamma=0\.005 is invalid; expected 0 when compile is not 'none'"),
     ({"arch": "resnet50"}, r"arch='resnet50' is invalid; expected one of \("),
     ({"dataset": "imagenet"}, r"dataset='imagenet' is invalid; expected one of cifar10, cifar100, svhn, mnist5k"),
     ({"device": "gpu"}, r"device='gpu' is invalid; expected auto, cpu, cuda or cuda:N"),
@@ -172,11 +183,18 @@ def test_resolved_scales_milestones_with_epochs_and_step_with_steps():
 
 
 def test_resolved_keeps_explicit_values_and_leaves_the_original_alone():
-    explicit = TrainConfig(dataset="mnist5k", eps=0.1, pgd_step_size=0.01, milestones=[3.0], epochs=5)
+    explicit = TrainConfig(dataset="mnist5k", eps=0.1, pgd_step_size=0.01, fgsm_step_size=0.2, milestones=[3.0],
+                           epochs=5)
     assert explicit.resolved() == explicit
     unresolved = TrainConfig(dataset="cifar10")
     unresolved.resolved()
-    assert (unresolved.eps, unresolved.pgd_step_size, unresolved.milestones) == (None, None, None)
+    assert (unresolved.eps, unresolved.pgd_step_size, unresolved.fgsm_step_size, unresolved.milestones) == (
+        None, None, None, None)
+
+
+def test_resolved_fgsm_step_is_wong_et_al_s_1_25_eps():
+    assert TrainConfig(dataset="cifar10", method="fast_at").resolved().fgsm_step_size == pytest.approx(10 / 255)
+    assert TrainConfig(dataset="mnist5k", method="fast_at").resolved().fgsm_step_size == pytest.approx(0.375)
 
 
 # ------------------------------------------------------------------------------------------- bad run files

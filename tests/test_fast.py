@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from deat.config import TrainConfig
+from deat.config import TrainConfig, outer_step_of
 from deat.fast import CudaGraphStep, GraphSafeUpdate, build_train_step
 from deat.models import build_model
 from deat.optim import DEAT, build_optimizer, build_scheduler
-from deat.train import adversarial_step, check_same_run, train
+from deat.objectives import adversarial_step
+from deat.train import check_same_run, train
 
 REPO = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -29,7 +30,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # The keys issue 6 asks of every benchmark line.
 BENCHMARK_KEYS = {"arch", "method", "batch_size", "precision", "channels_last", "mode", "device", "device_name",
                   "torch", "clean_ms_per_step", "clean_images_per_s", "at_ms_per_step", "at_images_per_s",
-                  "deat_over_pgd_at", "batch_ms", "augment_ms", "batch_share", "cpu_fallback", "data", "pgd_steps",
+                  "deat_over_pgd_at", "deat_over_sgd", "objective", "outer_step", "awp_gamma", "batch_ms", "augment_ms", "batch_share", "cpu_fallback", "data", "pgd_steps",
                   "date"}
 
 
@@ -202,6 +203,7 @@ def test_throughput_quick_prints_one_complete_json_line_per_case():
         at = {line["method"]: line for line in lines if line["mode"] == mode}
         assert at["deat"]["deat_over_pgd_at"] == at["pgd_at"]["deat_over_pgd_at"] == pytest.approx(
             at["deat"]["at_ms_per_step"] / at["pgd_at"]["at_ms_per_step"], rel=1e-2)
+        assert at["deat"]["deat_over_sgd"] == at["deat"]["deat_over_pgd_at"]
 
 
 # ------------------------------------------------------------------------------ CUDA: captured vs eager
@@ -225,7 +227,8 @@ def train_steps(method: str, graph: bool, steps: int = 6, batch_size: int = 32):
         x = torch.rand(batch_size, 3, 32, 32, device=device, generator=data)
         y = torch.randint(0, 10, (batch_size,), device=device, generator=data)
         buffers = ("odd_momentum", "even_momentum")
-        before = [[s[b].clone() for b in buffers] for s in optimizer.state.values()] if method == "deat" else None
+        before = ([[s[b].clone() for b in buffers] for s in optimizer.state.values()]
+                  if outer_step_of(method) == "deat" else None)
         loss, _ = step(x, y)
         losses.append(loss.item())
         if before and t > 1:  # which of the two buffers this step changed: (odd, even)
@@ -237,7 +240,7 @@ def train_steps(method: str, graph: bool, steps: int = 6, batch_size: int = 32):
 
 
 @needs_cuda
-@pytest.mark.parametrize("method", ["pgd_at", "deat"])
+@pytest.mark.parametrize("method", ["pgd_at", "deat", "trades", "trades_deat", "mart", "mart_deat", "fast_at"])
 def test_cuda_graph_step_matches_the_eager_step(method, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # eager vs eager exact
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # true fp32: no TF32 rounding steps to cross
@@ -250,7 +253,7 @@ def test_cuda_graph_step_matches_the_eager_step(method, monkeypatch):
     assert torch.equal(gen, eager_gen)  # every replay drew fresh random starts, the same ones eager drew
     for index, state in eager_optimizer["state"].items():
         assert optimizer["state"][index].get("step") == state.get("step")
-    if method == "deat":
+    if outer_step_of(method) == "deat":
         assert fed == [True] * 5  # steps 2..6 each changed exactly the buffer of their parity
 
 

@@ -194,8 +194,8 @@ def test_build_optimizer_passes_the_options():
 
 
 def test_unknown_method_is_rejected():
-    assert METHODS == ("pgd_at", "deat")
-    with pytest.raises(ValueError, match=r"method must be one of \('pgd_at', 'deat'\), got 'adam'"):
+    assert METHODS[:2] == ("pgd_at", "deat")
+    with pytest.raises(ValueError, match=r"method must be one of \('pgd_at', 'deat', 'trades', .*\), got 'adam'"):
         build_optimizer("adam", [torch.nn.Parameter(torch.zeros(2))], **OPTIMIZER_OPTIONS)
     with pytest.raises(ValueError, match="method must be one of"):
         effective_step("adam", lr=0.1, momentum=0.9, k1=1.0)
@@ -205,6 +205,9 @@ def test_effective_step_values():
     assert effective_step("pgd_at", lr=0.01, momentum=0.9, k1=1.0) == pytest.approx(0.1)
     assert effective_step("pgd_at", lr=0.01, momentum=0.0, k1=1.0) == pytest.approx(0.01)
     assert effective_step("deat", lr=0.01, momentum=0.9, k1=1.0) == pytest.approx(0.01 / math.sqrt(5))
+    # The step belongs to the outer optimizer, whatever the objective.
+    assert effective_step("trades", lr=0.01, momentum=0.9, k1=1.0) == pytest.approx(0.1)
+    assert effective_step("mart_deat", lr=0.01, momentum=0.9, k1=1.0) == pytest.approx(0.01 / math.sqrt(5))
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
         effective_step("pgd_at", lr=0.01, momentum=1.0, k1=1.0)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import deat.objectives
 import deat.train
 from deat.checkpoint import save_checkpoint
 from deat.config import TrainConfig
@@ -189,7 +190,7 @@ def test_diverging_run_stops_with_an_error_naming_the_epoch(tmp_path):
 
 
 def test_infinite_loss_in_a_later_epoch_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    real_forward = deat.train.adversarial_forward
+    real_forward = deat.objectives.adversarial_forward
     calls = []
 
     def forward_with_inf_loss_from_epoch_2(*args, **kwargs):
@@ -199,7 +200,7 @@ def test_infinite_loss_in_a_later_epoch_keeps_the_previous_checkpoint(tmp_path, 
             loss = loss + float("inf")
         return loss, logits
 
-    monkeypatch.setattr(deat.train, "adversarial_forward", forward_with_inf_loss_from_epoch_2)
+    monkeypatch.setattr(deat.objectives, "adversarial_forward", forward_with_inf_loss_from_epoch_2)
     cfg = tiny_config(tmp_path / "run", epochs=3)
     with pytest.raises(FloatingPointError, match=r"training loss is inf in epoch 2 "):
         train(cfg, log=quiet)

@@ -158,6 +158,8 @@ def _bad(study_changes: dict, top_changes: dict | None = None) -> dict:
     (_bad({"epochs": 3}), "epochs"),
     (_bad({"train": {"epoch": 3}}), "unknown key(s) ['epoch']"),
     (_bad({"train": {"k2": 1.5}}), "k2=1.5 is invalid; expected 0 <= k2 < 1"),
+    (_bad({"methods": ["trades", "mart"], "train": {"awp_gamma": 0.005}}),
+     "awp_gamma=0.005 is invalid; expected 0 for method mart"),
     (_bad({"train": {"lr": 0.1}}), "['lr'] cannot be set here"),
     (_bad({}, {"run": ["nope"]}), "unknown study 'nope'"),
     (_bad({}, {"colour": "blue"}), "colour"),

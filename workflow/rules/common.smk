@@ -7,7 +7,8 @@ import shutil
 import sys
 
 sys.path.insert(0, workflow.basedir)  # the deat package beside the Snakefile, installed or not
-from deat.config import NON_RESULT_KEYS, TrainConfig, run_identity, unused_options
+from deat.config import (LATER_OPTIONS_OFF, METHODS, NON_RESULT_KEYS, TrainConfig, outer_step_of, run_identity,
+                         unused_options)
 
 
 validate(config, "../schemas/config.schema.yaml")
@@ -114,7 +115,7 @@ RUNS, STUDY_RUNS = build_runs()
 
 wildcard_constraints:
     run=r"[A-Za-z0-9_.-]+/(" + "|".join(TrainConfig.__dataclass_fields__["arch"].metadata["help"].split(" | "))
-    + r")/(pgd_at|deat)/[0-9a-f]{8}/lr[0-9.e+-]+_bs\d+_seed\d+",
+    + r")/(" + "|".join(METHODS) + r")/[0-9a-f]{8}/lr[0-9.e+-]+_bs\d+_seed\d+",
     evalhash=r"[0-9a-f]{8}",
     study="|".join(config["studies"]),
 
@@ -183,13 +184,15 @@ def study_protocol(name):
     protocol = {k: example[k] for k in ("dataset", "epochs", "schedule", "milestones", "gamma", "weight_decay",
                                         "k1", "k2", "decoupled_weight_decay", "eps", "norm", "pgd_steps",
                                         "pgd_step_size", "random_start", "attack_bn_eval", "val_size",
-                                        "precision", "channels_last", "cuda_graph", "compile")}
+                                        "precision", "channels_last", "cuda_graph", "compile", "fgsm_step_size",
+                                        "beta", "awp_gamma")}
     protocol.update(study["sweep"])  # a swept option shows its values, not the default
     protocol["pgd_at_momentum"] = example["momentum"]
     # An option no method of the study reads (k1 in a PGD-AT-only study) is not part of its protocol.
     read = set(protocol) - set.intersection(*(set(unused_options({**example, "method": m})) for m in study["methods"]))
-    if "pgd_at" not in study["methods"]:
+    if not any(outer_step_of(m) == "sgd" for m in study["methods"]):
         read.discard("pgd_at_momentum")
+    read -= {k for k, off in LATER_OPTIONS_OFF.items() if protocol.get(k) == off}  # AWP off: as before AWP existed
     protocol = {k: v for k, v in protocol.items() if k in read}
     protocol["seeds"] = study["seeds"]
     measure = f"PGD-{example['eval_pgd_steps']}" if example["pgd_steps"] > 0 else "clean"
