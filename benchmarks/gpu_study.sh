@@ -29,7 +29,7 @@ plan() {
         { tail -n 20 "$PLAN/snakemake.log" >&2; return 1; }
     snakemake -n -p --forceall "${args[@]}" 2>&1 | sed -n 's/^Shell command: //p' > "$PLAN/dry_run.txt"
     for rule in train evaluate; do
-        grep "python -m deat $rule " "$PLAN/dry_run.txt" | sed 's/ --mlflow [^ ]*//' > "$PLAN/$rule.txt" || true
+        grep "python -m deat $rule " "$PLAN/dry_run.txt" | sed -e 's/ --mlflow-setup [^ ]* [^ ]* [^ ]*//' -e 's/ --mlflow [^ ]*//' > "$PLAN/$rule.txt" || true
     done
     local autoattack
     autoattack=$(python3 -c "import os, pyautoattack; print(os.path.dirname(pyautoattack.__file__))")

@@ -12,8 +12,11 @@ from pathlib import Path
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of a job inside a workflow (tracking, GPU leasing); they never change what a run computes."""
     group = parser.add_argument_group("workflow")
-    group.add_argument("--mlflow", metavar="FILE", help="tracking file (written by mlflow-init): log this run to "
+    group.add_argument("--mlflow", metavar="FILE", help="tracking file (written by mlflow-study): log this run to "
                        "MLflow as a child of the study's parent run (default: no MLflow)")
+    group.add_argument("--mlflow-setup", nargs=3, metavar=("URI", "EXPERIMENT", "STUDY"),
+                       help="when the tracking file does not exist yet, create it (store, experiment and the study's "
+                       "parent run, under a lock) instead of failing (default: fail)")
     group.add_argument("--gpu-lock-dir", metavar="DIR", help="lease one free GPU with an OS lock in DIR and set "
                        "CUDA_VISIBLE_DEVICES before CUDA starts (default: no leasing)")
     group.add_argument("--runs-per-gpu", type=int, default=1, help="jobs that may share one card (default: 1)")
@@ -64,7 +67,7 @@ def _train(args: argparse.Namespace) -> int:
         from .tracking import mlflow_run_logger
 
         name = f"{cfg.method} {cfg.arch} lr{cfg.lr} bs{cfg.batch_size} seed{cfg.seed}"
-        logger = mlflow_run_logger(args.mlflow, cfg.out, name)
+        logger = mlflow_run_logger(args.mlflow, cfg.out, name, setup=args.mlflow_setup)
     try:
         train(cfg, logger, log=lambda line: print(line, flush=True))
     except (Terminated, KeyboardInterrupt):
@@ -108,9 +111,10 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _mlflow_init(args: argparse.Namespace) -> int:
     from .checkpoint import write_json
-    from .tracking import init_experiment
+    from .tracking import init_experiment, setup_lock
 
-    experiment_id = init_experiment(args.tracking_uri, args.experiment, args.artifact_root)
+    with setup_lock(args.tracking_uri):  # a training job may be creating the same store
+        experiment_id = init_experiment(args.tracking_uri, args.experiment, args.artifact_root)
     write_json(args.out, {"tracking_uri": args.tracking_uri, "experiment": args.experiment,
                           "experiment_id": experiment_id})
     print(f"MLflow store {args.tracking_uri}, experiment {args.experiment!r} ({experiment_id})")
@@ -118,14 +122,15 @@ def _mlflow_init(args: argparse.Namespace) -> int:
 
 
 def _mlflow_study(args: argparse.Namespace) -> int:
-    from .tracking import study_parent_run, write_tracking_file
+    from .tracking import setup_lock, study_parent_run, write_tracking_file
 
     store = json.loads(Path(args.store).read_text())
     manifest = json.loads(Path(args.manifest).read_text())
     params = {"n_runs": len(manifest["runs"]), **manifest["protocol"]}
-    parent = study_parent_run(store["tracking_uri"], store["experiment_id"], args.study, params,
-                              manifest["description"])
-    write_tracking_file(args.out, store["tracking_uri"], store["experiment_id"], parent)
+    with setup_lock(store["tracking_uri"]):  # a training job may be creating the same parent run
+        parent = study_parent_run(store["tracking_uri"], store["experiment_id"], args.study, params,
+                                  manifest["description"])
+        write_tracking_file(args.out, store["tracking_uri"], store["experiment_id"], parent)
     print(f"study {args.study!r}: MLflow parent run {parent}")
     return 0
 

@@ -698,7 +698,7 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
                   for k in ("clean_acc", "pgd10_acc", "pgd_acc", "aa_acc", "worst_case_acc")}
         values.update({f"eval/{name}/masking_flagged": float(bool(c["masking_flags"]))
                        for name, c in checkpoints.items()})
-        log_metrics(args.mlflow, run_dir, values)
+        log_metrics(args.mlflow, run_dir, values, setup=getattr(args, "mlflow_setup", None))
     write_json(out, result)
     progress_path.unlink(missing_ok=True)
     aa = settings["aa_label"] or "AA"

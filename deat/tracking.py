@@ -31,7 +31,8 @@ EXPERIMENT_KIND_TAG, CLASSIC_ML = "mlflow.experimentKind", "custom_model_develop
 # under "summary/", after the evaluation's "eval/..." sections.
 SUMMARY_PREFIX = "summary"
 # Logged with every epoch in one log_batch (one transaction), so its steps are the epochs MLflow holds.
-EPOCH_MARKER = "epoch_time_s"
+EPOCH_PREFIX = "epoch"
+EPOCH_MARKER = f"{EPOCH_PREFIX}/epoch_time_s"
 
 
 def resolve_tracking_uri(tracking_uri: str) -> str:
@@ -47,16 +48,70 @@ def _client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(resolve_tracking_uri(tracking_uri))
 
 
+def setup_lock(tracking_uri: str):
+    """An exclusive OS lock for creating MLflow things in one store (the store itself, the experiment, a study's parent
+    run): whoever gets there first creates, the others find. Beside the sqlite file for an embedded store; for a
+    server, in this machine's temp folder (the server itself serialises writes; the lock only avoids duplicate
+    parent runs from jobs that start together on one machine). Released when the process exits, even after kill -9.
+    """
+    import fcntl
+    import hashlib
+    import tempfile
+    from contextlib import contextmanager
+
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        path = db.with_name(db.name + ".setup.lock")
+    else:
+        path = Path(tempfile.gettempdir()) / f"deat-mlflow-{hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]}.lock"
+
+    @contextmanager
+    def held():
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    return held()
+
+
+def ensure_tracking(tracking_file: str | Path, setup: list[str] | None = None) -> dict[str, str]:
+    """The study's tracking file, created first (store, experiment, parent run) when it is missing and `setup`
+    ([tracking URI, experiment, study]) says how.
+
+    Training and evaluation jobs do not wait for the workflow's MLflow rules: a run finished long ago must never look
+    out of date because a fresh clone or a new store lacks those rules' files. The first job that needs MLflow
+    creates what is missing, under `setup_lock`, exactly as `mlflow-init` and `mlflow-study` would.
+    """
+    path = Path(tracking_file)
+    if not path.is_file():
+        if not setup:
+            raise FileNotFoundError(f"MLflow tracking file {path} does not exist (python -m deat mlflow-study "
+                                    f"writes it)")
+        uri, experiment, study = setup
+        with setup_lock(uri):
+            if not path.is_file():
+                experiment_id = init_experiment(uri, experiment)
+                write_tracking_file(path, uri, experiment_id, study_parent_run(uri, experiment_id, study, {}))
+    return read_tracking_file(path)
+
+
 def init_experiment(tracking_uri: str, experiment: str, artifact_root: str | Path | None = None) -> str:
     """Create (once, before any fan-out) the store and the experiment; returns the experiment id.
 
     The experiment is tagged as a classic ML experiment (MLflow 3's `mlflow.experimentKind`), for the UI to open it
     on its runs table rather than the GenAI traces overview.
 
-    Eight processes creating a new sqlite store at once corrupt it (MEASURED.md), hence a single rule for this.
+    Eight processes creating a new sqlite store at once corrupt it (MEASURED.md): callers hold `setup_lock`. An
+    embedded sqlite store keeps its artifacts in `artifacts/` beside it unless `artifact_root` says otherwise.
     """
     if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        artifact_root = artifact_root or db.parent / "artifacts"
     client = _client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
@@ -77,9 +132,13 @@ def study_parent_run(tracking_uri: str, experiment_id: str, study: str, params: 
     existing = client.search_runs([experiment_id], filter_string=f"tags.`deat.study` = '{study}' and "
                                                                   f"tags.`deat.role` = 'study'", max_results=1)
     if existing:
-        run_id = existing[0].info.run_id
-        client.set_tag(run_id, "mlflow.note.content", description)  # reworded descriptions show up; params stay
-        return run_id
+        run = existing[0]
+        if description:
+            client.set_tag(run.info.run_id, "mlflow.note.content", description)  # a reworded description shows
+        # A parent a training job created first has no protocol yet; logged params themselves never change.
+        client.log_batch(run.info.run_id, params=[Param(k, _param(v)) for k, v in sorted(params.items())
+                                                  if k not in run.data.params])
+        return run.info.run_id
     run = client.create_run(experiment_id, run_name=f"study:{study}",
                             tags={"deat.study": study, "deat.role": "study", "mlflow.note.content": description})
     client.log_batch(run.info.run_id, params=[Param(k, _param(v)) for k, v in sorted(params.items())])
@@ -120,19 +179,35 @@ def run_params(params: dict[str, Any]) -> dict[str, str]:
     return {k: _param(v) for k, v in sorted(params.items()) if k not in skip}
 
 
-def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, run_name: str) -> RunLogger:
+def epoch_metrics(record: dict[str, Any], now_ms: int) -> list[Metric]:
+    """One epoch's values as MLflow metrics `epoch/<key>` with step = epoch. The prefix sorts the per-epoch curves
+    first on a run's chart page (MLflow groups charts by prefix, alphabetically: epoch/, eval/, summary/)."""
+    return [Metric(f"{EPOCH_PREFIX}/{k}", float(v), now_ms, record["epoch"]) for k, v in record.items()
+            if k != "epoch" and v is not None]
+
+
+def summary_metrics(metrics: dict[str, Any], now_ms: int) -> list[Metric]:
+    """The best and last checkpoints' values and the wall time, as single-value metrics `summary/...`."""
+    summary = [Metric(f"{SUMMARY_PREFIX}/{which}/{k}", float(v), now_ms, 0) for which in ("best", "last")
+               for k, v in (metrics.get(which) or {}).items() if v is not None]
+    return summary + [Metric(f"{SUMMARY_PREFIX}/wall_time_s", float(metrics["wall_time_s"]), now_ms, 0)]
+
+
+def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, run_name: str,
+                      setup: list[str] | None = None) -> RunLogger:
     """Hooks for deat.train.train: params at start, every epoch's metrics (step=epoch), artifacts at the end.
 
     The MLflow run is chosen at `start`, after train has checked that the directory belongs to this config:
     the run recorded in `mlflow_run_id` continues (a resumed job) unless its params differ, which train allows
     only when the earlier attempt finished no epoch (e.g. it diverged); that attempt keeps its own run and this
-    one gets a new child run. `stop` marks the run FAILED or KILLED when the process ends early.
+    one gets a new child run. `stop` marks the run FAILED or KILLED when the process ends early. Nothing touches
+    MLflow before `start`: a run that is already complete needs no store (see ensure_tracking for `setup`).
     """
-    tracking = read_tracking_file(tracking_file)
-    client = _client(tracking["tracking_uri"])
-    current: dict[str, Any] = {"run_id": None, "logged_epochs": set()}
+    current: dict[str, Any] = {"run_id": None, "logged_epochs": set(), "client": None}
 
     def start(params: dict[str, Any]) -> None:
+        tracking = ensure_tracking(tracking_file, setup)
+        client = current["client"] = _client(tracking["tracking_uri"])
         wanted = run_params(params)
         run = _recorded_run(client, run_dir)
         if run is not None and any(run.data.params.get(k, v) != v for k, v in wanted.items()):
@@ -157,17 +232,12 @@ def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, run_name: 
         if record["epoch"] in current["logged_epochs"]:
             return
         now = int(time.time() * 1000)
-        client.log_batch(current["run_id"], metrics=[Metric(k, float(v), now, record["epoch"])
-                                                     for k, v in record.items() if k != "epoch" and v is not None])
+        current["client"].log_batch(current["run_id"], metrics=epoch_metrics(record, now))
         current["logged_epochs"].add(record["epoch"])
 
     def end(metrics: dict[str, Any], out: Path) -> None:
-        run_id = current["run_id"]
-        now = int(time.time() * 1000)
-        summary = [Metric(f"{SUMMARY_PREFIX}/{which}/{k}", float(v), now, 0) for which in ("best", "last")
-                   for k, v in metrics[which].items() if v is not None]
-        client.log_batch(run_id, metrics=summary + [Metric(f"{SUMMARY_PREFIX}/wall_time_s", metrics["wall_time_s"],
-                                                           now, 0)])
+        client, run_id = current["client"], current["run_id"]
+        client.log_batch(run_id, metrics=summary_metrics(metrics, int(time.time() * 1000)))
         client.log_artifact(run_id, str(out / "metrics.json"))
         client.log_dict(run_id, metrics["config"], "config.json")
         curves = out / "learning_curves.png"
@@ -177,18 +247,19 @@ def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, run_name: 
 
     def stop(status: str) -> None:
         if current["run_id"] is not None:
-            client.set_terminated(current["run_id"], status)
+            current["client"].set_terminated(current["run_id"], status)
 
     return RunLogger(start=start, epoch=epoch, end=end, stop=stop)
 
 
-def log_metrics(tracking_file: str | Path, run_dir: str | Path, values: dict[str, float]) -> None:
+def log_metrics(tracking_file: str | Path, run_dir: str | Path, values: dict[str, float],
+                setup: list[str] | None = None) -> None:
     """Final metrics (e.g. `eval/best/aa_acc`) on the run directory's MLflow run.
 
     A directory with no MLflow run in this store (committed results in a fresh clone, before `python -m deat
     mlflow-import`) is said so on stderr and skipped: the evaluation's own file is the record that matters.
     """
-    tracking = read_tracking_file(tracking_file)
+    tracking = ensure_tracking(tracking_file, setup)
     client = _client(tracking["tracking_uri"])
     run = _recorded_run(client, run_dir)
     if run is None:
@@ -269,8 +340,8 @@ def import_results(results_dir: str | Path, tracking_uri: str, experiment: str) 
     """
     results_dir = Path(results_dir)
     client = _client(tracking_uri)
-    experiment_id = init_experiment(tracking_uri, experiment, results_dir / "mlflow" / "artifacts"
-                                    if tracking_uri.startswith("sqlite:") else None)
+    with setup_lock(tracking_uri):
+        experiment_id = init_experiment(tracking_uri, experiment)
     created = {"studies": 0, "runs": 0}
     for manifest_path in sorted(results_dir.glob("studies/*/manifest.json")):
         manifest = json.loads(manifest_path.read_text())
@@ -312,10 +383,8 @@ def _import_run(client: MlflowClient, experiment_id: str, parent: str, run_dir: 
     params = {**cfg, **{f"model_{k}": v for k, v in metrics.get("model", {}).items()},
               "effective_step": metrics.get("effective_step")}
     now = int(time.time() * 1000)
-    values = [Metric(k, float(v), now, r["epoch"]) for r in metrics["epochs"] for k, v in r.items()
-              if k != "epoch" and v is not None]
-    values += [Metric(f"{which}/{k}", float(v), now, 0) for which in ("best", "last")
-               for k, v in (metrics.get(which) or {}).items() if v is not None]
+    values = [m for record in metrics["epochs"] for m in epoch_metrics(record, now)]
+    values += summary_metrics(metrics, now)
     for eval_path in sorted(run_dir.glob("eval_*.json")):
         if eval_path.name.endswith(".partial.json"):
             continue

@@ -152,14 +152,15 @@ def gpu_options():
 
 
 def tracking_file(wildcards):
-    """The owner study's tracking file (the first study of `run:` that has the run): untracked, because it is no
-    input. The input is STUDIES_TRACKED, one path for every job, made after every study's tracking file: adding,
-    removing or reordering studies changes a run's owner, which must not make a finished run look out of date."""
-    return Untracked(f"results/studies/{run_entry(wildcards)['owner']}/mlflow.json")
+    """The owner study's tracking file (the first study of `run:` that has the run), and how to create it.
 
-
-# ancient: rewriting it (a reworded description rewrites a study's tracking file) makes no run look out of date.
-STUDIES_TRACKED = ancient("results/mlflow/studies.json")
+    No input of the job, on purpose: a finished run must never look out of date because the MLflow rules' files are
+    new or missing (a fresh clone, a new store, a study added or reordered). The job creates what is missing itself,
+    under a lock (deat.tracking.ensure_tracking); the report still waits for the study's MLflow rule.
+    """
+    owner = run_entry(wildcards)["owner"]
+    return Untracked(f"results/studies/{owner}/mlflow.json --mlflow-setup '{config['mlflow']['tracking_uri']}' "
+                     f"'{config['mlflow']['experiment']}' {owner}")
 
 
 def interrupted_elsewhere():

@@ -24,13 +24,10 @@ rule mlflow_store:
     params:
         uri=config["mlflow"]["tracking_uri"],
         experiment=config["mlflow"]["experiment"],
-        # A team server (http/https) keeps artifacts where it is configured to; a local store keeps them beside it.
-        artifact_root=(
-            "" if config["mlflow"]["tracking_uri"].startswith("http") else "--artifact-root results/mlflow/artifacts"
-        ),
+
     shell:
         "python -m deat mlflow-init --tracking-uri '{params.uri}' --experiment '{params.experiment}'"
-        " {params.artifact_root} --out {output} > {log} 2>&1"
+        " --out {output} > {log} 2>&1"
 
 
 rule study_manifest:
@@ -58,13 +55,3 @@ rule mlflow_study:
         "python -m deat mlflow-study --store {input.store} --study {wildcards.study}"
         " --manifest {input.manifest} --out {output} > {log} 2>&1"
 
-
-rule mlflow_studies:
-    input:
-        expand("results/studies/{study}/mlflow.json", study=config["run"]),
-    output:
-        "results/mlflow/studies.json",
-    run:
-        from deat.checkpoint import write_json
-
-        write_json(output[0], {path: json.loads(Path(path).read_text()) for path in input})

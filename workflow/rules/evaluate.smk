@@ -3,8 +3,10 @@
 
 rule evaluate:
     input:
-        metrics="results/runs/{run}/metrics.json",  # published with best.pt and last.pt, never before them
-        studies=STUDIES_TRACKED,
+        # Published with best.pt and last.pt, never before them. Ancient: in a fresh clone, file times are checkout
+        # times, and a committed metrics.json newer than its committed evaluation must not send a checkpoint-less
+        # run back to evaluation. A retrained run is a new directory (its identity changed), so it is evaluated.
+        metrics=lambda w: ancient(f"results/runs/{w.run}/metrics.json"),
     output:
         "results/runs/{run}/eval_{evalhash}.json",
     log:

@@ -4,7 +4,6 @@
 rule train:
     input:
         data=lambda w: ancient(f"results/data/{dataset_tag(run_entry(w)['train']['dataset'])}.json"),
-        studies=STUDIES_TRACKED,
     # metrics.json alone: Snakemake deletes a job's outputs before it reruns the job, and best.pt / last.pt must
     # never be deleted. A rerun whose metrics.json was deleted is published again from last.pt in a second.
     output:
