@@ -142,6 +142,21 @@ def test_forceall_retrains_nothing_and_keeps_every_checkpoint(study):
         assert json.loads(metrics.read_text())["status"] == "complete"
 
 
+@pytest.mark.slow
+def test_a_fresh_clone_of_committed_results_is_reported_not_retrained(study):
+    """Committed evidence is JSON only: no checkpoints, no MLflow store, no Snakemake metadata, and file times are
+    checkout times (an evaluation may look older than its metrics.json). Nothing may be trained or evaluated again:
+    the runs have no checkpoints to train on from, and their committed files would be deleted first."""
+    shutil.rmtree(study / ".snakemake")
+    shutil.rmtree(study / "results/mlflow")
+    for path in (study / "results/runs").rglob("*"):
+        if path.suffix == ".pt" or path.name == "mlflow_run_id":
+            path.unlink()
+        elif path.name.startswith("eval_") and path.suffix == ".json":
+            os.utime(path, (0, 0))
+    assert scheduled_rules(study) == {"mlflow_store", "mlflow_study", "report", "all"}
+
+
 # --------------------------------------------------------------------------- retrying a run by hand
 
 def train_cli(out: Path, *args: str, tracking: Path) -> subprocess.CompletedProcess:
