@@ -100,7 +100,7 @@ def assert_mlflow_holds_run(uri: str, run, metrics: dict) -> None:
     for key in metrics["epochs"][0]:
         if key == "epoch" or metrics["epochs"][0][key] is None:
             continue
-        history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+        history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, f"epoch/{key}")]
         assert sorted(history) == [(r["epoch"], pytest.approx(r[key])) for r in metrics["epochs"]], key
 
 

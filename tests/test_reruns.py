@@ -340,6 +340,6 @@ def test_committed_studies_load_into_mlflow_once(tmp_path, finished_study):
     child = next(r for r in runs if r.data.tags["deat.role"] == "grid_point")
     metrics = json.loads((tmp_path / child.data.tags["deat.run_dir"] / "metrics.json").read_text())
     assert child.info.status == "FINISHED" and "k1" not in child.data.params
-    history = client.get_metric_history(child.info.run_id, "test_pgd_acc")
+    history = client.get_metric_history(child.info.run_id, "epoch/test_pgd_acc")
     assert sorted((m.step, m.value) for m in history) == [(r["epoch"], r["test_pgd_acc"]) for r in metrics["epochs"]]
     assert "eval/best/pgd10_acc" in child.data.metrics

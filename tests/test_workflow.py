@@ -78,9 +78,12 @@ def test_mlflow_holds_one_child_run_per_grid_point_with_every_epoch(tiny_study):
     assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
     for child in children:
         assert child.info.status == "FINISHED"
-        assert {"method", "lr", "batch_size", "seed", "eps", "pgd_steps", "k1", "momentum"} <= set(child.data.params)
+        assert {"method", "lr", "batch_size", "seed", "eps", "pgd_steps"} <= set(child.data.params)
+        # Each method's own options only: momentum is SGD-momentum's, k1 DEAT's.
+        own, other = ("momentum", "k1") if child.data.params["method"] == "pgd_at" else ("k1", "momentum")
+        assert own in child.data.params and other not in child.data.params
         for key in EPOCH_METRICS:
-            history = client.get_metric_history(child.info.run_id, key)
+            history = client.get_metric_history(child.info.run_id, f"epoch/{key}")
             assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), key
         assert "eval/best/aa_acc" in child.data.metrics and "eval/last/pgd_acc" in child.data.metrics
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}

@@ -156,12 +156,16 @@ def main(argv: list[str] | None = None) -> int:
                       f"parent run page lists child run {child.info.run_name!r}", failures)
             chart_page = (f"{experiment_page}/runs/{children[0].info.run_id}/model-metrics"
                           "?workflowType=machine_learning")
-            # MLflow orders chart sections by metric prefix and puts the unprefixed per-epoch metrics last, under
-            # the eval/ and summary/ sections; a tall window renders them all. A per-epoch chart has a Step axis.
+            # MLflow orders chart sections by metric prefix, alphabetically: the per-epoch curves (epoch/...) come
+            # before the evaluation (eval/...) and the single values (summary/...). A tall window renders them all;
+            # a per-epoch chart has a Step axis.
             text = visible_text(dom := chromium(browser, scratch / "profile", chart_page, "--dump-dom", height=8000))
-            check("js-plotly-plot" in dom and re.search(r"Model metrics \(\d+\).*test_pgd_acc.*Step", text) is not None,
+            check("js-plotly-plot" in dom and re.search(r"epoch/test_pgd_acc.*Step", text) is not None,
                   f"child run {children[0].info.run_name!r} shows per-epoch curves (plotly) incl. test_pgd_acc",
                   failures)
+            first = {name: text.find(name) for name in ("epoch/test_pgd_acc", "eval/best", "summary/best")}
+            check(-1 < first["epoch/test_pgd_acc"] < min(v for v in first.values() if v > -1) + 1,
+                  f"the per-epoch curves come first on the run's chart page ({first})", failures)
             args.screenshot.parent.mkdir(parents=True, exist_ok=True)
             chromium(browser, scratch / "profile", chart_page, f"--screenshot={args.screenshot.resolve()}")
             check(args.screenshot.is_file() and args.screenshot.stat().st_size > 10_000,
