@@ -59,10 +59,10 @@ def write_run(run_dir: Path, method: str, lr: float, seed: int, awp_gamma: float
     (run_dir / "eval.json").write_text(json.dumps(evaluation))
 
 
-def make_study(root: Path, methods=METHODS, awp_gamma: float | None = None) -> dict:
+def make_study(root: Path, methods=METHODS, awp_gamma: float | None = None, lrs=LRS) -> dict:
     runs = []
     for method in methods:
-        for lr in LRS:
+        for lr in lrs:
             for seed in SEEDS:
                 run_dir = root / "runs" / method / f"lr{lr}_seed{seed}"
                 write_run(run_dir, method, lr, seed, awp_gamma if loading.objective_and_outer_step(method)[0]
@@ -212,3 +212,17 @@ def test_one_objective_study_keeps_the_papers_tables_and_has_no_objectives_table
     assert "catastrophic_overfitting" not in summary
     # runs.csv keeps its columns: the objectives table's additions stay out of it.
     assert "mean_epoch_time_s" not in pd.read_csv(tmp_path / "tables" / "runs.csv").columns
+
+
+def test_one_alpha_study_like_at_family_says_what_it_cannot_show(tmp_path):
+    """at_family's design: every method at one α; equal α pairs exist, matched effective steps do not."""
+    runs = load_runs(make_study(tmp_path, lrs=[0.2236]), tmp_path)[0]
+    equal, summary = tables.equal_step_table(runs)
+    assert equal.rows == [] and summary == []
+    assert equal.empty_message.startswith("No DEAT/SGD-momentum pair of one objective")
+    paired, _ = tables.paired_table(runs)
+    pooled = [row for row in paired.rows if row[4] == "pooled (paper's test)" and row[2].startswith("PGD-10")
+              and row[3] == "best"]
+    # Two pairs each: TRADES +3, +5 → +4.00; PGD-AT +5, +4 → +4.50.
+    assert [(row[0], row[6]) for row in pooled] == [("PGD-AT", "+4.50"), ("TRADES", "+4.00")]
+    assert tables.anova_table(runs)[0].rows == []  # one α: no method × α model
