@@ -226,3 +226,17 @@ def test_one_alpha_study_like_at_family_says_what_it_cannot_show(tmp_path):
     # Two pairs each: TRADES +3, +5 → +4.00; PGD-AT +5, +4 → +4.50.
     assert [(row[0], row[6]) for row in pooled] == [("PGD-AT", "+4.50"), ("TRADES", "+4.00")]
     assert tables.anova_table(runs)[0].rows == []  # one α: no method × α model
+
+
+def test_runs_without_timings_are_left_out_of_the_cost_and_named(tmp_path):
+    manifest = make_study(tmp_path, ["trades", "fast_at"], lrs=[0.01])
+    path = tmp_path / manifest["runs"][0]["dir"] / "metrics.json"  # TRADES α=0.01 seed 0
+    metrics = json.loads(path.read_text())
+    for epoch in metrics["epochs"]:
+        del epoch["epoch_time_s"], epoch["images_per_s"]
+    path.write_text(json.dumps(metrics))
+    table, _ = tables.objectives_table(load_runs(manifest, tmp_path)[0])
+    row = dict(zip(table.columns, table.rows[0]))
+    assert row["epoch time (s)"] == "14.0‡" and row["images/s"] == "300‡"  # seed 1 alone, fewer seeds than asked
+    assert f"— cost: no per-epoch epoch_time_s / images_per_s in metrics.json for {ARCH} TRADES α=0.01 b=128 " \
+           "seed 0 (older metrics.json)." in table.notes

@@ -233,7 +233,8 @@ EPOCH_COLUMNS = ["arch", "method", "label", "variant", "lr", "batch_size", "seed
 # Columns added for the objectives table (issue 16). runs.csv leaves them out, so that regenerating a committed
 # study's report rewrites none of its files; adding them to runs.csv is a deliberate change of its format.
 RUNS_CSV_LEAVES_OUT = ("objective", "outer_step", "awp_gamma", "device", "mean_epoch_time_s", "mean_images_per_s",
-                       "metrics_min_test_pgd_acc", "metrics_max_test_pgd_acc", "eval_pgd_label", "eval_best_pgd_acc", "eval_last_pgd_acc")
+                       "metrics_min_test_pgd_acc", "metrics_max_test_pgd_acc", "eval_pgd_label", "eval_best_pgd_acc",
+                       "eval_last_pgd_acc")
 
 
 def load_runs(manifest: dict, runs_root: str | Path = ".") -> tuple[pd.DataFrame, pd.DataFrame]:

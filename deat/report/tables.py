@@ -442,10 +442,10 @@ def equal_step_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
         notes += missing_note(in_pairs, ["eval_best_pgd10_acc", "eval_last_pgd10_acc"])
         notes += evaluation_notes(in_pairs, with_skipped=False)
     if len(pairs) > 1:
-        notes.append(f"Effective step: step per unit gradient, lr/(1−m) for SGD with momentum m and "
-                     f"lr/√((1+k1)²+k1²) for DEAT's outer step, whatever the objective (from metrics.json, else from "
-                     f"the protocol); PGD-10 robust test accuracy (%) per run, Δ = {_outer_step_words()} under the "
-                     "same objective (pp).")
+        notes.append("Effective step: step per unit gradient, lr/(1−m) for SGD with momentum m and "
+                     "lr/√((1+k1)²+k1²) for DEAT's outer step, whatever the objective (from metrics.json, else "
+                     f"from the protocol); PGD-10 robust test accuracy (%) per run, Δ = {_outer_step_words()} under "
+                     "the same objective (pp).")
         caption = (f"{treat} vs {base} per objective at equal effective step (within 1 %), PGD-10 robust test "
                    "accuracy (%) per run")
         empty = (f"No {treat}/{base} pair of one objective (same arch, b, seed) in this study has effective steps "
@@ -455,8 +455,8 @@ def equal_step_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
         _, baseline, treatment = (pairs or [("pgd_at", BASELINE, TREATMENT)])[0]
         own_base, own_treat = method_label(baseline), method_label(treatment)
         notes.append(f"Effective step: step per unit gradient, lr/(1−m) for {own_base} with SGD momentum m and "
-                     f"lr/√((1+k1)²+k1²) for {own_treat} (from metrics.json, else from the protocol); PGD-10 robust "
-                     f"test accuracy (%) per run, Δ = {own_treat} − {own_base} (pp).")
+                     f"lr/√((1+k1)²+k1²) for {own_treat} (from metrics.json, else from the protocol); PGD-10 "
+                     f"robust test accuracy (%) per run, Δ = {own_treat} − {own_base} (pp).")
         caption = f"{treat} vs {base} at equal effective step (within 1 %), PGD-10 robust test accuracy (%) per run"
         empty = (f"No {own_treat}/{own_base} pair (same arch, b, seed) in this study has effective steps within 1 % "
                  "of each other.")
@@ -547,16 +547,17 @@ def objectives_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
                   "lr": point.lr, "batch_size": point.batch_size}
         for checkpoint in CHECKPOINTS:
             for metric in metrics:
-                s = point_stats[f"eval_{checkpoint}_{metric}"][key]
-                text = format_mean_std(s["mean"], s["std"], s["n"], s["n_expected"])
+                stat = point_stats[f"eval_{checkpoint}_{metric}"][key]
+                text = format_mean_std(stat["mean"], stat["std"], stat["n"], stat["n_expected"])
                 flagged = metric != "clean_acc" and key in masked[checkpoint] and text != MISSING
                 cells.append(text + (MASKED if flagged else ""))
-                record.update({f"{checkpoint}_{metric}_mean": s["mean"], f"{checkpoint}_{metric}_std": s["std"],
-                               f"{checkpoint}_{metric}_n_seeds": s["n"]})
+                record.update({f"{checkpoint}_{metric}_mean": stat["mean"],
+                               f"{checkpoint}_{metric}_std": stat["std"], f"{checkpoint}_{metric}_n_seeds": stat["n"]})
         for column, digits in (("mean_epoch_time_s", 1), ("mean_images_per_s", 0)):
-            s = point_stats[column][key]
-            cells.append(format_mean_std(s["mean"], s["std"], s["n"], s["n_expected"], scale=1.0, digits=digits))
-            record.update({column: s["mean"], column.replace("mean_", "std_", 1): s["std"]})
+            stat = point_stats[column][key]
+            cells.append(format_mean_std(stat["mean"], stat["std"], stat["n"], stat["n_expected"], scale=1.0,
+                                         digits=digits))
+            record.update({column: stat["mean"], column.replace("mean_", "std_", 1): stat["std"]})
         devices = ordered(members.device_name.fillna(members.device).dropna())
         cells.append(", ".join(devices) or MISSING)
         record["device"] = ", ".join(devices) or None
@@ -565,6 +566,11 @@ def objectives_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
 
     eval_columns = [c for c in value_columns if c.startswith("eval_")]
     notes = missing_note(runs, eval_columns) + evaluation_notes(runs)
+    untimed = runs[runs[["mean_epoch_time_s", "mean_images_per_s"]].isna().any(axis=1)]
+    if len(untimed):
+        notes.append(f"{MISSING} cost: no per-epoch epoch_time_s / images_per_s in metrics.json for "
+                     + "; ".join(f"{run_label(row)} ({row.metrics_problem or 'older metrics.json'})"
+                                 for row in untimed.itertuples()) + ".")
     collapse_notes, _ = catastrophic_overfitting(runs)
     notes += collapse_notes
     awp = runs[runs.awp_gamma > 0]
