@@ -69,6 +69,7 @@ def build_report(manifest: dict, tables_dir: str | Path, figures_dir: str | Path
     for note in skipped:
         log.info("study %s: skipped %s", study, note)
 
+    _, collapse = tables.catastrophic_overfitting(runs)  # per fast AT run; none in a study without fast AT
     summary = {
         "study": study,
         "paper_reference": bool(manifest.get("paper_reference")),
@@ -77,7 +78,7 @@ def build_report(manifest: dict, tables_dir: str | Path, figures_dir: str | Path
                  "missing": [f"{run_label(r)} ({'; '.join(p for p in (r.metrics_problem, r.eval_problem) if p)})"
                              for r in runs.itertuples() if r.metrics_problem or r.eval_problem]},
         **{name: records for name, (_, records) in built.items()},
-        **({"catastrophic_overfitting": collapse} if (collapse := tables.catastrophic_overfitting(runs)[1]) else {}),
+        **({"catastrophic_overfitting": collapse} if collapse else {}),
         "skipped": skipped,
     }
     summary_path = tables_dir / "summary.json"
