@@ -12,7 +12,8 @@ The package, in the order data flows through it:
 
 - ``loading``: a study manifest and its runs' JSON files → a pandas frame of runs and one of epochs.
 - ``statistics``: seed means, correlations with exact/permutation p-values, the paired test, Δ per α with a
-  confidence interval, the method × α ANOVA (scipy, statsmodels). Numbers only, no formatting.
+  confidence interval, the method × α ANOVA (scipy, statsmodels), for DEAT vs SGD-momentum under each objective.
+  Numbers only, no formatting.
 - ``formatting``: display labels and how a number is printed (percent, ±, markers).
 - ``protocol``: the study's protocol, written once per study to ``protocol.md``.
 - ``tables``: each table as a frame of display strings with a one-line caption and footnotes.

@@ -35,11 +35,12 @@ def format_p(p: float) -> str:
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
-def format_mean_std(mean: float, std: float, n: int, n_expected: int) -> str:
-    """"44.30 ± 0.28" (percent); one seed: no ±; fewer seeds than asked: marked ‡; none: —."""
+def format_mean_std(mean: float, std: float, n: int, n_expected: int, scale: float = 100.0, digits: int = 2) -> str:
+    """"44.30 ± 0.28": a fraction in percent (``scale`` 100), or another quantity at ``scale`` 1 with ``digits``
+    decimals ("12.3 ± 0.4" s); one seed: no ±; fewer seeds than asked: marked ‡; none: —."""
     if n == 0:
         return MISSING
-    text = f"{100 * mean:.2f}" if n < 2 else f"{100 * mean:.2f} ± {100 * std:.2f}"
+    text = f"{scale * mean:.{digits}f}" if n < 2 else f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
     return text + (PARTIAL if n < n_expected else "")
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..config import AWP_OBJECTIVES, METHODS, OBJECTIVES, objective_of, outer_step_of
+
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = ("best", "last")
@@ -24,10 +26,13 @@ EVAL_METRICS = {"pgd10_acc": "pgd10", "clean_acc": "clean", "aa_acc": "aa"}
 RUN_KEYS = ("arch", "method", "lr", "batch_size", "seed", "dir")
 # "variant" names a study's extra sweep axes ("k1=0.5, k2=0.8"); it is "" for studies without a sweep.
 POINT_KEYS = ["arch", "method", "variant", "lr", "batch_size"]
-# The baseline and the method the paper compares (Δ = DEAT − PGD-AT); other methods are shown, not paired.
+# The baseline and the method the paper compares (Δ = DEAT − PGD-AT). Every other objective is paired the same
+# way: "<objective>" (SGD-momentum) against "<objective>_deat" (DEAT's outer step), see objective_pairs.
 BASELINE, TREATMENT = "pgd_at", "deat"
-METHOD_LABELS = {"pgd_at": "PGD-AT", "deat": "DEAT", "trades": "TRADES", "mart": "MART", "awp": "AWP",
-                 "trades_deat": "TRADES + DEAT", "mart_deat": "MART + DEAT", "awp_deat": "AWP + DEAT"}
+METHOD_LABELS = {"pgd_at": "PGD-AT", "deat": "DEAT", "trades": "TRADES", "trades_deat": "TRADES + DEAT",
+                 "mart": "MART", "mart_deat": "MART + DEAT", "fast_at": "fast AT", "fast_at_deat": "fast AT + DEAT"}
+OBJECTIVE_LABELS = {"pgd_at": "PGD-AT", "trades": "TRADES", "mart": "MART", "fast_at": "fast AT"}
+OUTER_STEP_LABELS = {"sgd": "SGD-momentum", "deat": "DEAT"}
 # Without the attack (pgd_steps 0) PGD-AT's optimizer is plain SGD with momentum: that is what the runs are.
 STANDARD_TRAINING_LABELS = {"pgd_at": "SGD-momentum"}
 AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -39,6 +44,20 @@ def method_label(method: str, protocol: dict | None = None) -> str:
     if (protocol or {}).get("pgd_steps") == 0 and method in STANDARD_TRAINING_LABELS:
         return STANDARD_TRAINING_LABELS[method]
     return METHOD_LABELS.get(method, method.replace("_", "-").upper())
+
+
+def objective_and_outer_step(method: str) -> tuple[str, str]:
+    """("trades", "deat") for "trades_deat", ("pgd_at", "sgd") for "pgd_at" (deat.config's split); a method
+    outside deat.config.METHODS (an older or hand-written manifest) is its own objective, outer step ""."""
+    return (objective_of(method), outer_step_of(method)) if method in METHODS else (method, "")
+
+
+def objective_pairs(methods) -> list[tuple[str, str, str]]:
+    """(objective, SGD-momentum method, DEAT method) of every objective that ``methods`` has with both outer
+    steps, in deat.config.OBJECTIVES order: [("pgd_at", "pgd_at", "deat"), ("trades", "trades", "trades_deat")]."""
+    present = {objective_and_outer_step(m): m for m in methods}
+    return [(objective, present[objective, "sgd"], present[objective, "deat"]) for objective in OBJECTIVES
+            if (objective, "sgd") in present and (objective, "deat") in present]
 
 
 def autoattack_label(settings: dict) -> str:
@@ -107,11 +126,13 @@ def _fraction(value) -> float:
 
 def formula_effective_step(method: str, lr: float, pgd_at_momentum: float | None, k1: float | None) -> float:
     """Step per unit gradient at steady state: SGD with momentum m moves lr/(1−m); DEAT (Algorithm 2) moves
-    α' = lr/√((1+k1)²+k1²), since its two dampened buffers both tend to g and (1+k1)·g − k1·g = g. NaN for a
-    method outside these two or without the setting."""
-    if method == "pgd_at":
+    α' = lr/√((1+k1)²+k1²), since its two dampened buffers both tend to g and (1+k1)·g − k1·g = g. The outer
+    step decides it, whatever the objective ("trades_deat" as "deat"). NaN for a method outside
+    deat.config.METHODS or without the setting."""
+    outer_step = objective_and_outer_step(method)[1]
+    if outer_step == "sgd":
         return float("nan") if pgd_at_momentum is None else lr / (1.0 - pgd_at_momentum)
-    if method == "deat":
+    if outer_step == "deat":
         return float("nan") if k1 is None else lr / math.sqrt((1.0 + k1) ** 2 + k1**2)
     return float("nan")
 
@@ -124,6 +145,7 @@ def _run_record(run: dict, protocol: dict, runs_root: Path) -> tuple[dict, list[
     record = {key: run[key] for key in RUN_KEYS}
     record["lr"], record["batch_size"], record["seed"] = float(run["lr"]), int(run["batch_size"]), int(run["seed"])
     record["label"] = method_label(run["method"], protocol)
+    record["objective"], record["outer_step"] = objective_and_outer_step(run["method"])
     sweep = run.get("sweep", {})
     record["variant"] = variant_label(sweep)
     record.update({f"sweep_{key}": value for key, value in sweep.items()})
@@ -156,26 +178,63 @@ def _run_record(run: dict, protocol: dict, runs_root: Path) -> tuple[dict, list[
         "eval_n_examples": evaluation.get("examples", {}).get("n"),
         "aa_label": autoattack_label(settings) if evaluation else None,
     })
+    # AWP's γ: what the run used (metrics.json), else what the study set (sweep, protocol); 0 for objectives
+    # without AWP, as deat.config leaves it out of their runs.
+    gamma = metrics.get("config", {}).get("awp_gamma", sweep.get("awp_gamma", protocol.get("awp_gamma")))
+    epoch_times = [entry.get("epoch_time_s") for entry in metrics.get("epochs", [])]
+    rates = [entry.get("images_per_s") for entry in metrics.get("epochs", [])]
+    test_pgd = [_fraction(entry.get("test_pgd_acc")) for entry in metrics.get("epochs", [])]
+    extras = {
+        "awp_gamma": float(gamma or 0.0) if record["objective"] in AWP_OBJECTIVES else 0.0,
+        "device": metrics.get("environment", {}).get("device"),
+        "mean_epoch_time_s": _mean(epoch_times),
+        "mean_images_per_s": _mean(rates),
+        "metrics_min_test_pgd_acc": _extreme(min, test_pgd),
+        "metrics_max_test_pgd_acc": _extreme(max, test_pgd),
+        "eval_pgd_label": (f"PGD-{settings['pgd_steps']}×{settings['pgd_restarts']}"
+                           if "pgd_steps" in settings and "pgd_restarts" in settings else None),
+    }
     checkpoints = evaluation.get("checkpoints", {})
     for checkpoint in CHECKPOINTS:
         result = checkpoints.get(checkpoint, {})
         for key in EVAL_METRICS:
             record[f"eval_{checkpoint}_{key}"] = _fraction(result.get(key))
+        extras[f"eval_{checkpoint}_pgd_acc"] = _fraction(result.get("pgd_acc"))
         # Issue 13's evaluation: gradient-masking signatures and attacks it did not run (absent in older files).
         record[f"eval_{checkpoint}_masking"] = "; ".join(result.get("masking_flags") or [])
         record[f"eval_{checkpoint}_skipped"] = "; ".join(f"{attack} ({why})" for attack, why in
                                                         (result.get("skipped_attacks") or {}).items())
+    record.update(extras)
 
     identity = {key: record[key] for key in ("arch", "method", "label", "variant", "lr", "batch_size", "seed")}
     epoch_rows = [{**identity, "epoch": entry["epoch"], "train_robust_acc": _fraction(entry.get("train_robust_acc")),
                    "test_pgd_acc": _fraction(entry.get("test_pgd_acc")),
-                   "test_clean_acc": _fraction(entry.get("test_clean_acc"))}
+                   "test_clean_acc": _fraction(entry.get("test_clean_acc")),
+                   "epoch_time_s": _fraction(entry.get("epoch_time_s")),
+                   "images_per_s": _fraction(entry.get("images_per_s"))}
                   for entry in metrics.get("epochs", [])]
     return record, epoch_rows
 
 
+def _extreme(pick, values: list[float]) -> float:
+    """min or max of per-epoch accuracies; NaN when there are none or one is missing."""
+    return pick(values) if values and not any(map(math.isnan, values)) else float("nan")
+
+
+def _mean(values: list) -> float:
+    """Mean of per-epoch numbers; NaN when there are none or one is missing (an older metrics.json)."""
+    if not values or any(value is None for value in values):
+        return float("nan")
+    return sum(values) / len(values)
+
+
 EPOCH_COLUMNS = ["arch", "method", "label", "variant", "lr", "batch_size", "seed", "epoch", "train_robust_acc",
-                 "test_pgd_acc", "test_clean_acc"]
+                 "test_pgd_acc", "test_clean_acc", "epoch_time_s", "images_per_s"]
+# Columns added for the objectives table (issue 16). runs.csv leaves them out, so that regenerating a committed
+# study's report rewrites none of its files; adding them to runs.csv is a deliberate change of its format.
+RUNS_CSV_LEAVES_OUT = ("objective", "outer_step", "awp_gamma", "device", "mean_epoch_time_s", "mean_images_per_s",
+                       "metrics_min_test_pgd_acc", "metrics_max_test_pgd_acc", "eval_pgd_label", "eval_best_pgd_acc",
+                       "eval_last_pgd_acc")
 
 
 def load_runs(manifest: dict, runs_root: str | Path = ".") -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -205,7 +264,17 @@ def label_of(runs: pd.DataFrame, method: str) -> str:
     return runs.loc[runs.method == method, "label"].iloc[0]
 
 
+def _study_label(runs: pd.DataFrame, column: str, fallback: str) -> str:
+    labels = list(dict.fromkeys(runs[column].dropna())) if column in runs else []
+    return " / ".join(labels) if labels else fallback
+
+
 def study_aa_label(runs: pd.DataFrame) -> str:
     """The AutoAttack label of the study's evaluations; several (a mixed study) are joined with " / "."""
-    labels = list(dict.fromkeys(runs.aa_label.dropna())) if "aa_label" in runs else []
-    return " / ".join(labels) if labels else "AutoAttack"
+    return _study_label(runs, "aa_label", "AutoAttack")
+
+
+def study_pgd_label(runs: pd.DataFrame) -> str:
+    """The strong PGD attack of the study's evaluations, "PGD-50×10" (eval.json settings pgd_steps ×
+    pgd_restarts); several are joined with " / ", none known is "PGD-k×R"."""
+    return _study_label(runs, "eval_pgd_label", "PGD-k×R")

@@ -7,7 +7,7 @@ import math
 
 import pandas as pd
 
-from .loading import label_of, render_value
+from .loading import label_of, methods_of, objective_and_outer_step, render_value
 
 PROTOCOL_FILE = "protocol.md"
 # deat.config's default piecewise milestones, as fractions of the epochs (TrainConfig.milestones: null).
@@ -48,15 +48,17 @@ def protocol_markdown(manifest: dict, runs: pd.DataFrame) -> str:
     lines = [f"# Protocol of study {manifest['study']}", ""]
     if description:
         lines += [description, ""]
-    methods = set(runs.method)
+    # Every method with SGD-momentum's outer step ("pgd_at", "trades", ...) and every one with DEAT's ("deat",
+    # "trades_deat", ...), named together: "PGD-AT, TRADES: SGD, momentum 0.9".
+    methods = methods_of(runs)
+    sgd = ", ".join(label_of(runs, m) for m in methods if objective_and_outer_step(m)[1] == "sgd")
+    deat = ", ".join(label_of(runs, m) for m in methods if objective_and_outer_step(m)[1] == "deat")
     optimizers = []
-    if "pgd_at_momentum" in protocol and "pgd_at" in methods:
+    if "pgd_at_momentum" in protocol and sgd:
         momentum = protocol["pgd_at_momentum"]
-        label = label_of(runs, "pgd_at")
-        optimizers.append(f"{label}: plain SGD (Algorithm 1)" if momentum == 0
-                          else f"{label}: SGD, momentum {momentum:g}")
-    if ("k1" in protocol or "k2" in protocol) and "deat" in methods:
-        optimizers.append(f"DEAT: Algorithm 2, k1={render_value(protocol.get('k1'))}, "
+        optimizers.append(f"{sgd}: plain SGD (Algorithm 1)" if momentum == 0 else f"{sgd}: SGD, momentum {momentum:g}")
+    if ("k1" in protocol or "k2" in protocol) and deat:
+        optimizers.append(f"{deat}: Algorithm 2, k1={render_value(protocol.get('k1'))}, "
                           f"k2={render_value(protocol.get('k2'))}")
     if optimizers:
         lines += ["Optimizers: " + "; ".join(optimizers) + ".", ""]

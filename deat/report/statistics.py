@@ -1,6 +1,7 @@
 """The report's statistics, as numbers (no formatting): seed means, correlations with exact or permutation
-p-values at small n, DEAT − PGD-AT differences (pooled paired t-test, per α with a confidence interval) and the
-method × α two-way ANOVA. Everything comes from scipy.stats and statsmodels; accuracies are fractions.
+p-values at small n, differences of DEAT's outer step from SGD-momentum under one objective (DEAT − PGD-AT, the
+paper's; TRADES + DEAT − TRADES, ...: pooled paired t-test, per α with a confidence interval) and the method × α
+two-way ANOVA. Everything comes from scipy.stats and statsmodels; accuracies are fractions.
 """
 
 from __future__ import annotations
@@ -74,32 +75,39 @@ def kendall_tau_b(xs: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (dx * dy).sum(axis=(-1, -2)) / np.sqrt((dx != 0).sum(axis=(-1, -2)) * (dy != 0).sum())
 
 
-def matched_pairs(runs: pd.DataFrame, column: str, arch: str) -> tuple[pd.DataFrame, int]:
-    """DEAT and PGD-AT values of one arch matched on (variant, α, b, seed), both present (columns pgd_at, deat,
-    index variant, lr, batch_size, seed); and how many matches the grid has."""
+def matched_pairs(runs: pd.DataFrame, column: str, arch: str, baseline: str = BASELINE,
+                  treatment: str = TREATMENT) -> tuple[pd.DataFrame, int]:
+    """``treatment`` and ``baseline`` values of one arch (DEAT and PGD-AT unless named, e.g. "trades_deat" and
+    "trades") matched on (variant, α, b, seed), both present (columns baseline, treatment in that order, index
+    variant, lr, batch_size, seed); and how many matches the grid has."""
     subset = runs[runs.arch == arch]
     keys = ["variant", "lr", "batch_size", "seed"]
-    baseline = subset[subset.method == BASELINE].set_index(keys)[column]
-    treatment = subset[subset.method == TREATMENT].set_index(keys)[column]
-    matched = pd.concat({BASELINE: baseline, TREATMENT: treatment}, axis=1, join="inner")
+    before = subset[subset.method == baseline].set_index(keys)[column]
+    after = subset[subset.method == treatment].set_index(keys)[column]
+    matched = pd.concat({baseline: before, treatment: after}, axis=1, join="inner")
     return matched.dropna(), len(matched)
 
 
+def paired_differences(matched: pd.DataFrame) -> pd.Series:
+    """Treatment − baseline per pair of a ``matched_pairs`` frame (its second column minus its first)."""
+    return matched.iloc[:, 1] - matched.iloc[:, 0]
+
+
 def pooled_paired_ttest(matched: pd.DataFrame) -> tuple[float, float]:
-    """The paper's test: scipy.stats.ttest_rel(DEAT, PGD-AT) over all matched pairs taken as interchangeable.
-    NaN, NaN with fewer than 2 pairs or every difference equal (t undefined)."""
-    differences = (matched[TREATMENT] - matched[BASELINE]).to_numpy()
+    """The paper's test: scipy.stats.ttest_rel(treatment, baseline) over all matched pairs taken as
+    interchangeable. NaN, NaN with fewer than 2 pairs or every difference equal (t undefined)."""
+    differences = paired_differences(matched).to_numpy()
     if len(differences) < 2 or np.std(differences) <= 1e-12 * max(1.0, abs(differences.mean())):
         return float("nan"), float("nan")
-    result = stats.ttest_rel(matched[TREATMENT], matched[BASELINE])
+    result = stats.ttest_rel(matched.iloc[:, 1], matched.iloc[:, 0])
     return float(result.statistic), float(result.pvalue)
 
 
 def delta_per_alpha(matched: pd.DataFrame) -> pd.DataFrame:
-    """Per α: pairs, mean Δ = DEAT − PGD-AT and its two-sided CONFIDENCE t-interval over the pairs at that α
-    (scipy.stats.ttest_1samp(...).confidence_interval); NaN bounds with fewer than 2 pairs."""
+    """Per α: pairs, mean Δ = treatment − baseline (DEAT − PGD-AT) and its two-sided CONFIDENCE t-interval over
+    the pairs at that α (scipy.stats.ttest_1samp(...).confidence_interval); NaN bounds with fewer than 2 pairs."""
     rows = []
-    for lr, group in (matched[TREATMENT] - matched[BASELINE]).groupby(level="lr"):
+    for lr, group in paired_differences(matched).groupby(level="lr"):
         values = group.to_numpy()
         low = high = float("nan")
         if len(values) >= 2:
@@ -122,18 +130,20 @@ def alpha_as_unit_ttest(per_alpha: pd.DataFrame) -> tuple[float, float]:
     return float(result.statistic), float(result.pvalue)
 
 
-def method_by_alpha_anova(runs: pd.DataFrame, column: str) -> pd.DataFrame:
+def method_by_alpha_anova(runs: pd.DataFrame, column: str, baseline: str = BASELINE,
+                          treatment: str = TREATMENT) -> pd.DataFrame:
     """Two-way ANOVA of ``column`` on method × α (type II sums of squares, statsmodels ``ols`` + ``anova_lm``),
     with batch size and sweep variant as additive blocks where the study varies them.
 
     Rows: the effects ("method", "α", "method × α", blocks, "residual") with columns df, F, p. The interaction
     needs replicates (seeds or batch sizes) at each (method, α); without residual degrees of freedom for it the
     additive model is fitted and the interaction row is absent. An empty frame when the design cannot be fitted
-    (one method, one α, or no residual degrees of freedom)."""
+    (one method, one α, or no residual degrees of freedom). The methods are ``baseline`` and ``treatment``
+    (PGD-AT and DEAT unless named)."""
     import statsmodels.formula.api as smf
     from statsmodels.stats.anova import anova_lm
 
-    data = runs[runs.method.isin([BASELINE, TREATMENT])].dropna(subset=[column])
+    data = runs[runs.method.isin([baseline, treatment])].dropna(subset=[column])
     data = data.assign(y=100 * data[column])  # percent: readable sums of squares, same F and p
     if data.method.nunique() < 2 or data.lr.nunique() < 2:
         return pd.DataFrame(columns=["effect", "df", "F", "p"])

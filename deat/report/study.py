@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import figures, tables
 from .formatting import run_label
-from .loading import CHECKPOINTS, EVAL_METRICS, load_runs
+from .loading import CHECKPOINTS, EVAL_METRICS, RUNS_CSV_LEAVES_OUT, load_runs
 from .protocol import PROTOCOL_FILE, protocol_markdown
 from .render import write_table
 
@@ -45,6 +45,8 @@ def build_report(manifest: dict, tables_dir: str | Path, figures_dir: str | Path
     built["robust_overfitting"] = tables.robust_overfitting_table(runs)
     if tables.varies_variant(runs):
         built["sweep_sensitivity"] = tables.sweep_table(runs)
+    if "objective" in runs and runs.objective.nunique() >= 2:
+        built["objectives"] = tables.objectives_table(runs)
     if manifest.get("paper_reference"):
         for checkpoint in CHECKPOINTS:
             built[f"paper_comparison_{checkpoint}"] = tables.paper_comparison_table(runs, checkpoint)
@@ -55,7 +57,7 @@ def build_report(manifest: dict, tables_dir: str | Path, figures_dir: str | Path
     for table, _ in built.values():
         written += write_table(table, study, tables_dir)
     runs_csv = tables_dir / "runs.csv"
-    runs.to_csv(runs_csv, index=False)
+    runs.drop(columns=list(RUNS_CSV_LEAVES_OUT), errors="ignore").to_csv(runs_csv, index=False)
     written.append(runs_csv)
 
     written += figures.figure_accuracy_vs_lr(runs, head, figures_dir, skipped)
@@ -67,6 +69,7 @@ def build_report(manifest: dict, tables_dir: str | Path, figures_dir: str | Path
     for note in skipped:
         log.info("study %s: skipped %s", study, note)
 
+    _, collapse = tables.catastrophic_overfitting(runs)  # per fast AT run; none in a study without fast AT
     summary = {
         "study": study,
         "paper_reference": bool(manifest.get("paper_reference")),
@@ -75,6 +78,7 @@ def build_report(manifest: dict, tables_dir: str | Path, figures_dir: str | Path
                  "missing": [f"{run_label(r)} ({'; '.join(p for p in (r.metrics_problem, r.eval_problem) if p)})"
                              for r in runs.itertuples() if r.metrics_problem or r.eval_problem]},
         **{name: records for name, (_, records) in built.items()},
+        **({"catastrophic_overfitting": collapse} if collapse else {}),
         "skipped": skipped,
     }
     summary_path = tables_dir / "summary.json"

@@ -17,7 +17,8 @@ import pandas as pd
 from . import statistics
 from .formatting import (MASKED, MISSING, PARTIAL, format_delta, format_mean_std, format_p, format_percent,
                          json_value, ordered, point_label, records, run_label)
-from .loading import BASELINE, CHECKPOINTS, EVAL_METRICS, POINT_KEYS, TREATMENT, label_of, methods_of, study_aa_label
+from .loading import (BASELINE, CHECKPOINTS, EVAL_METRICS, OBJECTIVE_LABELS, OUTER_STEP_LABELS, POINT_KEYS, TREATMENT,
+                      label_of, method_label, methods_of, objective_pairs, study_aa_label, study_pgd_label)
 from .render import Table
 
 EQUAL_STEP_RTOL = 0.01  # "equal effective step": within 1 % relative (math.isclose semantics)
@@ -37,12 +38,40 @@ def seeds_words(runs: pd.DataFrame) -> str:
     return ", mean ± std over seeds" if most >= 2 else ", one seed"
 
 
+def pairs_of(runs: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(objective, SGD-momentum method, DEAT method) of every objective the study runs with both outer steps;
+    [("pgd_at", "pgd_at", "deat")] for the paper's comparison."""
+    return objective_pairs(methods_of(runs))
+
+
 def _has_delta(runs: pd.DataFrame) -> bool:
-    return {BASELINE, TREATMENT} <= set(runs.method)
+    return bool(pairs_of(runs))
 
 
-def _delta_words(runs: pd.DataFrame) -> str:
-    return f"{label_of(runs, TREATMENT)} − {label_of(runs, BASELINE)}"
+def _delta_words(runs: pd.DataFrame, baseline: str = BASELINE, treatment: str = TREATMENT) -> str:
+    return f"{label_of(runs, treatment)} − {label_of(runs, baseline)}"
+
+
+def objective_label(objective: str) -> str:
+    return OBJECTIVE_LABELS.get(objective, objective)
+
+
+# A study that pairs one objective keeps the paper's layout (Δ = DEAT − PGD-AT); one that pairs several shows an
+# objective column, names Δ by the outer steps and tags each summary record with its comparison.
+def _objective_column(pairs: list) -> list[str]:
+    return ["objective"] if len(pairs) > 1 else []
+
+
+def _objective_cell(pairs: list, objective: str) -> list[str]:
+    return [objective_label(objective)] if len(pairs) > 1 else []
+
+
+def _comparison_record(pairs: list, baseline: str, treatment: str) -> dict:
+    return {"comparison": f"{treatment}_minus_{baseline}"} if len(pairs) > 1 else {}
+
+
+def _outer_step_words() -> str:
+    return f"{OUTER_STEP_LABELS['deat']} − {OUTER_STEP_LABELS['sgd']}"
 
 
 def _varies_batch(runs: pd.DataFrame) -> bool:
@@ -131,11 +160,12 @@ def accuracy_table(runs: pd.DataFrame, metric: str, checkpoint: str) -> tuple[Ta
     lookup = {tuple(r[k] for k in POINT_KEYS): r for r in point_stats.to_dict("records")}
     masked = _masked_points(runs, checkpoint) if metric != "clean_acc" else set()
     archs, methods, varies_batch = ordered(runs.arch), methods_of(runs), _varies_batch(runs)
-    with_delta = _has_delta(runs)
+    pairs = pairs_of(runs)
+    delta_labels = ["Δ"] if len(pairs) == 1 else [f"Δ {objective_label(objective)}" for objective, _, _ in pairs]
 
     by_variant = varies_variant(runs)
     key_columns = (["variant"] if by_variant else []) + (["α", "b"] if varies_batch else ["α"])
-    labels = [label_of(runs, m) for m in methods] + (["Δ"] if with_delta else [])
+    labels = [label_of(runs, m) for m in methods] + delta_labels
     columns = key_columns + [f"{arch} {label}" for arch in archs for label in labels]
     groups = [("", len(key_columns))] + [(arch, len(labels)) for arch in archs]
     subcolumns = key_columns + labels * len(archs)
@@ -149,29 +179,32 @@ def accuracy_table(runs: pd.DataFrame, metric: str, checkpoint: str) -> tuple[Ta
                 text = "" if p is None else format_mean_std(p["mean"], p["std"], p["n"], p["n_expected"])
                 flagged = (arch, method, variant, lr, batch_size) in masked and text not in ("", MISSING)
                 cells.append(text + (MASKED if flagged else ""))
-            if with_delta:
-                pgd, deat = point[BASELINE], point[TREATMENT]
-                delta = float("nan") if pgd is None or deat is None else deat["mean"] - pgd["mean"]
-                partial = pgd is not None and deat is not None and (
-                    0 < pgd["n"] < pgd["n_expected"] or 0 < deat["n"] < deat["n_expected"])
+            for _, baseline, treatment in pairs:
+                before, after = point[baseline], point[treatment]
+                delta = float("nan") if before is None or after is None else after["mean"] - before["mean"]
+                partial = before is not None and after is not None and (
+                    0 < before["n"] < before["n_expected"] or 0 < after["n"] < after["n_expected"])
                 cells.append(format_delta(delta) + (PARTIAL if partial and not pd.isna(delta) else ""))
-                deltas.append({"arch": arch, "variant": variant, "lr": lr, "batch_size": batch_size,
-                               "delta_acc": delta})
+                deltas.append({"method": f"{treatment}_minus_{baseline}", "arch": arch, "variant": variant,
+                               "lr": lr, "batch_size": batch_size, "delta_acc": delta})
         rows.append(cells)
 
     notes = missing_note(runs, [column]) + partial_note(point_stats, runs)
     notes += evaluation_notes(runs, [checkpoint], with_skipped=metric == "aa_acc") if metric != "clean_acc" else []
     if any("" in row for row in rows):
         notes.append("Blank: not a grid point of this study.")
-    if with_delta:
-        notes.append(f"Δ = {_delta_words(runs)}, difference of the seed means (percentage points).")
+    if len(pairs) == 1:
+        notes.append(f"Δ = {_delta_words(runs, *pairs[0][1:])}, difference of the seed means (percentage points).")
+    elif pairs:
+        notes.append("; ".join(f"{label} = {_delta_words(runs, baseline, treatment)}" for label, (_, baseline,
+                     treatment) in zip(delta_labels, pairs)) + ": DEAT's outer step − SGD-momentum under one "
+                     "objective, differences of the seed means (percentage points).")
     caption = (f"Table 2 analogue: {metric_words(metric, runs)} (%) of the {checkpoint} checkpoint"
                f"{seeds_words(runs)}")
     summary = [{"metric": metric, "checkpoint": checkpoint, **r} for r in records(
         point_stats.rename(columns={"mean": "mean_acc", "std": "std_acc", "n": "n_seeds",
                                     "n_expected": "n_seeds_expected"}))]
-    summary += [{"metric": metric, "checkpoint": checkpoint, "method": f"{TREATMENT}_minus_{BASELINE}", **r}
-                for r in records(pd.DataFrame(deltas))]
+    summary += [{"metric": metric, "checkpoint": checkpoint, **r} for r in records(pd.DataFrame(deltas))]
     return Table(f"table2_{EVAL_METRICS[metric]}_{checkpoint}", caption, columns, rows, notes, groups,
                  subcolumns), summary
 
@@ -243,86 +276,109 @@ def _headline_metrics(runs: pd.DataFrame) -> list[str]:
 
 def paired_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
     """Table 4 analogue: Δ = DEAT − PGD-AT per α with a 95 % confidence interval over the pairs at that α, the
-    t-test with α as the unit, and the paper's pooled paired t-test over all (α, b, seed) pairs, labelled so."""
-    if not _has_delta(runs):
+    t-test with α as the unit, and the paper's pooled paired t-test over all (α, b, seed) pairs, labelled so.
+    A study with several objectives run with both outer steps gets these rows per objective (Δ = TRADES + DEAT −
+    TRADES, ...), under an objective column."""
+    pairs = pairs_of(runs)
+    if not pairs:
         return Table("table4_paired_ttest", "Table 4 analogue: needs both DEAT and PGD-AT runs", ["arch"], [],
                      empty_message="The study does not run both methods."), []
-    columns = ["arch", "metric", "checkpoint", "α", "pairs", "mean Δ (pp)", f"{statistics.CONFIDENCE:.0%} CI (pp)",
-               "t", "p"]
+    lead = _objective_column(pairs)
+    columns = lead + ["arch", "metric", "checkpoint", "α", "pairs", "mean Δ (pp)",
+                      f"{statistics.CONFIDENCE:.0%} CI (pp)", "t", "p"]
     rows, summary = [], []
-    for arch in ordered(runs.arch):
-        for metric in _headline_metrics(runs):
-            for checkpoint in CHECKPOINTS:
-                column = f"eval_{checkpoint}_{metric}"
-                if runs[column].isna().all():
-                    continue
-                matched, n_matches = statistics.matched_pairs(runs, column, arch)
-                words = metric_words(metric, runs).replace(" test accuracy", "")
-                flag = MASKED if metric != "clean_acc" and len(masked_runs(runs[runs.arch == arch], [checkpoint])) \
-                    else ""
-                per_alpha = statistics.delta_per_alpha(matched)
-                for r in per_alpha.itertuples():
-                    interval = (MISSING if pd.isna(r.ci_low) else f"[{100 * r.ci_low:+.2f}, {100 * r.ci_high:+.2f}]")
-                    rows.append([arch, words + flag, checkpoint, f"{r.lr:g}", str(r.n_pairs),
-                                 format_delta(r.mean_delta), interval, "", ""])
-                    summary.append({"arch": arch, "metric": metric, "checkpoint": checkpoint, "test": "per_alpha",
-                                    "lr": r.lr, "n_pairs": r.n_pairs, "mean_delta_acc": json_value(r.mean_delta),
-                                    "ci_low": json_value(r.ci_low), "ci_high": json_value(r.ci_high)})
-                t, p = statistics.alpha_as_unit_ttest(per_alpha)
-                rows.append([arch, words + flag, checkpoint, "α as the unit", f"{len(per_alpha)} α",
-                             format_delta(per_alpha.mean_delta.mean() if len(per_alpha) else float("nan")),
-                             "", MISSING if pd.isna(t) else f"{t:.2f}", format_p(p)])
-                summary.append({"arch": arch, "metric": metric, "checkpoint": checkpoint, "test": "alpha_as_unit",
-                                "n_alphas": len(per_alpha), "t": json_value(t), "p": json_value(p)})
-                differences = (matched[TREATMENT] - matched[BASELINE]).to_numpy()
-                mean = differences.mean() if len(differences) else float("nan")
-                t, p = statistics.pooled_paired_ttest(matched)
-                pairs = f"{len(matched)}" + ("" if len(matched) == n_matches else f" of {n_matches}{PARTIAL}")
-                rows.append([arch, words + flag, checkpoint, "pooled (paper's test)", pairs, format_delta(mean), "",
-                             MISSING if pd.isna(t) else f"{t:.2f}", format_p(p)])
-                summary.append({"arch": arch, "metric": metric, "checkpoint": checkpoint, "test": "pooled_paired",
-                                "n_pairs": len(matched), "n_pairs_expected": n_matches,
-                                "mean_delta_acc": json_value(mean), "t": json_value(t), "p": json_value(p)})
+    for objective, baseline, treatment in pairs:
+        paired = runs[runs.method.isin([baseline, treatment])]
+        head, tag = _objective_cell(pairs, objective), _comparison_record(pairs, baseline, treatment)
+        for arch in ordered(runs.arch):
+            for metric in _headline_metrics(runs):
+                for checkpoint in CHECKPOINTS:
+                    column = f"eval_{checkpoint}_{metric}"
+                    if runs[column].isna().all():
+                        continue
+                    matched, n_matches = statistics.matched_pairs(runs, column, arch, baseline, treatment)
+                    words = metric_words(metric, runs).replace(" test accuracy", "")
+                    flag = MASKED if metric != "clean_acc" and len(masked_runs(paired[paired.arch == arch],
+                                                                                [checkpoint])) else ""
+                    where = head + [arch, words + flag, checkpoint]
+                    key = {**tag, "arch": arch, "metric": metric, "checkpoint": checkpoint}
+                    per_alpha = statistics.delta_per_alpha(matched)
+                    for r in per_alpha.itertuples():
+                        interval = (MISSING if pd.isna(r.ci_low)
+                                    else f"[{100 * r.ci_low:+.2f}, {100 * r.ci_high:+.2f}]")
+                        rows.append(where + [f"{r.lr:g}", str(r.n_pairs), format_delta(r.mean_delta), interval,
+                                             "", ""])
+                        summary.append({**key, "test": "per_alpha", "lr": r.lr, "n_pairs": r.n_pairs,
+                                        "mean_delta_acc": json_value(r.mean_delta), "ci_low": json_value(r.ci_low),
+                                        "ci_high": json_value(r.ci_high)})
+                    t, p = statistics.alpha_as_unit_ttest(per_alpha)
+                    rows.append(where + ["α as the unit", f"{len(per_alpha)} α",
+                                         format_delta(per_alpha.mean_delta.mean() if len(per_alpha)
+                                                      else float("nan")),
+                                         "", MISSING if pd.isna(t) else f"{t:.2f}", format_p(p)])
+                    summary.append({**key, "test": "alpha_as_unit", "n_alphas": len(per_alpha), "t": json_value(t),
+                                    "p": json_value(p)})
+                    differences = statistics.paired_differences(matched).to_numpy()
+                    mean = differences.mean() if len(differences) else float("nan")
+                    t, p = statistics.pooled_paired_ttest(matched)
+                    pairs_text = f"{len(matched)}" + ("" if len(matched) == n_matches
+                                                      else f" of {n_matches}{PARTIAL}")
+                    rows.append(where + ["pooled (paper's test)", pairs_text, format_delta(mean), "",
+                                         MISSING if pd.isna(t) else f"{t:.2f}", format_p(p)])
+                    summary.append({**key, "test": "pooled_paired", "n_pairs": len(matched),
+                                    "n_pairs_expected": n_matches, "mean_delta_acc": json_value(mean),
+                                    "t": json_value(t), "p": json_value(p)})
     notes = []
-    if any(PARTIAL in row[4] for row in rows):
+    if any(PARTIAL in row[columns.index("pairs")] for row in rows):
         notes.append(f"{PARTIAL} pairs with a run missing are left out (see the Table 2 footnotes for which).")
-    notes += evaluation_notes(runs, with_skipped=False)
-    notes.append(f"Pairs: {label_of(runs, TREATMENT)} and {label_of(runs, BASELINE)} runs of the same arch, α, b "
-                 f"and seed; Δ = {_delta_words(runs)} in percentage points. Per α: mean Δ with a "
-                 f"{statistics.CONFIDENCE:.0%} t-interval over the pairs at that α ({MISSING}: fewer than 2 pairs). "
-                 "α as the unit: one-sample t-test of the per-α means against 0. Pooled (paper's test): "
+    notes += evaluation_notes(runs[runs.method.isin([m for _, *pair in pairs for m in pair])], with_skipped=False)
+    if len(pairs) == 1:
+        who = f"{label_of(runs, pairs[0][2])} and {label_of(runs, pairs[0][1])} runs"
+        delta = _delta_words(runs, *pairs[0][1:])
+    else:
+        who = ("runs of one objective with DEAT's outer step and with SGD-momentum ("
+               + "; ".join(f"{label_of(runs, t)} and {label_of(runs, b)}" for _, b, t in pairs) + ")")
+        delta = _outer_step_words()
+    notes.append(f"Pairs: {who} of the same arch, α, b and seed; Δ = {delta} in percentage points. Per α: mean Δ "
+                 f"with a {statistics.CONFIDENCE:.0%} t-interval over the pairs at that α ({MISSING}: fewer than 2 "
+                 "pairs). α as the unit: one-sample t-test of the per-α means against 0. Pooled (paper's test): "
                  "scipy.stats.ttest_rel over every pair, as if the pairs were interchangeable; it overstates the "
                  "evidence when Δ changes with α (see table4_anova).")
-    caption = f"Table 4 analogue: Δ = {_delta_words(runs)} per α with a confidence interval, and paired t-tests"
+    caption = (f"Table 4 analogue: Δ = {_delta_words(runs, *pairs[0][1:])}" if len(pairs) == 1 else
+               f"Table 4 analogue per objective: Δ = {_outer_step_words()}") + \
+        " per α with a confidence interval, and paired t-tests"
     return Table("table4_paired_ttest", caption, columns, rows, notes,
                  empty_message="No matched DEAT/PGD-AT pairs with results."), summary
 
 
 def anova_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
     """Method × α two-way ANOVA (statsmodels) per arch, metric and checkpoint, with a one-line reading of which
-    effects the grid supports at the 5 % level."""
-    columns = ["arch", "metric", "checkpoint", "effect", "df", "F", "p"]
+    effects the grid supports at the 5 % level; the methods are one objective's SGD-momentum and DEAT runs, per
+    objective the study runs with both (PGD-AT and DEAT in the paper's grid)."""
+    pairs = pairs_of(runs)
+    columns = _objective_column(pairs) + ["arch", "metric", "checkpoint", "effect", "df", "F", "p"]
     rows, summary, readings = [], [], []
-    if _has_delta(runs):
+    for objective, baseline, treatment in pairs:
+        head, tag = _objective_cell(pairs, objective), _comparison_record(pairs, baseline, treatment)
         for arch in ordered(runs.arch):
             for metric in _headline_metrics(runs):
                 for checkpoint in CHECKPOINTS:
                     column = f"eval_{checkpoint}_{metric}"
-                    effects = statistics.method_by_alpha_anova(runs[runs.arch == arch], column)
+                    effects = statistics.method_by_alpha_anova(runs[runs.arch == arch], column, baseline, treatment)
                     if effects.empty:
                         continue
                     words = metric_words(metric, runs).replace(" test accuracy", "")
                     for e in effects.itertuples():
-                        rows.append([arch, words, checkpoint, e.effect, f"{e.df:g}",
-                                     "" if pd.isna(e.F) else f"{e.F:.2f}", "" if e.effect == "residual"
-                                     else format_p(e.p)])
-                        summary.append({"arch": arch, "metric": metric, "checkpoint": checkpoint,
+                        rows.append(head + [arch, words, checkpoint, e.effect, f"{e.df:g}",
+                                            "" if pd.isna(e.F) else f"{e.F:.2f}", "" if e.effect == "residual"
+                                            else format_p(e.p)])
+                        summary.append({**tag, "arch": arch, "metric": metric, "checkpoint": checkpoint,
                                         "effect": e.effect, "df": json_value(e.df), "F": json_value(e.F),
                                         "p": json_value(e.p)})
                     supported = [e.effect for e in effects.itertuples() if e.effect != "residual" and e.p < 0.05]
                     meaning = (" (Δ depends on α: read it per α, not as one pooled number)"
                                if "method × α" in supported else "")
-                    readings.append(f"{arch} {words} {checkpoint}: "
+                    readings.append(" ".join(head + [f"{arch} {words} {checkpoint}: "])
                                     + (("p < 0.05 for " + ", ".join(supported)) if supported
                                        else "no effect at p < 0.05") + meaning + ".")
     notes = ["Two-way ANOVA of accuracy (%) on method × α, with b and sweep variant as additive blocks where the "
@@ -340,46 +396,194 @@ def anova_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
 
 
 def equal_step_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
-    """DEAT vs PGD-AT at equal effective step (not equal α): runs of the same arch, b and seed whose effective steps
-    agree within 1 % relative. Equal α is not an equal step (SGD momentum 0.9: ≈10α; DEAT: ≈0.45α)."""
-    base = label_of(runs, BASELINE) if BASELINE in set(runs.method) else "PGD-AT"
-    columns = ["arch", "b", "seed", f"α {base}", "α DEAT", "effective step", f"{base} best", "DEAT best", "Δ best",
-               f"{base} last", "DEAT last", "Δ last"]
-    rows, summary = [], []
-    pgd_runs, deat_runs = runs[runs.method == BASELINE], runs[runs.method == TREATMENT]
-    for pgd in pgd_runs.sort_values(["arch", "batch_size", "lr", "seed"]).itertuples():
-        partners = deat_runs[(deat_runs.arch == pgd.arch) & (deat_runs.batch_size == pgd.batch_size)
-                             & (deat_runs.seed == pgd.seed)]
-        for deat in partners.itertuples():
-            if not math.isclose(pgd.effective_step, deat.effective_step, rel_tol=EQUAL_STEP_RTOL):
-                continue
-            cells = [pgd.arch, str(pgd.batch_size), str(pgd.seed), f"{pgd.lr:g}", f"{deat.lr:g}",
-                     f"{pgd.effective_step:.4g}"]
-            record = {"arch": pgd.arch, "batch_size": pgd.batch_size, "seed": pgd.seed, "lr_pgd_at": pgd.lr,
-                      "lr_deat": deat.lr, "effective_step_pgd_at": pgd.effective_step,
-                      "effective_step_deat": deat.effective_step}
-            for checkpoint in CHECKPOINTS:
-                column = f"eval_{checkpoint}_pgd10_acc"
-                before, after = getattr(pgd, column), getattr(deat, column)
-                cells += [format_percent(before) + (MASKED if getattr(pgd, f"eval_{checkpoint}_masking") else ""),
-                          format_percent(after) + (MASKED if getattr(deat, f"eval_{checkpoint}_masking") else ""),
-                          format_delta(after - before)]
-                record.update({f"pgd_at_{checkpoint}_acc": before, f"deat_{checkpoint}_acc": after})
-            rows.append(cells)
-            summary.append({key: json_value(value) for key, value in record.items()})
+    """DEAT vs SGD-momentum at equal effective step (not equal α), per objective run with both outer steps (DEAT
+    vs PGD-AT in the paper's grid): runs of the same arch, b and seed whose effective steps agree within 1 %
+    relative. Equal α is not an equal step (SGD momentum 0.9: ≈10α; DEAT: ≈0.45α)."""
+    pairs = pairs_of(runs)
+    present = set(runs.method)
+    if len(pairs) > 1:
+        base, treat = OUTER_STEP_LABELS["sgd"], OUTER_STEP_LABELS["deat"]
+    else:  # one pair, or none (the paper's names on an empty table)
+        _, baseline, treatment = (pairs or [("pgd_at", BASELINE, TREATMENT)])[0]
+        base = label_of(runs, baseline) if baseline in present else method_label(baseline)
+        treat = label_of(runs, treatment) if treatment in present else method_label(treatment)
+    columns = _objective_column(pairs) + [
+        "arch", "b", "seed", f"α {base}", f"α {treat}", "effective step", f"{base} best", f"{treat} best", "Δ best",
+        f"{base} last", f"{treat} last", "Δ last"]
+    rows, summary, members = [], [], []
+    for objective, baseline, treatment in pairs:
+        sgd_runs, deat_runs = runs[runs.method == baseline], runs[runs.method == treatment]
+        for sgd in sgd_runs.sort_values(["arch", "batch_size", "lr", "seed"]).itertuples():
+            partners = deat_runs[(deat_runs.arch == sgd.arch) & (deat_runs.batch_size == sgd.batch_size)
+                                 & (deat_runs.seed == sgd.seed)]
+            for deat in partners.itertuples():
+                if not math.isclose(sgd.effective_step, deat.effective_step, rel_tol=EQUAL_STEP_RTOL):
+                    continue
+                members += [sgd.Index, deat.Index]
+                cells = _objective_cell(pairs, objective) + [
+                    sgd.arch, str(sgd.batch_size), str(sgd.seed), f"{sgd.lr:g}", f"{deat.lr:g}",
+                    f"{sgd.effective_step:.4g}"]
+                record = {f"lr_{baseline}": sgd.lr, f"lr_{treatment}": deat.lr,
+                          f"effective_step_{baseline}": sgd.effective_step,
+                          f"effective_step_{treatment}": deat.effective_step}
+                record = {"arch": sgd.arch, "batch_size": sgd.batch_size, "seed": sgd.seed, **record}
+                for checkpoint in CHECKPOINTS:
+                    column = f"eval_{checkpoint}_pgd10_acc"
+                    before, after = getattr(sgd, column), getattr(deat, column)
+                    cells += [format_percent(before) + (MASKED if getattr(sgd, f"eval_{checkpoint}_masking") else ""),
+                              format_percent(after) + (MASKED if getattr(deat, f"eval_{checkpoint}_masking") else ""),
+                              format_delta(after - before)]
+                    record.update({f"{baseline}_{checkpoint}_acc": before, f"{treatment}_{checkpoint}_acc": after})
+                rows.append(cells)
+                summary.append({key: json_value(value) for key, value in record.items()})
     notes = []
     if rows:
-        in_pairs = {(r["arch"], BASELINE, r["lr_pgd_at"], r["batch_size"], r["seed"]) for r in summary} | {
-            (r["arch"], TREATMENT, r["lr_deat"], r["batch_size"], r["seed"]) for r in summary}
-        members = runs[[(r.arch, r.method, r.lr, r.batch_size, r.seed) in in_pairs for r in runs.itertuples()]]
-        notes += missing_note(members, ["eval_best_pgd10_acc", "eval_last_pgd10_acc"])
-        notes += evaluation_notes(members, with_skipped=False)
-    notes.append("Effective step: step per unit gradient, lr/(1−m) for PGD-AT with SGD momentum m and "
-                 "lr/√((1+k1)²+k1²) for DEAT (from metrics.json, else from the protocol); PGD-10 robust test "
-                 "accuracy (%) per run, Δ = DEAT − PGD-AT (pp).")
-    caption = f"DEAT vs {base} at equal effective step (within 1 %), PGD-10 robust test accuracy (%) per run"
-    empty = "No DEAT/PGD-AT pair (same arch, b, seed) in this study has effective steps within 1 % of each other."
+        in_pairs = runs.loc[sorted(set(members))]
+        notes += missing_note(in_pairs, ["eval_best_pgd10_acc", "eval_last_pgd10_acc"])
+        notes += evaluation_notes(in_pairs, with_skipped=False)
+    if len(pairs) > 1:
+        notes.append("Effective step: step per unit gradient, lr/(1−m) for SGD with momentum m and "
+                     "lr/√((1+k1)²+k1²) for DEAT's outer step, whatever the objective (from metrics.json, else "
+                     f"from the protocol); PGD-10 robust test accuracy (%) per run, Δ = {_outer_step_words()} under "
+                     "the same objective (pp).")
+        caption = (f"{treat} vs {base} per objective at equal effective step (within 1 %), PGD-10 robust test "
+                   "accuracy (%) per run")
+        empty = (f"No {treat}/{base} pair of one objective (same arch, b, seed) in this study has effective steps "
+                 "within 1 % of each other.")
+    else:
+        # The methods' own names here (PGD-AT, not the "SGD-momentum" of a study without the attack).
+        _, baseline, treatment = (pairs or [("pgd_at", BASELINE, TREATMENT)])[0]
+        own_base, own_treat = method_label(baseline), method_label(treatment)
+        notes.append(f"Effective step: step per unit gradient, lr/(1−m) for {own_base} with SGD momentum m and "
+                     f"lr/√((1+k1)²+k1²) for {own_treat} (from metrics.json, else from the protocol); PGD-10 "
+                     f"robust test accuracy (%) per run, Δ = {own_treat} − {own_base} (pp).")
+        caption = f"{treat} vs {base} at equal effective step (within 1 %), PGD-10 robust test accuracy (%) per run"
+        empty = (f"No {own_treat}/{own_base} pair (same arch, b, seed) in this study has effective steps within 1 % "
+                 "of each other.")
     return Table("equal_effective_step", caption, columns, rows, notes, empty_message=empty), summary
+
+
+# ------------------------------------------------------------------------------------------------ objectives
+
+# Catastrophic overfitting (Wong et al. 2020, fast AT): robust accuracy falls to near zero within an epoch or two.
+# A run collapsed when its final epoch's test PGD accuracy is below COLLAPSE_FINAL_BELOW although an earlier epoch
+# reached more than COLLAPSE_PEAK_ABOVE (training's per-epoch evaluation, metrics.json).
+COLLAPSE_FINAL_BELOW, COLLAPSE_PEAK_ABOVE = 0.05, 0.20
+COLLAPSE_OBJECTIVE = "fast_at"
+
+
+def objective_row_label(row) -> str:
+    """A method as the objectives table names it: "TRADES + DEAT", "PGD-AT + AWP" (awp_gamma > 0), its sweep
+    variant after it."""
+    return row.label + (" + AWP" if row.awp_gamma > 0 else "") + (f" {row.variant}" if row.variant else "")
+
+
+def catastrophic_overfitting(runs: pd.DataFrame) -> tuple[list[str], list[dict]]:
+    """Per fast AT run: eval.json's PGD-10 of the best and last checkpoints and their gap, and training's
+    per-epoch test PGD accuracy at its peak, final and minimum epochs, with the collapse rule applied; a footnote
+    (empty without fast AT runs) and records for summary.json."""
+    fast = runs[runs.objective == COLLAPSE_OBJECTIVE] if "objective" in runs else runs.iloc[:0]
+    if fast.empty:
+        return [], []
+    attack = "/".join(f"PGD-{k}" for k in ordered(fast.train_eval_pgd_steps.dropna().astype(int))) or "PGD"
+    items, summary = [], []
+    for row in fast.itertuples():
+        gap = row.eval_best_pgd10_acc - row.eval_last_pgd10_acc
+        collapsed = bool(row.metrics_final_test_pgd_acc < COLLAPSE_FINAL_BELOW
+                         and row.metrics_max_test_pgd_acc > COLLAPSE_PEAK_ABOVE)
+        items.append(f"{run_label(row)}: PGD-10 best {format_percent(row.eval_best_pgd10_acc)}, last "
+                     f"{format_percent(row.eval_last_pgd10_acc)} (best − last {format_delta(gap)}); per epoch peak "
+                     f"{format_percent(row.metrics_max_test_pgd_acc)}, final "
+                     f"{format_percent(row.metrics_final_test_pgd_acc)}, minimum "
+                     f"{format_percent(row.metrics_min_test_pgd_acc)}: "
+                     + ("collapsed" if collapsed else "no collapse"))
+        summary.append({"arch": row.arch, "method": row.method, "variant": row.variant, "lr": row.lr,
+                        "batch_size": row.batch_size, "seed": row.seed,
+                        **{key: json_value(getattr(row, key)) for key in (
+                            "eval_best_pgd10_acc", "eval_last_pgd10_acc", "metrics_max_test_pgd_acc",
+                            "metrics_final_test_pgd_acc", "metrics_min_test_pgd_acc")},
+                        "collapsed": collapsed})
+    note = (f"Catastrophic overfitting of fast AT (Wong et al. 2020): a run collapsed when its final epoch's test "
+            f"{attack} accuracy (training's per-epoch evaluation, metrics.json) is below "
+            f"{100 * COLLAPSE_FINAL_BELOW:g} % although its peak epoch was above {100 * COLLAPSE_PEAK_ABOVE:g} %. "
+            "PGD-10 best/last: eval.json, best and last checkpoints; accuracies in %, gap in pp. "
+            + "; ".join(items) + ".")
+    return [note], summary
+
+
+def objectives_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
+    """The study's methods side by side (TRADES, MART, fast AT, each with SGD-momentum or DEAT's outer step, AWP
+    where used): clean, PGD-10, PGD-k×R and AutoAttack accuracy of the best and last checkpoints (eval.json), and
+    the cost of a training epoch (metrics.json: epoch_time_s and images_per_s, mean over epochs, on the device
+    named); mean ± sd over seeds per grid point, with the catastrophic-overfitting footnote for fast AT runs."""
+    metrics = {"clean_acc": "clean", "pgd10_acc": "PGD-10", "pgd_acc": study_pgd_label(runs),
+               "aa_acc": study_aa_label(runs)}
+    varies_arch, varies_batch = runs.arch.nunique() > 1, _varies_batch(runs)
+    key_columns = (["arch"] if varies_arch else []) + ["method", "α"] + (["b"] if varies_batch else [])
+    cost_columns = ["epoch time (s)", "images/s", "device"]
+    columns = key_columns + [f"{checkpoint} {name}" for checkpoint in CHECKPOINTS for name in metrics.values()] \
+        + cost_columns
+    groups = [("", len(key_columns))] + [(checkpoint, len(metrics)) for checkpoint in CHECKPOINTS] + \
+        [("cost per training epoch", len(cost_columns))]
+    subcolumns = key_columns + list(metrics.values()) * len(CHECKPOINTS) + cost_columns
+
+    value_columns = [f"eval_{c}_{m}" for c in CHECKPOINTS for m in metrics] + ["mean_epoch_time_s",
+                                                                               "mean_images_per_s"]
+    point_stats = {column: {tuple(r[k] for k in POINT_KEYS): r
+                            for r in statistics.seed_stats(runs, column).to_dict("records")}
+                   for column in value_columns}
+    masked = {checkpoint: _masked_points(runs, checkpoint) for checkpoint in CHECKPOINTS}
+    arch_rank = {arch: i for i, arch in enumerate(ordered(runs.arch))}
+    method_rank = {method: i for i, method in enumerate(methods_of(runs))}
+    rows, summary = [], []
+    # Per arch, methods in METHOD_LABELS order (each objective, then it with DEAT), grid points as they come.
+    for key, members in sorted(runs.groupby(POINT_KEYS, sort=False),
+                               key=lambda item: (arch_rank[item[0][0]], method_rank[item[0][1]])):
+        point = next(members.itertuples())
+        cells = ([point.arch] if varies_arch else []) + [objective_row_label(point), f"{point.lr:g}"] + \
+            ([str(point.batch_size)] if varies_batch else [])
+        record = {"arch": point.arch, "method": point.method, "objective": point.objective,
+                  "outer_step": point.outer_step, "awp_gamma": point.awp_gamma, "variant": point.variant,
+                  "lr": point.lr, "batch_size": point.batch_size}
+        for checkpoint in CHECKPOINTS:
+            for metric in metrics:
+                stat = point_stats[f"eval_{checkpoint}_{metric}"][key]
+                text = format_mean_std(stat["mean"], stat["std"], stat["n"], stat["n_expected"])
+                flagged = metric != "clean_acc" and key in masked[checkpoint] and text != MISSING
+                cells.append(text + (MASKED if flagged else ""))
+                record.update({f"{checkpoint}_{metric}_mean": stat["mean"],
+                               f"{checkpoint}_{metric}_std": stat["std"], f"{checkpoint}_{metric}_n_seeds": stat["n"]})
+        for column, digits in (("mean_epoch_time_s", 1), ("mean_images_per_s", 0)):
+            stat = point_stats[column][key]
+            cells.append(format_mean_std(stat["mean"], stat["std"], stat["n"], stat["n_expected"], scale=1.0,
+                                         digits=digits))
+            record.update({column: stat["mean"], column.replace("mean_", "std_", 1): stat["std"]})
+        devices = ordered(members.device_name.fillna(members.device).dropna())
+        cells.append(", ".join(devices) or MISSING)
+        record["device"] = ", ".join(devices) or None
+        rows.append(cells)
+        summary.append({k: json_value(v) for k, v in record.items()})
+
+    eval_columns = [c for c in value_columns if c.startswith("eval_")]
+    notes = missing_note(runs, eval_columns) + evaluation_notes(runs)
+    untimed = runs[runs[["mean_epoch_time_s", "mean_images_per_s"]].isna().any(axis=1)]
+    if len(untimed):
+        notes.append(f"{MISSING} cost: no per-epoch epoch_time_s / images_per_s in metrics.json for "
+                     + "; ".join(f"{run_label(row)} ({row.metrics_problem or 'older metrics.json'})"
+                                 for row in untimed.itertuples()) + ".")
+    collapse_notes, _ = catastrophic_overfitting(runs)
+    notes += collapse_notes
+    awp = runs[runs.awp_gamma > 0]
+    if len(awp):
+        notes.append("+ AWP: adversarial weight perturbation (Wu et al. 2020), γ = "
+                     + ", ".join(f"{g:g}" for g in ordered(awp.awp_gamma)) + ".")
+    notes.append(f"Accuracy (%) on the evaluation's test examples{seeds_words(runs)}; "
+                 f"{metrics['pgd_acc']}: PGD with k steps and R restarts (eval.json settings). Cost per training "
+                 "epoch: metrics.json's epoch_time_s and images_per_s (the training pass, without the per-epoch "
+                 "evaluation), mean over epochs, then over seeds; device from metrics.json's environment. Times "
+                 "compare only between runs on the same device under the same load.")
+    caption = "Objectives side by side: accuracy (%) of the best and last checkpoints and cost per training epoch"
+    return Table("objectives", caption, columns, rows, notes, groups, subcolumns), summary
 
 
 def robust_overfitting_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
@@ -412,6 +616,7 @@ def robust_overfitting_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
                  f"epoch's batches under the training attack ({attack}, weights changing during the epoch), not an "
                  "end-of-epoch measurement with the test attack: it is shown beside the test column, not "
                  "subtracted from it.")
+    notes += catastrophic_overfitting(runs)[0]
     per_method = frame.groupby(["arch", "method", "variant"], sort=False)[["best_minus_last_acc"]]
     summary = records(per_method.mean().add_prefix("mean_").join(per_method.count()["best_minus_last_acc"]
                                                                   .rename("n_runs")).reset_index())
