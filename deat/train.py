@@ -33,7 +33,7 @@ from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_js
 from .config import TrainConfig, add_config_arguments, config_from_args, run_identity
 from .data import Batches, augment_policy, load_dataset
 from .models import build_model
-from .optim import build_optimizer, build_scheduler, effective_step
+from .optim import build_optimizer, build_scheduler, effective_decay, effective_step
 
 EVAL_SEED = 0  # per-epoch evaluation uses the same attack starts every epoch, so curves are comparable
 
@@ -229,6 +229,8 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
     config = cfg.to_dict()
     metrics: dict[str, Any] = {"config": config, "status": "running", "environment": environment(device),
                                "effective_step": effective_step(cfg.method, cfg.lr, cfg.momentum, cfg.k1),
+                               "effective_decay": effective_decay(cfg.method, cfg.lr, cfg.momentum, cfg.k1,
+                                                                  cfg.weight_decay, cfg.decoupled_weight_decay),
                                "model": model_spec, "epochs": [], "best": None, "last": None, "wall_time_s": 0.0}
     checkpoint_path = running / "checkpoint.pt"
     if checkpoint_path.is_file():
