@@ -16,8 +16,8 @@ Names accepted by `load_dataset`:
   class). Built from torchvision's CIFAR-10 in `data_root` when it is there (never downloaded implicitly), else read
   from the prepared file `data_root/cifar10_small.npz` (the project's CPU studies were run on it; its sha256 is
   checked). That file was made by the same rule from a JPEG copy of CIFAR-10, so its pixels differ slightly from the
-  original release (mean absolute error about 5.8/255): a rerun from the original gives the same images, not the
-  same pixels, and accuracies a little higher.
+  original release (mean absolute error about 5.8/255): a rerun from torchvision's copy trains on the same images,
+  not the same pixels, under the same run identity, so its accuracies may differ a little from the committed ones.
 
 Normalisation statistics (`Dataset.mean` / `std`) are computed on the training split (validation excluded) for
 every dataset, one rule instead of per-dataset constants; for CIFAR-10 with `val_size=0` they equal the usual
