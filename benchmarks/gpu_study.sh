@@ -3,7 +3,7 @@
 # device tool's machine), with the very commands the workflow would run, and bring back their JSON files.
 #
 #   bash benchmarks/gpu_study.sh plan STUDY [PARALLEL]  # here, with Snakemake: writes .bench_data/gpu_study/
-#   bash benchmarks/gpu_study.sh run                    # there (carry .bench_data): trains, evaluates, archives
+#   bash benchmarks/gpu_study.sh run                    # there (carry .bench_data, data): trains, evaluates, archives
 #   TRAIN_LIMIT_S=240 EVAL_LIMIT_S=80 bash benchmarks/gpu_study.sh run   # the same, each phase capped
 #   bash benchmarks/gpu_study.sh run evaluate           # only evaluate (checkpoints already on that machine)
 #   tar xzf OUT/gpu_study.tgz                           # here again: results/runs/... JSON files and logs

@@ -207,7 +207,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             _add_job_arguments(p)
         p.set_defaults(func=run)
     p = commands.add_parser("prepare", help="load (download once) a dataset and write its sizes and checksums")
-    p.add_argument("--dataset", required=True, help="cifar10 | cifar100 | svhn | mnist5k | npz:<path>")
+    p.add_argument("--dataset", required=True,
+                   help="cifar10 | cifar100 | svhn | cifar10_small | mnist5k | npz:<path>")
     p.add_argument("--data-root", default="data", help="torchvision dataset folder (default: data)")
     p.add_argument("--out", required=True, help="JSON file to write")
     p.set_defaults(func=_prepare)

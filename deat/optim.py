@@ -3,7 +3,8 @@
 `DEAT` is the outer step of Diffusion Enhanced Adversarial Training (Sun et al., KDD 2023, Algorithm 2), i.e.
 Positive-Negative Momentum (Xie et al., ICML 2021) on top of PGD-AT's inner attack. `build_optimizer` and
 `build_scheduler` turn config values into torch objects; `effective_step` says how far each optimizer moves per
-unit gradient, because equal learning rates are not equal steps (PAPER.md, "Open points").
+unit gradient, because equal learning rates are not equal steps (PAPER.md, "Open points"), and `effective_decay`
+how much weight decay shrinks the weights per step, the second knob a fair comparison has to match.
 """
 
 import math
@@ -180,6 +181,29 @@ def effective_step(method: str, lr: float, momentum: float, k1: float) -> float:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         return lr / (1.0 - momentum)
     return lr / math.sqrt((1.0 + k1) ** 2 + k1 ** 2)
+
+
+def effective_decay(method: str, lr: float, momentum: float, k1: float, weight_decay: float,
+                    decoupled_weight_decay: bool) -> float:
+    """Steady-state fraction by which weight decay alone shrinks θ per step (zero loss gradient): θ ← θ · (1 − d).
+
+    Coupled decay (g ← g + wd · θ) is a gradient like any other, so it moves θ by effective_step · wd · θ:
+    SGD (PGD-AT) shrinks by α · wd / (1 − momentum), coupled DEAT by α · wd / √((1 + k1)² + k1²). DEAT's
+    decoupled decay (PNM's default, θ ← θ · (1 − α · wd) with the nominal α) shrinks by α · wd, whatever k1.
+    So at equal effective step only coupled DEAT also matches SGD's decay: at wd 5e-4, SGD-momentum 0.9 at α 0.01
+    and coupled DEAT at α 0.2236 both shrink by 5.0e-5 per step, decoupled DEAT at α 0.2236 by 1.118e-4. A
+    first-order value: exact for decoupled DEAT; for coupled decay the buffers' lag changes it by a relative
+    O(d / (1 − momentum)) (SGD) or O(d / (1 − k2)) (DEAT), below 1e-3 at these settings.
+
+    Args: as `build_optimizer`; decoupled_weight_decay is read for DEAT only, momentum for PGD-AT only.
+    Returns: d, dimensionless, per optimizer step (multiply by the steps per epoch for a per-epoch rate).
+    Raises: ValueError for an unknown method, momentum outside [0, 1) or weight_decay < 0.
+    """
+    if not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if method == "deat" and decoupled_weight_decay:
+        return lr * weight_decay
+    return effective_step(method, lr, momentum, k1) * weight_decay
 
 
 class _LrFactor:

@@ -33,7 +33,7 @@ from .data import Batches, augment_policy, load_dataset
 from .fast import build_train_step
 from .models import build_model
 from .objectives import adversarial_step, attacks_in_training, autocast
-from .optim import build_optimizer, build_scheduler, effective_step
+from .optim import build_optimizer, build_scheduler, effective_decay, effective_step
 
 EVAL_SEED = 0  # per-epoch evaluation uses the same attack starts every epoch, so curves are comparable
 
@@ -198,6 +198,8 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
     config = cfg.to_dict()
     metrics: dict[str, Any] = {"config": config, "status": "running", "environment": environment(device),
                                "effective_step": effective_step(cfg.method, cfg.lr, cfg.momentum, cfg.k1),
+                               "effective_decay": effective_decay(cfg.method, cfg.lr, cfg.momentum, cfg.k1,
+                                                                  cfg.weight_decay, cfg.decoupled_weight_decay),
                                "model": model_spec, "epochs": [], "best": None, "last": None, "wall_time_s": 0.0,
                                "data": {f"n_{split}": len(getattr(data, f"{split}_y")) for split in ("train", "val",
                                                                                                    "test")}}

@@ -112,7 +112,7 @@ def test_nullable_options_accept_null(tmp_path):
     ({"method": "pgd_at", "awp_gamma": 5e-3, "compile": "default"},
      r"awp_gamma=0\.005 is invalid; expected 0 when compile is not 'none'"),
     ({"arch": "resnet50"}, r"arch='resnet50' is invalid; expected one of \("),
-    ({"dataset": "imagenet"}, r"dataset='imagenet' is invalid; expected one of cifar10, cifar100, svhn, mnist5k"),
+    ({"dataset": "imagenet"}, r"dataset='imagenet' is invalid; expected one of cifar10, cifar100, svhn, cifar10_small, mnist5k"),
     ({"device": "gpu"}, r"device='gpu' is invalid; expected auto, cpu, cuda or cuda:N"),
     ({"compile": "fast"}, r"compile='fast' is invalid; expected one of \('none', 'default'"),
     ({"cuda_graph": True, "compile": "default"}, r"compile='default' is invalid; expected 'none' when cuda_graph"),

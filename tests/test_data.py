@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from deat.data import Batches, Dataset, augment_batch, augment_policy, load_dataset
+from deat.data import (SUBSET_STAND_IN_SHA256, Batches, Dataset, augment_batch, augment_policy,
+                       first_per_class, load_dataset)
 
 CIFAR10_SMALL = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10_small.npz"
 
@@ -56,7 +57,8 @@ def test_val_size_out_of_range_is_rejected(val_size):
 
 
 def test_unknown_dataset_lists_valid_names():
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'; valid names: mnist5k, cifar10, cifar100, svhn, npz"):
+    with pytest.raises(ValueError, match="unknown dataset .mnist.; valid names: mnist5k, cifar10, cifar100, svhn, "
+                                         "cifar10_small, npz"):
         load_dataset("mnist")
 
 
@@ -213,6 +215,124 @@ def test_cifar10_small_from_shared_npz():
     assert data.test_x.shape == (1000, 3, 32, 32) and data.num_classes == 10
     assert augment_policy("auto", data) == "crop_flip"
 
+
+
+# ----------------------------------------------------------------------------- cifar10_small, a rule-defined subset
+
+def _first_per_class_by_hand(labels, per_class):
+    """Walk the dataset in order and keep an image while its class has fewer than `per_class` kept."""
+    kept, counts = [], {}
+    for index, label in enumerate(labels):
+        if counts.get(label, 0) < per_class:
+            kept.append(index)
+            counts[label] = counts.get(label, 0) + 1
+    return kept
+
+
+def test_first_per_class_keeps_dataset_order_or_groups_by_class():
+    labels = np.array([2, 0, 1, 0, 2, 1, 0, 1, 2, 2, 0])
+    assert first_per_class(labels, 2, group_by_class=False).tolist() == [0, 1, 2, 3, 4, 5]
+    assert first_per_class(labels, 2, group_by_class=True).tolist() == [1, 3, 2, 5, 0, 4]
+    with pytest.raises(ValueError, match="class 1 has 3 images, fewer than 4"):
+        first_per_class(labels, 4, group_by_class=False)
+
+
+class FakeCIFAR10:
+    """torchvision.datasets.CIFAR10's interface (data NHWC uint8, targets list) over arrays a test provides."""
+
+    base_folder = "cifar-10-batches-py"
+    splits: dict = {}
+
+    def __init__(self, root, train, download):
+        assert download is False  # the subset never downloads behind the user's back
+        if not self.splits:
+            raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+        self.data, targets = self.splits["train" if train else "test"]
+        self.targets = list(targets)
+
+
+def _canonical_fake(rng, n_train, n_test):
+    """A CIFAR-10-shaped dataset in a shuffled class order whose every image encodes its own index."""
+    splits = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.permutation(np.arange(n) % 10)
+        images = np.zeros((n, 32, 32, 3), dtype=np.uint8)
+        images[:, 0, 0, 0], images[:, 0, 0, 1] = np.arange(n) % 256, np.arange(n) // 256
+        splits[split] = (images, labels)
+    return splits
+
+
+def test_cifar10_small_is_the_first_500_and_100_per_class_of_cifar10(tmp_path, monkeypatch):
+    splits = _canonical_fake(np.random.default_rng(0), n_train=6000, n_test=1500)
+    monkeypatch.setattr(FakeCIFAR10, "splits", splits)
+    monkeypatch.setattr("torchvision.datasets.CIFAR10", FakeCIFAR10)
+    data = load_dataset("cifar10_small", data_root=str(tmp_path), val_size=0)
+    train_idx = _first_per_class_by_hand(splits["train"][1], 500)  # canonical order kept
+    test_idx = sorted(_first_per_class_by_hand(splits["test"][1], 100), key=lambda i: splits["test"][1][i])
+    assert len(train_idx) == 5000 and len(test_idx) == 1000
+    assert torch.equal(data.train_x, torch.from_numpy(splits["train"][0][train_idx]).permute(0, 3, 1, 2))
+    assert data.train_y.tolist() == splits["train"][1][train_idx].tolist()
+    assert torch.equal(data.test_x, torch.from_numpy(splits["test"][0][test_idx]).permute(0, 3, 1, 2))
+    assert data.test_y.tolist() == sorted(splits["test"][1][test_idx].tolist())  # grouped by class
+
+
+def _interleave_keeping_class_order(rng, x, y):
+    """A random order of (x, y) in which every class's images keep their relative order."""
+    slots = rng.permutation(len(y))
+    order = np.empty(len(y), dtype=int)
+    for label in np.unique(y):
+        members = np.flatnonzero(y == label)
+        order[np.sort(slots[members])] = members
+    return x[order], y[order]
+
+
+def test_cifar10_small_rule_reproduces_the_prepared_file(tmp_path, monkeypatch, shared_cifar):
+    # The prepared file is the rule applied to a JPEG copy of CIFAR-10 (the original is not on this machine, and
+    # there is no network). Build a canonical-order dataset from its images, in their order within each class
+    # (the shipped test set, grouped by class, interleaved again), followed by more images of every class: the rule
+    # must give back exactly the prepared arrays.
+    rng = np.random.default_rng(1)
+    with np.load(shared_cifar) as shipped:
+        shipped = {key: shipped[key] for key in shipped.files}
+    splits = {}
+    for split, extra in (("train", 300), ("test", 200)):
+        x, y = shipped[f"{split}_x"], shipped[f"{split}_y"]
+        if split == "test":
+            x, y = _interleave_keeping_class_order(rng, x, y)
+        more_y = rng.permutation(np.arange(extra) % 10)
+        more_x = rng.integers(0, 256, (extra, 32, 32, 3), dtype=np.uint8)
+        splits[split] = (np.concatenate([x, more_x]), np.concatenate([y, more_y]))
+    monkeypatch.setattr(FakeCIFAR10, "splits", splits)
+    monkeypatch.setattr("torchvision.datasets.CIFAR10", FakeCIFAR10)
+    data = load_dataset("cifar10_small", data_root=str(tmp_path), val_size=0)
+    assert np.array_equal(data.train_x.permute(0, 2, 3, 1).numpy(), shipped["train_x"])
+    assert np.array_equal(data.train_y.numpy(), shipped["train_y"])
+    assert np.array_equal(data.test_x.permute(0, 2, 3, 1).numpy(), shipped["test_x"])
+    assert np.array_equal(data.test_y.numpy(), shipped["test_y"])
+
+
+def test_cifar10_small_falls_back_to_the_prepared_file(tmp_path, shared_cifar):
+    (tmp_path / "cifar10_small.npz").write_bytes(shared_cifar.read_bytes())
+    data = load_dataset("cifar10_small", data_root=str(tmp_path))  # no torchvision copy in tmp_path
+    reference = load_dataset(f"npz:{shared_cifar}")
+    assert data.train_x.shape == (4500, 3, 32, 32) and data.val_x.shape == (500, 3, 32, 32)
+    for key in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+        assert torch.equal(getattr(data, key), getattr(reference, key)), key
+
+
+def test_cifar10_small_refuses_another_file_and_names_both_sources_when_absent(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset("cifar10_small", data_root=str(tmp_path))
+    message = str(info.value)
+    assert str(tmp_path / "cifar-10-batches-py") in message and str(tmp_path / "cifar10_small.npz") in message
+    assert f"python -m deat prepare --dataset cifar10 --data-root {tmp_path}" in message and "\n" not in message
+    other = tmp_path / "other"
+    other.mkdir()
+    np.savez(other / "cifar10_small.npz", train_x=np.zeros((20, 32, 32, 3), np.uint8), train_y=np.arange(20) % 10,
+             test_x=np.zeros((10, 32, 32, 3), np.uint8), test_y=np.arange(10))
+    with pytest.raises(ValueError, match=rf"cifar10_small.npz is not the prepared cifar10_small file \(sha256 "
+                                         rf"[0-9a-f]{{64}}, expected {SUBSET_STAND_IN_SHA256['cifar10_small']}\)"):
+        load_dataset("cifar10_small", data_root=str(other))
 
 # ----------------------------------------------------------------------------------------- augmentation
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from deat.optim import DEAT, METHODS, SCHEDULES, build_optimizer, build_scheduler, effective_step
+from deat.optim import (DEAT, METHODS, SCHEDULES, build_optimizer, build_scheduler, effective_decay,
+                        effective_step)
 
 # Hand-set gradients for a 3-element parameter, one row per step (six steps: three of each parity).
 THETA_0 = [0.5, -1.25, 2.0]
@@ -224,6 +225,54 @@ def test_effective_step_is_the_steady_state_step_of_the_optimizer(method, moment
         optimizer.step()
     assert before - param.item() == pytest.approx(effective_step(method, lr=0.01, momentum=momentum, k1=k1),
                                                   rel=1e-9)
+
+
+# The measured values (wd 5e-4, zero loss gradient): SGD-momentum at α 0.01, DEAT at its equal-effective-step
+# partner α 0.2236 with decoupled and with coupled decay. Hand computation beside each.
+DECAY_CASES = [
+    ("pgd_at", 0.01, 0.9, False, 0.01 * 5e-4 / (1 - 0.9)),  # 5.00e-5
+    ("deat", 0.2236, 0.9, True, 0.2236 * 5e-4),  # 1.118e-4: 2.24x SGD's, though the step is matched
+    ("deat", 0.2236, 0.9, False, 0.2236 / math.sqrt(5) * 5e-4),  # 5.00e-5: matched
+    ("pgd_at", 0.1, 0.0, False, 0.1 * 5e-4),  # Algorithm 1 as printed: momentum 0
+]
+
+
+@pytest.mark.parametrize("method, lr, momentum, decoupled, by_hand", DECAY_CASES)
+def test_effective_decay_against_a_hand_computation(method, lr, momentum, decoupled, by_hand):
+    assert effective_decay(method, lr, momentum, k1=1.0, weight_decay=5e-4,
+                           decoupled_weight_decay=decoupled) == pytest.approx(by_hand, rel=1e-12)
+    assert by_hand == pytest.approx({0.01: 5.00e-5, 0.2236: 1.118e-4 if decoupled else 5.00e-5, 0.1: 5e-5}[lr],
+                                    rel=1e-3)
+
+
+@pytest.mark.parametrize("method, lr, momentum, decoupled, by_hand", DECAY_CASES)
+def test_effective_decay_is_the_measured_shrink_of_the_optimizer(method, lr, momentum, decoupled, by_hand):
+    # Zero loss gradient: only weight decay moves θ. After the buffers reach their steady state, θ shrinks by the
+    # same factor every step; measure it over the last 200 of 3000 steps.
+    param = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+    optimizer = build_optimizer(method, [param], lr=lr, momentum=momentum, weight_decay=5e-4, k1=1.0, k2=0.8,
+                                decoupled_weight_decay=decoupled)
+    history = []
+    for _ in range(3000):
+        param.grad = torch.zeros(1, dtype=torch.float64)
+        optimizer.step()
+        history.append(param.item())
+    measured = 1.0 - (history[-1] / history[-201]) ** (1 / 200)
+    assert measured == pytest.approx(effective_decay(method, lr, momentum, k1=1.0, weight_decay=5e-4,
+                                                     decoupled_weight_decay=decoupled), rel=1e-3)
+
+
+def test_effective_decay_ignores_what_the_method_does_not_read():
+    # PGD-AT's decay is always coupled; DEAT's decoupled decay does not depend on k1 (nominal α), its coupled one does.
+    assert effective_decay("pgd_at", 0.01, 0.9, 1.0, 5e-4, True) == effective_decay("pgd_at", 0.01, 0.9, 2.0, 5e-4,
+                                                                                        False)
+    assert effective_decay("deat", 0.1, 0.0, 2.0, 5e-4, True) == effective_decay("deat", 0.1, 0.9, 0.5, 5e-4, True)
+    assert effective_decay("deat", 0.1, 0.0, 2.0, 5e-4, False) == pytest.approx(0.1 / math.sqrt(13) * 5e-4)
+    assert effective_decay("deat", 0.1, 0.0, 1.0, 0.0, False) == 0.0
+    with pytest.raises(ValueError, match="weight_decay must be >= 0, got -1"):
+        effective_decay("deat", 0.1, 0.0, 1.0, -1.0, True)
+    with pytest.raises(ValueError, match="method must be one of"):
+        effective_decay("sgd", 0.1, 0.0, 1.0, 5e-4, False)
 
 
 def make_scheduler(schedule: str, base_lr: float = 0.2, **kwargs):

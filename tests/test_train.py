@@ -281,6 +281,9 @@ def test_metrics_json_best_by_validation_pgd_and_rerun_is_a_no_op(tmp_path, monk
         assert 0 <= record["train_robust_acc"] <= 1 and 0 <= record["val_clean_acc"] <= 1
         assert record["images_per_s"] > 0 and record["epoch_time_s"] > 0
     assert metrics["epochs"][0]["lr"] == 0.1
+    # DEAT at α 0.1, k1 1, decoupled wd 5e-4 (the defaults): step α/√5 per unit gradient, decay α·wd per step.
+    assert metrics["effective_step"] == pytest.approx(0.1 / 5 ** 0.5)
+    assert metrics["effective_decay"] == pytest.approx(0.1 * 5e-4)
     assert metrics["wall_time_s"] >= sum(record["epoch_time_s"] for record in metrics["epochs"])
 
     val_pgd = [record["val_pgd_acc"] for record in metrics["epochs"]]

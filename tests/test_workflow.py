@@ -117,6 +117,62 @@ def test_a_sweep_trains_every_variant_and_shares_what_a_method_does_not_read(tmp
     assert re.search(r"^train\s+6$", dry_run.stdout, re.MULTILINE), dry_run.stdout[-2000:]
 
 
+
+def test_per_method_lrs_train_only_each_methods_own(tmp_path):
+    config = json.loads(json.dumps(TINY))
+    config["studies"]["tiny"]["lrs"] = {"pgd_at": [0.05], "deat": [0.05, 0.1]}
+    write_config(tmp_path, config)
+    result = snakemake(tmp_path, "--cores", "1", "results/studies/tiny/manifest.json", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads((tmp_path / "results/studies/tiny/manifest.json").read_text())["runs"]
+    assert [(r["method"], r["lr"]) for r in runs] == [("pgd_at", 0.05), ("deat", 0.05), ("deat", 0.1)]
+    config["studies"]["tiny"]["lrs"] = {"deat": [0.1]}
+    write_config(tmp_path / "bad", config)
+    result = snakemake(tmp_path / "bad", "--cores", "1", "-n", timeout=120)
+    assert result.returncode != 0
+    assert "studies.tiny.lrs: a mapping needs one list per method of `methods` ['pgd_at', 'deat'], got ['deat']" in (
+        result.stdout + result.stderr)
+
+
+# The equal-step pairs config.yaml's matched studies promise: PGD-AT α -> DEAT α.
+MATCHED_PAIRS = {"matched_sgd_momentum": {0.01: 0.2236, 0.02: 0.4472, 0.1: 2.236, 0.2: 4.472},
+                 "matched_sgd_plain": {0.1: 0.2236, 0.2236: 0.5, 0.5: 1.118, 1.118: 2.5, 2.5: 5.59}}
+
+
+def test_matched_studies_pair_every_pgd_at_point_with_a_deat_run_of_equal_step_and_decay(tmp_path):
+    from deat.optim import effective_decay, effective_step
+
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    targets = [f"results/studies/{study}/manifest.json" for study in MATCHED_PAIRS]
+    result = snakemake(tmp_path, "--cores", "1", *targets, "--config", f"run=[{','.join(MATCHED_PAIRS)}]",
+                       timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for study, pairs in MATCHED_PAIRS.items():
+        manifest = json.loads((tmp_path / f"results/studies/{study}/manifest.json").read_text())
+        protocol = manifest["protocol"]
+        momentum, k1, wd = protocol["pgd_at_momentum"], protocol["k1"], protocol["weight_decay"]
+
+        def step_and_decay(run):
+            decoupled = run.get("sweep", {}).get("decoupled_weight_decay", protocol["decoupled_weight_decay"])
+            return (effective_step(run["method"], run["lr"], momentum, k1),
+                    effective_decay(run["method"], run["lr"], momentum, k1, wd, decoupled))
+
+        runs = {(r["method"], r["lr"], r["seed"], r.get("sweep", {}).get("decoupled_weight_decay")): r
+                for r in manifest["runs"]}
+        coupled = False if "sweep" in manifest["runs"][0] else None
+        for seed in protocol["seeds"]:
+            for pgd_lr, deat_lr in pairs.items():
+                pgd = step_and_decay(runs[("pgd_at", pgd_lr, seed, coupled)])
+                deat = step_and_decay(runs[("deat", deat_lr, seed, coupled)])
+                assert deat == pytest.approx(pgd, rel=0.01), (study, pgd_lr, deat_lr)  # the report's 1 % rule
+    # PGD-AT's best α in small_lr_sweep (0.1, effective step 1.0) is paired, and the decoupled ablation is not
+    # matched in decay: the same step, √5 times the decay.
+    assert effective_step("pgd_at", 0.1, 0.9, 1.0) == pytest.approx(1.0)
+    ablation = json.loads((tmp_path / "results/studies/matched_sgd_momentum/manifest.json").read_text())["runs"]
+    assert any(r["method"] == "deat" and r["lr"] == 2.236 and r["sweep"]["decoupled_weight_decay"] for r in ablation)
+    assert effective_decay("deat", 2.236, 0.9, 1.0, 5e-4, True) == pytest.approx(
+        5 ** 0.5 * effective_decay("pgd_at", 0.1, 0.9, 1.0, 5e-4, False), rel=1e-3)
+
 @pytest.mark.slow
 def test_gpu_study_script_runs_the_workflows_commands_without_snakemake_and_archives_the_json(tmp_path):
     """benchmarks/gpu_study.sh: plan with Snakemake here, run where only torch is (here: DEVICE=cpu), unpack."""

@@ -60,6 +60,18 @@ def uses_gpu():
     return config["device"] == "cuda" or (config["device"] == "auto" and shutil.which("nvidia-smi") is not None)
 
 
+def study_lrs(name, study):
+    """method -> its learning rates: `lrs` is one list for every method, or a mapping with one list per method
+    (equal-step pairs whose partners would diverge under the other method)."""
+    lrs = study["lrs"]
+    if not isinstance(lrs, dict):
+        return {method: lrs for method in study["methods"]}
+    if set(lrs) != set(study["methods"]):
+        _fail(f"studies.{name}.lrs: a mapping needs one list per method of `methods` {study['methods']}, "
+              f"got {sorted(lrs)}")
+    return lrs
+
+
 def build_runs():
     """Every grid point of every configured study: run path -> (train config, owner study, eval settings).
 
@@ -81,9 +93,12 @@ def build_runs():
             _fail(f"studies.{name}.sweep: {clash} cannot be swept here (a grid axis, a setting that does not change "
                   f"the result, or also set in train)")
         studies[name] = []
+        lrs = study_lrs(name, study)
         for arch, method, lr, bs, seed, *swept in itertools.product(
-                study["archs"], study["methods"], study["lrs"], study["batch_sizes"], study["seeds"],
-                *sweep.values()):
+                study["archs"], study["methods"], list(dict.fromkeys(sum(lrs.values(), []))), study["batch_sizes"],
+                study["seeds"], *sweep.values()):
+            if lr not in lrs[method]:
+                continue
             variant = dict(zip(sweep, swept))
             values = {**study["train"], **variant, "dataset": study["dataset"], "arch": arch, "method": method,
                       "lr": lr, "batch_size": bs, "seed": seed, "data_root": config["data_root"],
