@@ -260,7 +260,7 @@ def test_cli_end_to_end_writes_every_key_and_logs_to_mlflow(run_copy, tmp_path, 
     import deat.tracking
 
     logged = {}
-    monkeypatch.setattr(deat.tracking, "log_metrics", lambda file, run_dir, values: logged.update(
+    monkeypatch.setattr(deat.tracking, "log_metrics", lambda file, run_dir, values, setup=None: logged.update(
         file=file, run_dir=Path(run_dir), values=values))
     code = deat.__main__.main(["evaluate", "--run-dir", str(run_copy), "--device", "cpu", "--eps", "0.1",
                                "--n-examples", "20", "--pgd-steps", "3", "--pgd-restarts", "2",
@@ -442,7 +442,7 @@ def test_scaled_logits_are_flagged_as_gradient_masking_and_the_plain_model_is_no
     import deat.tracking
 
     logged = {}
-    monkeypatch.setattr(deat.tracking, "log_metrics", lambda file, run_dir, values: logged.update(values))
+    monkeypatch.setattr(deat.tracking, "log_metrics", lambda file, run_dir, values, setup=None: logged.update(values))
     plain = _evaluate(standard_run, "--out", str(tmp_path / "plain.json"), *MASKING_FLAGS)["checkpoints"]["best"]
     assert plain["masking_flags"] == [] and plain["masking_checks"]["zero_gradient_examples"] == 0
     capsys.readouterr()
