@@ -7,7 +7,7 @@ Cases (each trains its model briefly with deat.train first, in a temporary direc
 - cpu: the quick study's model, small_cnn on mnist5k at eps 0.1, one epoch of PGD-5 training (lr 0.05): enough
   for AutoAttack to find robust examples, where nearly all its time goes (an example every attack breaks at once
   costs almost nothing; one that survives gets APGD-CE, 9 APGD-T targets, 9 FAB-T targets and 5,000 Square queries).
-- cuda: preact_resnet18 on ../shared/data/cifar10_small.npz or --cifar-small (random CIFAR-shaped data where it is
+- cuda: preact_resnet18 on data/cifar10_small.npz (the prepared `cifar10_small` stand-in) or --cifar-small (random CIFAR-shaped data where it is
   absent, on which AutoAttack finds nothing robust and costs little), eps 8/255, 10 epochs of PGD-10 training.
 
 For every batch size, one JSON line per attack, each attack run ALONE on the same n test examples (the AutoAttack
@@ -41,7 +41,7 @@ from deat.config import TrainConfig
 from deat.data import load_dataset
 from deat.train import environment, train
 
-CIFAR_SMALL = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10_small.npz"
+CIFAR_SMALL = Path(__file__).resolve().parents[1] / "data/cifar10_small.npz"  # deat.data's cifar10_small stand-in
 ATTACKS = ("clean", "pgd10", "pgd", *evaluate.AUTOATTACK_STANDARD, "autoattack_standard")
 PGD_STEPS, PGD_RESTARTS = 50, 10
 

@@ -34,7 +34,7 @@ part() {  # part NAME LIMIT_S COMMAND...: run under a time limit into $OUT/NAME.
 }
 
 if [ ! -f "$DATA" ]; then
-    echo "missing $DATA: copy ../shared/data/cifar10_small.npz there and carry .bench_data" >&2
+    echo "missing $DATA: copy the prepared data/cifar10_small.npz there and carry .bench_data" >&2
     exit 2
 fi
 

@@ -46,7 +46,7 @@ def short_hash(values):
 
 
 def dataset_tag(dataset):
-    """A path-safe name: npz:../shared/data/cifar10_small.npz -> npz-cifar10_small."""
+    """A path-safe name: npz:data/my_set.npz -> npz-my_set; a named dataset stays as it is."""
     if dataset.startswith("npz:"):
         return "npz-" + Path(dataset[4:]).stem
     return dataset
