@@ -64,10 +64,9 @@ def _train(args: argparse.Namespace) -> int:
 
     logger = RunLogger()
     if args.mlflow:
-        from .tracking import mlflow_run_logger
+        from .tracking import mlflow_run_logger, run_name
 
-        name = f"{cfg.method} {cfg.arch} lr{cfg.lr} bs{cfg.batch_size} seed{cfg.seed}"
-        logger = mlflow_run_logger(args.mlflow, cfg.out, name, setup=args.mlflow_setup)
+        logger = mlflow_run_logger(args.mlflow, cfg.out, run_name(cfg.to_dict()), setup=args.mlflow_setup)
     try:
         train(cfg, logger, log=lambda line: print(line, flush=True))
     except (Terminated, KeyboardInterrupt):
@@ -215,7 +214,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = commands.add_parser("mlflow-init", help="create the MLflow store and experiment once, before any fan-out")
     p.add_argument("--tracking-uri", required=True, help="e.g. sqlite:///results/mlflow/mlflow.db or http://host:5000")
     p.add_argument("--experiment", required=True, help="MLflow experiment name")
-    p.add_argument("--artifact-root", help="artifact location for a new experiment (default: MLflow's)")
+    p.add_argument("--artifact-root", help="artifact location for a new experiment (default: artifacts/ beside an sqlite store, "
+                   "else the server's)")
     p.add_argument("--out", required=True, help="JSON file recording the store and experiment")
     p.set_defaults(func=_mlflow_init)
     p = commands.add_parser("mlflow-import", help="load committed studies (manifests, metrics.json, eval_*.json) "

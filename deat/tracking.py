@@ -6,10 +6,14 @@ rerun after a crash continues the same MLflow run instead of creating a duplicat
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,34 +52,30 @@ def _client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(resolve_tracking_uri(tracking_uri))
 
 
+@contextmanager
 def setup_lock(tracking_uri: str):
     """An exclusive OS lock for creating MLflow things in one store (the store itself, the experiment, a study's parent
     run): whoever gets there first creates, the others find. Beside the sqlite file for an embedded store; for a
     server, in this machine's temp folder (the server itself serialises writes; the lock only avoids duplicate
     parent runs from jobs that start together on one machine). Released when the process exits, even after kill -9.
     """
-    import fcntl
-    import hashlib
-    import tempfile
-    from contextlib import contextmanager
-
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         db.parent.mkdir(parents=True, exist_ok=True)
         path = db.with_name(db.name + ".setup.lock")
     else:
         path = Path(tempfile.gettempdir()) / f"deat-mlflow-{hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]}.lock"
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
-    @contextmanager
-    def held():
-        with open(path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
-    return held()
+def run_name(config: dict[str, Any]) -> str:
+    """A grid point's MLflow run name, e.g. "deat small_cnn lr0.1 bs128 seed0"."""
+    return f"{config['method']} {config['arch']} lr{config['lr']} bs{config['batch_size']} seed{config['seed']}"
 
 
 def ensure_tracking(tracking_file: str | Path, setup: list[str] | None = None) -> dict[str, str]:
@@ -193,7 +193,7 @@ def summary_metrics(metrics: dict[str, Any], now_ms: int) -> list[Metric]:
     return summary + [Metric(f"{SUMMARY_PREFIX}/wall_time_s", float(metrics["wall_time_s"]), now_ms, 0)]
 
 
-def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, run_name: str,
+def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, name: str,
                       setup: list[str] | None = None) -> RunLogger:
     """Hooks for deat.train.train: params at start, every epoch's metrics (step=epoch), artifacts at the end.
 
@@ -216,7 +216,7 @@ def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, run_name: 
             client.set_tag(run.info.run_id, "deat.superseded", "true")
             run = None
         if run is None:
-            run = client.create_run(tracking["experiment_id"], run_name=run_name,
+            run = client.create_run(tracking["experiment_id"], run_name=name,
                                     tags={"mlflow.parentRunId": tracking["parent_run_id"],
                                           "deat.role": "grid_point", "deat.run_dir": str(run_dir)})
             atomic_write(Path(run_dir) / RUN_ID_FILE, lambda f: f.write(run.info.run_id.encode()))
@@ -375,8 +375,7 @@ def _import_run(client: MlflowClient, experiment_id: str, parent: str, run_dir: 
         return False
     metrics = json.loads(metrics_path.read_text())
     cfg = metrics["config"]
-    run = client.create_run(experiment_id, run_name=f"{cfg['method']} {cfg['arch']} lr{cfg['lr']} "
-                                                    f"bs{cfg['batch_size']} seed{cfg['seed']}",
+    run = client.create_run(experiment_id, run_name=run_name(cfg),
                             tags={"mlflow.parentRunId": parent, "deat.role": "grid_point", "deat.run_dir": rel_dir,
                                   "deat.imported_from": str(metrics_path)})
     run_id = run.info.run_id

@@ -163,13 +163,14 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
     out, running = Path(cfg.out), Path(cfg.out) / "running"
     final_metrics = out / "metrics.json"
     cfg.validate()
+    resolved = cfg.resolved().to_dict()
     if final_metrics.is_file():
         done = _read_json(final_metrics)
-        check_same_run(done["config"], cfg.resolved().to_dict(), final_metrics)
+        check_same_run(done["config"], resolved, final_metrics)
         shutil.rmtree(running, ignore_errors=True)  # left over if a crash hit between publishing and cleanup
         log(f"{final_metrics} exists: run already complete, nothing to do")
         return done
-    published = _republish(out, cfg.resolved().to_dict(), log)
+    published = _republish(out, resolved, log)
     if published is not None:
         return published
 

@@ -109,12 +109,13 @@ def build_runs():
                 _fail(str(err))
             # Options the method does not read (k1 for PGD-AT) are left out, so studies that differ only in them
             # share the method's runs, and changing them never touches a finished run.
-            identity = run_identity(cfg.to_dict())
+            options = cfg.to_dict()
+            identity = run_identity(options)
             settings = {k: v for k, v in identity.items() if k not in GRID_KEYS}
             run = (f"{dataset_tag(study['dataset'])}/{arch}/{method}/{short_hash(settings)}/"
                    f"lr{format_lr(lr)}_bs{bs}_seed{seed}")
             eval_settings = {**study["eval"]}
-            flags = {k: v for k, v in cfg.to_dict().items() if k != "out" and k not in unused_options(cfg.to_dict())}
+            flags = {k: v for k, v in options.items() if k != "out" and k not in unused_options(options)}
             entry = runs.setdefault(run, {"train": flags, "owner": None, "evals": {}})
             if entry["owner"] is None and name in config["run"]:
                 entry["owner"] = name
