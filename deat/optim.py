@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from .config import METHODS, outer_step_of
+from .config import METHODS, outer_step_of  # noqa: F401  (METHODS re-exported for the tests)
+from .effective import check_method, effective_decay, effective_step  # noqa: F401  (re-exported)
 
 SCHEDULES = ("piecewise", "cosine", "constant")
 
@@ -144,11 +145,6 @@ class DEAT(torch.optim.Optimizer):
         return loss
 
 
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-
-
 def build_optimizer(method: str, params: Iterable[torch.Tensor] | Iterable[dict], lr: float, momentum: float,
                     weight_decay: float, k1: float, k2: float,
                     decoupled_weight_decay: bool) -> torch.optim.Optimizer:
@@ -159,51 +155,11 @@ def build_optimizer(method: str, params: Iterable[torch.Tensor] | Iterable[dict]
     the Bag-of-Tricks code the authors adapted. k1, k2 and decoupled_weight_decay are ignored.
     DEAT methods ("deat", "trades_deat", ...): `DEAT` with k1, k2, weight decay as given; momentum is ignored.
     """
-    _check_method(method)
+    check_method(method)
     if outer_step_of(method) == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False)
     return DEAT(params, lr=lr, k1=k1, k2=k2, weight_decay=weight_decay,
                 decoupled_weight_decay=decoupled_weight_decay)
-
-
-def effective_step(method: str, lr: float, momentum: float, k1: float) -> float:
-    """Steady-state distance moved per unit of a constant gradient g, i.e. θ changes by −effective_step · g.
-
-    Equal lr is not an equal step (PAPER.md, "Open points"): SGD's undampened momentum buffer sums the
-    gradients to g / (1 − momentum), so SGD steps lr / (1 − momentum) (10·lr at momentum 0.9, lr at 0); DEAT's
-    dampened buffers both average to g, so (1 + k1)·h − k1·h = g and it steps lr / √((1 + k1)² + k1²)
-    (lr/√5 ≈ 0.45·lr at k1 = 1). The paper compares the methods at equal lr; a matched-effective-step
-    comparison needs this number.
-    """
-    _check_method(method)
-    if outer_step_of(method) == "sgd":
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        return lr / (1.0 - momentum)
-    return lr / math.sqrt((1.0 + k1) ** 2 + k1 ** 2)
-
-
-def effective_decay(method: str, lr: float, momentum: float, k1: float, weight_decay: float,
-                    decoupled_weight_decay: bool) -> float:
-    """Steady-state fraction by which weight decay alone shrinks θ per step (zero loss gradient): θ ← θ · (1 − d).
-
-    Coupled decay (g ← g + wd · θ) is a gradient like any other, so it moves θ by effective_step · wd · θ:
-    SGD (PGD-AT) shrinks by α · wd / (1 − momentum), coupled DEAT by α · wd / √((1 + k1)² + k1²). DEAT's
-    decoupled decay (PNM's default, θ ← θ · (1 − α · wd) with the nominal α) shrinks by α · wd, whatever k1.
-    So at equal effective step only coupled DEAT also matches SGD's decay: at wd 5e-4, SGD-momentum 0.9 at α 0.01
-    and coupled DEAT at α 0.2236 both shrink by 5.0e-5 per step, decoupled DEAT at α 0.2236 by 1.118e-4. A
-    first-order value: exact for decoupled DEAT; for coupled decay the buffers' lag changes it by a relative
-    O(d / (1 − momentum)) (SGD) or O(d / (1 − k2)) (DEAT), below 1e-3 at these settings.
-
-    Args: as `build_optimizer`; decoupled_weight_decay is read for DEAT only, momentum for PGD-AT only.
-    Returns: d, dimensionless, per optimizer step (multiply by the steps per epoch for a per-epoch rate).
-    Raises: ValueError for an unknown method, momentum outside [0, 1) or weight_decay < 0.
-    """
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if method == "deat" and decoupled_weight_decay:
-        return lr * weight_decay
-    return effective_step(method, lr, momentum, k1) * weight_decay
 
 
 class _LrFactor:

@@ -262,6 +262,24 @@ def test_effective_decay_is_the_measured_shrink_of_the_optimizer(method, lr, mom
                                                      decoupled_weight_decay=decoupled), rel=1e-3)
 
 
+@pytest.mark.parametrize("decoupled", [True, False])
+@pytest.mark.parametrize("method", METHODS)
+def test_effective_decay_is_the_measured_shrink_for_every_method(method, decoupled):
+    # Every objective shares its outer step's decay: TRADES-DEAT with decoupled decay shrinks by α·wd like DEAT
+    # (a method-name check once gave it the coupled value). Zero gradient, steady state as above.
+    param = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+    optimizer = build_optimizer(method, [param], lr=0.01, momentum=0.9, weight_decay=5e-4, k1=1.0, k2=0.8,
+                                decoupled_weight_decay=decoupled)
+    history = []
+    for _ in range(3000):
+        param.grad = torch.zeros(1, dtype=torch.float64)
+        optimizer.step()
+        history.append(param.item())
+    measured = 1.0 - (history[-1] / history[-201]) ** (1 / 200)
+    assert measured == pytest.approx(effective_decay(method, 0.01, 0.9, k1=1.0, weight_decay=5e-4,
+                                                     decoupled_weight_decay=decoupled), rel=1e-3)
+
+
 def test_effective_decay_ignores_what_the_method_does_not_read():
     # PGD-AT's decay is always coupled; DEAT's decoupled decay does not depend on k1 (nominal α), its coupled one does.
     assert effective_decay("pgd_at", 0.01, 0.9, 1.0, 5e-4, True) == effective_decay("pgd_at", 0.01, 0.9, 2.0, 5e-4,
