@@ -390,7 +390,50 @@ def test_equal_effective_step_pairs_and_the_empty_case(full_report, tmp_path):
     table, summary = tables.equal_step_table(runs)
     assert len(table.rows) == 1 and summary[0]["lr_deat"] == pytest.approx(0.01 * math.sqrt(5) * 1.005)
     pgd, deat = best_pgd10("pgd_at", 0.01, 64, 0), best_pgd10("deat", 0.02, 64, 0)
-    assert table.rows[0][6:9] == [f"{100 * pgd:.2f}", f"{100 * deat:.2f}", f"{100 * (deat - pgd):+.2f}"]
+    first = table.columns.index("PGD-AT best")
+    assert table.rows[0][first:first + 3] == [f"{100 * pgd:.2f}", f"{100 * deat:.2f}", f"{100 * (deat - pgd):+.2f}"]
+    # The fixture records no weight decay: the decays are unknown, and the table does not call them matched.
+    assert table.rows[0][table.columns.index("matched")] == "—" and summary[0]["decay_matched"] is None
+
+
+def test_equal_step_pairs_say_whether_the_weight_decay_is_matched_too(tmp_path):
+    # The case (wd 5e-4): PGD-AT (SGD momentum 0.9) at α 0.01 and its equal-step DEAT partner α 0.2236, once
+    # with DEAT's default decoupled decay (2.24x the shrink), once coupled (matched). The PGD-AT run is older than
+    # the effective_decay record, so its decay comes from its config; the DEAT runs record theirs.
+    manifest = {"study": "decay", "protocol": {"pgd_at_momentum": 0.9, "k1": 1.0, "weight_decay": 5e-4}, "runs": []}
+    cases = [("pgd_at", 0.01, None), ("deat", 0.2236, True), ("deat", 0.2236, False)]
+    for seed_dir, (method, lr, decoupled) in enumerate(cases):
+        run_dir = tmp_path / f"run{seed_dir}"
+        write_run(run_dir, method, 0.01, 64, 0)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics["config"] = {"lr": lr, "momentum": 0.9, "k1": 1.0, "weight_decay": 5e-4,
+                             "decoupled_weight_decay": bool(decoupled)}
+        metrics["effective_step"] = 0.01 / (1 - 0.9) if method == "pgd_at" else lr / math.sqrt(5)
+        if method == "deat":
+            metrics["effective_decay"] = lr * 5e-4 if decoupled else lr / math.sqrt(5) * 5e-4
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+        sweep = {} if decoupled is None else {"sweep": {"decoupled_weight_decay": decoupled}}
+        manifest["runs"].append({"arch": ARCH, "method": method, "lr": lr, "batch_size": 64, "seed": 0,
+                                 "dir": str(run_dir), **sweep})
+    runs, _ = load_runs(manifest)
+    assert runs.effective_decay.tolist() == pytest.approx([5.0e-5, 1.118e-4, 0.2236 / math.sqrt(5) * 5e-4])
+    table, summary = tables.equal_step_table(runs)
+    cells = [dict(zip(table.columns, row)) for row in table.rows]
+    assert [(c["decay PGD-AT"], c["decay DEAT"], c["matched"]) for c in cells] == [
+        ("5.00e-5", "1.12e-4", "step only"), ("5.00e-5", "5.00e-5", "step + decay")]
+    assert [s["decay_matched"] for s in summary] == [False, True]
+    assert "whatever k1" in " ".join(table.notes)
+
+
+def test_effective_decay_formula_for_runs_that_did_not_record_it():
+    # deat.effective's formula, NaN where a setting it reads is unknown.
+    assert loading.formula_effective_decay("pgd_at", 0.01, 0.9, None, 5e-4, None) == pytest.approx(5e-5)
+    assert loading.formula_effective_decay("mart_deat", 0.2236, None, 1.0, 5e-4, True) == pytest.approx(1.118e-4)
+    assert loading.formula_effective_decay("deat", 0.2236, None, 1.0, 5e-4, False) == pytest.approx(
+        0.2236 / math.sqrt(5) * 5e-4)
+    assert math.isnan(loading.formula_effective_decay("deat", 0.2236, None, 1.0, 5e-4, None))
+    assert math.isnan(loading.formula_effective_decay("pgd_at", 0.01, None, None, 5e-4, None))
+    assert math.isnan(loading.formula_effective_decay("pgd_at", 0.01, 0.9, None, None, None))
 
 
 def test_effective_step_formula():

@@ -29,6 +29,12 @@ def format_delta(fraction: float) -> str:
     return MISSING if pd.isna(fraction) else f"{100 * fraction:+.2f}"
 
 
+def format_decay(value: float) -> str:
+    """A per-step weight-decay shrink (deat.effective.effective_decay, dimensionless) for a table cell: "5.00e-5",
+    "0" without decay, — for NaN."""
+    return MISSING if pd.isna(value) else "0" if value == 0 else f"{value:.2e}".replace("e-0", "e-")
+
+
 def format_p(p: float) -> str:
     if pd.isna(p):
         return MISSING

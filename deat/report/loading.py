@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import AWP_OBJECTIVES, METHODS, OBJECTIVES, objective_of, outer_step_of
+from ..effective import effective_decay, effective_step
 
 log = logging.getLogger(__name__)
 
@@ -125,16 +126,22 @@ def _fraction(value) -> float:
 
 
 def formula_effective_step(method: str, lr: float, pgd_at_momentum: float | None, k1: float | None) -> float:
-    """Step per unit gradient at steady state: SGD with momentum m moves lr/(1−m); DEAT (Algorithm 2) moves
-    α' = lr/√((1+k1)²+k1²), since its two dampened buffers both tend to g and (1+k1)·g − k1·g = g. The outer
-    step decides it, whatever the objective ("trades_deat" as "deat"). NaN for a method outside
-    deat.config.METHODS or without the setting."""
+    """deat.effective.effective_step, or NaN for a method outside deat.config.METHODS or without the setting its
+    outer step reads (momentum for SGD-momentum, k1 for DEAT): older manifests and hand-written runs."""
+    needed = {"sgd": pgd_at_momentum, "deat": k1}.get(objective_and_outer_step(method)[1])
+    return float("nan") if needed is None else effective_step(method, lr, pgd_at_momentum or 0.0, k1 or 0.0)
+
+
+def formula_effective_decay(method: str, lr: float, pgd_at_momentum: float | None, k1: float | None,
+                            weight_decay: float | None, decoupled_weight_decay: bool | None) -> float:
+    """deat.effective.effective_decay (per-step shrink of the weights by decay alone), or NaN where a setting it
+    reads is unknown, as formula_effective_step."""
     outer_step = objective_and_outer_step(method)[1]
-    if outer_step == "sgd":
-        return float("nan") if pgd_at_momentum is None else lr / (1.0 - pgd_at_momentum)
-    if outer_step == "deat":
-        return float("nan") if k1 is None else lr / math.sqrt((1.0 + k1) ** 2 + k1**2)
-    return float("nan")
+    if weight_decay is None or (outer_step == "deat" and decoupled_weight_decay is None):
+        return float("nan")
+    if outer_step == "deat" and decoupled_weight_decay:  # α·wd whatever k1
+        return effective_decay(method, lr, 0.0, k1 or 0.0, weight_decay, True)
+    return formula_effective_step(method, lr, pgd_at_momentum, k1) * weight_decay  # coupled: a gradient
 
 
 def _run_record(run: dict, protocol: dict, runs_root: Path) -> tuple[dict, list[dict]]:
@@ -156,11 +163,19 @@ def _run_record(run: dict, protocol: dict, runs_root: Path) -> tuple[dict, list[
     evaluation, record["eval_problem"] = _read_json(eval_path)
     metrics, evaluation = metrics or {}, evaluation or {}
 
-    # metrics.json records the step the trainer used; the formula (deat.optim.effective_step's, restated so the
-    # report never imports torch) covers runs without one, so that missing runs still show in the pairing.
-    record["effective_step"] = metrics.get("effective_step") or formula_effective_step(
-        run["method"], record["lr"], run.get("pgd_at_momentum", protocol.get("pgd_at_momentum")),
-        sweep.get("k1", run.get("k1", protocol.get("k1"))))
+    # metrics.json records the step and decay the trainer used; the formulas cover runs without them (decay: runs
+    # trained before it was recorded; both: runs not yet trained, so that they still show in the pairing), from the
+    # run's own config where it has one, else from the study's settings.
+    def setting(key, protocol_key=None):
+        config = metrics.get("config", {})
+        return config[key] if key in config else sweep.get(key, run.get(key, protocol.get(protocol_key or key)))
+
+    optimizer_settings = (run["method"], record["lr"], setting("momentum", "pgd_at_momentum"), setting("k1"))
+    record["effective_step"] = metrics.get("effective_step") or formula_effective_step(*optimizer_settings)
+    record["effective_decay"] = metrics.get("effective_decay")
+    if record["effective_decay"] is None:
+        record["effective_decay"] = formula_effective_decay(*optimizer_settings, setting("weight_decay"),
+                                                            setting("decoupled_weight_decay"))
 
     final_epoch = (metrics.get("epochs") or [{}])[-1]
     best, last = metrics.get("best") or {}, metrics.get("last") or {}

@@ -15,13 +15,28 @@ import numpy as np
 import pandas as pd
 
 from . import statistics
-from .formatting import (MASKED, MISSING, PARTIAL, format_delta, format_mean_std, format_p, format_percent,
+from .formatting import (MASKED, MISSING, PARTIAL, format_decay, format_delta, format_mean_std, format_p, format_percent,
                          json_value, ordered, point_label, records, run_label)
 from .loading import (BASELINE, CHECKPOINTS, EVAL_METRICS, OBJECTIVE_LABELS, OUTER_STEP_LABELS, POINT_KEYS, TREATMENT,
                       label_of, method_label, methods_of, objective_pairs, study_aa_label, study_pgd_label)
 from .render import Table
 
 EQUAL_STEP_RTOL = 0.01  # "equal effective step": within 1 % relative (math.isclose semantics)
+# A pair at equal effective step is matched in decay too when its effective decays agree as closely.
+MATCHED_WORDS = {True: "step + decay", False: "step only", None: MISSING}
+DECAY_NOTE = ("Decay: the per-step shrink of the weights by weight decay alone, θ ← θ·(1 − d) (metrics.json's "
+              "effective_decay, else deat.effective.effective_decay from the run's settings): coupled decay is a "
+              "gradient, so d = effective step × wd; DEAT's decoupled decay (PNM's default) is d = α·wd whatever k1. "
+              "matched: \"step + decay\" where both agree within 1 %, \"step only\" where the decays differ, "
+              "so that Δ there mixes the outer step with a different regularisation.")
+
+
+def decays_match(baseline: float, treatment: float) -> bool | None:
+    """Whether two effective decays agree within EQUAL_STEP_RTOL; None where either is unknown (NaN)."""
+    if pd.isna(baseline) or pd.isna(treatment):
+        return None
+    return math.isclose(baseline, treatment, rel_tol=EQUAL_STEP_RTOL, abs_tol=1e-15)
+
 PAPER_TABLE2_CSV = Path(__file__).resolve().parent.parent / "paper_table2.csv"
 ROBUST_COLUMN = "eval_best_pgd10_acc"  # the paper's Table 2 metric: PGD-10 robust test accuracy, best checkpoint
 
@@ -408,8 +423,8 @@ def equal_step_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
         base = label_of(runs, baseline) if baseline in present else method_label(baseline)
         treat = label_of(runs, treatment) if treatment in present else method_label(treatment)
     columns = _objective_column(pairs) + [
-        "arch", "b", "seed", f"α {base}", f"α {treat}", "effective step", f"{base} best", f"{treat} best", "Δ best",
-        f"{base} last", f"{treat} last", "Δ last"]
+        "arch", "b", "seed", f"α {base}", f"α {treat}", "effective step", f"decay {base}", f"decay {treat}",
+        "matched", f"{base} best", f"{treat} best", "Δ best", f"{base} last", f"{treat} last", "Δ last"]
     rows, summary, members = [], [], []
     for objective, baseline, treatment in pairs:
         sgd_runs, deat_runs = runs[runs.method == baseline], runs[runs.method == treatment]
@@ -420,12 +435,16 @@ def equal_step_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
                 if not math.isclose(sgd.effective_step, deat.effective_step, rel_tol=EQUAL_STEP_RTOL):
                     continue
                 members += [sgd.Index, deat.Index]
+                decay_matched = decays_match(sgd.effective_decay, deat.effective_decay)
                 cells = _objective_cell(pairs, objective) + [
                     sgd.arch, str(sgd.batch_size), str(sgd.seed), f"{sgd.lr:g}", f"{deat.lr:g}",
-                    f"{sgd.effective_step:.4g}"]
+                    f"{sgd.effective_step:.4g}", format_decay(sgd.effective_decay),
+                    format_decay(deat.effective_decay), MATCHED_WORDS[decay_matched]]
                 record = {f"lr_{baseline}": sgd.lr, f"lr_{treatment}": deat.lr,
                           f"effective_step_{baseline}": sgd.effective_step,
-                          f"effective_step_{treatment}": deat.effective_step}
+                          f"effective_step_{treatment}": deat.effective_step,
+                          f"effective_decay_{baseline}": sgd.effective_decay,
+                          f"effective_decay_{treatment}": deat.effective_decay, "decay_matched": decay_matched}
                 record = {"arch": sgd.arch, "batch_size": sgd.batch_size, "seed": sgd.seed, **record}
                 for checkpoint in CHECKPOINTS:
                     column = f"eval_{checkpoint}_pgd10_acc"
@@ -441,6 +460,8 @@ def equal_step_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
         in_pairs = runs.loc[sorted(set(members))]
         notes += missing_note(in_pairs, ["eval_best_pgd10_acc", "eval_last_pgd10_acc"])
         notes += evaluation_notes(in_pairs, with_skipped=False)
+    if rows:
+        notes.append(DECAY_NOTE)
     if len(pairs) > 1:
         notes.append("Effective step: step per unit gradient, lr/(1−m) for SGD with momentum m and "
                      "lr/√((1+k1)²+k1²) for DEAT's outer step, whatever the objective (from metrics.json, else "
@@ -628,7 +649,7 @@ def sweep_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
     """Sensitivity to a study's sweep axes (e.g. DEAT's k1 × k2): per variant the seed-mean accuracies, then per
     (arch, method, α, b) the range of the variant means and a one-way ANOVA across variants over the seeds."""
     metrics = _headline_metrics(runs) or list(EVAL_METRICS)
-    columns = ["arch", "method", "α", "b", "variant", "effective step"] + [
+    columns = ["arch", "method", "α", "b", "variant", "effective step", "decay"] + [
         f"{metric_words(metric, runs).split(' test')[0]} {checkpoint}" for metric in metrics
         for checkpoint in CHECKPOINTS]
     metric_columns = [f"eval_{checkpoint}_{metric}" for metric in metrics for checkpoint in CHECKPOINTS]
@@ -638,7 +659,7 @@ def sweep_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
         for variant in variants:
             point = curve[curve.variant == variant]
             cells = [arch, label_of(runs, method), f"{lr:g}", str(batch_size), variant,
-                     f"{point.effective_step.iloc[0]:.4g}"]
+                     f"{point.effective_step.iloc[0]:.4g}", format_decay(point.effective_decay.iloc[0])]
             for column in metric_columns:
                 values = point[column].dropna()
                 cells.append(format_mean_std(values.mean(), values.std(ddof=1), len(values), len(point)))
@@ -659,8 +680,10 @@ def sweep_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
                              + (f"F = {f:.2f}, p = {format_p(p)}." if not pd.isna(p)
                                 else f"{MISSING} (needs ≥ 2 variants with ≥ 2 seeds each)."))
     notes += missing_note(runs, metric_columns) + evaluation_notes(runs)
-    notes.append(f"Accuracy (%){seeds_words(runs)}. Effective step: step per unit gradient (see "
-                 "equal_effective_step); at a fixed α, DEAT's k1 changes it as 1/√((1+k1)²+k1²). ANOVA: "
+    notes.append(f"Accuracy (%){seeds_words(runs)}. Effective step: step per unit gradient; decay: per-step "
+                 "shrink by weight decay alone (both: see equal_effective_step); at a fixed α, DEAT's k1 changes "
+                 "the step, and a coupled decay, as 1/√((1+k1)²+k1²), so k1 and the step cannot be told apart "
+                 "here. ANOVA: "
                  "scipy.stats.f_oneway over the seeds of each variant.")
     caption = "Sensitivity to the swept settings: accuracy per variant (%)"
     return Table("sweep_sensitivity", caption, columns, rows, notes), summary
