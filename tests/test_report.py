@@ -17,6 +17,7 @@ from scipy import stats
 from deat.report import figures, loading, protocol, render, statistics as report_stats, tables
 from deat.report.cli import get_args_parser, main as report_main
 from deat.report.loading import CHECKPOINTS, load_runs
+from deat.report.protocol import protocol_markdown
 from deat.report.study import build_report
 
 ARCH = "preact_resnet18"
@@ -128,6 +129,19 @@ def test_the_protocol_is_written_once_and_every_table_links_it(full_report):
         assert first.startswith("**") and first.endswith("(protocol: [protocol.md](protocol.md))"), path.name
         assert "checkpoint_rule" not in markdown and "Ran on" not in markdown, path.name  # not repeated
         assert "protocol.md" in path.with_suffix(".tex").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("decoupled, line", [
+    (True, "DEAT: Algorithm 2, k1=1, k2=0.8, decoupled weight decay (θ ← θ·(1 − α·wd), PNM's default)."),
+    (False, "DEAT: Algorithm 2, k1=1, k2=0.8, coupled weight decay (g ← g + wd·θ, as SGD's)."),
+    (None, "DEAT: Algorithm 2, k1=1, k2=0.8.")])  # a sweep over the decay leaves it out of the protocol
+def test_the_protocol_names_deats_kind_of_weight_decay(decoupled, line):
+    # Equal steps are not equal decay: a reader of the tables needs to know which decay DEAT had.
+    protocol = dict(PROTOCOL) if decoupled is None else {**PROTOCOL, "decoupled_weight_decay": decoupled}
+    runs = pd.DataFrame({"method": ["pgd_at", "deat"], "label": ["PGD-AT", "DEAT"], "arch": ARCH, "variant": "",
+                         "lr": 0.1, "batch_size": 64, "seed": 0})
+    text = protocol_markdown({"study": "decay", "protocol": protocol}, runs)
+    assert "Optimizers: PGD-AT: SGD, momentum 0.9; " + line in text
 
 
 def test_every_csv_loads_with_read_csv_and_no_options(full_report):

@@ -58,8 +58,11 @@ def protocol_markdown(manifest: dict, runs: pd.DataFrame) -> str:
         momentum = protocol["pgd_at_momentum"]
         optimizers.append(f"{sgd}: plain SGD (Algorithm 1)" if momentum == 0 else f"{sgd}: SGD, momentum {momentum:g}")
     if ("k1" in protocol or "k2" in protocol) and deat:
+        decay = {True: ", decoupled weight decay (θ ← θ·(1 − α·wd), PNM's default)",
+                 False: ", coupled weight decay (g ← g + wd·θ, as SGD's)"}
+        decay = decay.get(protocol.get("decoupled_weight_decay"), "")
         optimizers.append(f"{deat}: Algorithm 2, k1={render_value(protocol.get('k1'))}, "
-                          f"k2={render_value(protocol.get('k2'))}")
+                          f"k2={render_value(protocol.get('k2'))}{decay}")
     if optimizers:
         lines += ["Optimizers: " + "; ".join(optimizers) + ".", ""]
     if protocol.get("pgd_steps") == 0:

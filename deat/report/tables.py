@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from . import statistics
-from .formatting import (MASKED, MISSING, PARTIAL, format_decay, format_delta, format_mean_std, format_p, format_percent,
-                         json_value, ordered, point_label, records, run_label)
+from .formatting import (MASKED, MISSING, PARTIAL, format_decay, format_delta, format_mean_std, format_p,
+                         format_percent, json_value, ordered, point_label, records, run_label)
 from .loading import (BASELINE, CHECKPOINTS, EVAL_METRICS, OBJECTIVE_LABELS, OUTER_STEP_LABELS, POINT_KEYS, TREATMENT,
                       label_of, method_label, methods_of, objective_pairs, study_aa_label, study_pgd_label)
 from .render import Table
