@@ -160,6 +160,33 @@ def test_a_fresh_clone_of_committed_results_is_reported_not_retrained(study):
     assert scheduled_rules(study) == {"mlflow_store", "mlflow_study", "report", "all"}
 
 
+@pytest.mark.slow
+def test_committed_runs_without_their_evaluation_are_reported_not_evaluated_from_nothing(study):
+    """A committed run whose evaluation was never run (a GPU budget ran out) or whose study now asks another
+    evaluation has no checkpoint to evaluate: the workflow must not schedule an evaluation that can only fail,
+    must say which runs and how to get them evaluated, and must still write the study's tables."""
+    for path in (study / "results/runs").rglob("*.pt"):
+        path.unlink()
+    never_evaluated = sorted((study / "results/runs").rglob("eval_*.json"))[0]
+    never_evaluated.unlink()
+    result = snakemake(study, "--cores", "2", "-n", timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rule evaluate" not in result.stdout and "rule train" not in result.stdout
+    assert ("note: 1 finished run(s) of study tiny have neither the evaluation it asks "
+            f"({never_evaluated.name}) nor checkpoints") in result.stderr
+    assert str(never_evaluated.parent.relative_to(study)) in result.stderr
+    assert "delete their metrics.json" in result.stderr
+
+    edit_config(study, lambda c: c["studies"]["tiny"]["eval"].update(pgd_steps=7))  # every run: a new evaluation
+    result = snakemake(study, "--cores", "2", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = len(list((study / "results/runs").rglob("metrics.json")))
+    assert f"note: {runs} finished run(s) of study tiny" in result.stderr
+    assert "rule evaluate" not in result.stdout + result.stderr and "rule report" in result.stdout + result.stderr
+    runs_csv = (study / "results/tables/tiny/runs.csv").read_text()
+    assert runs_csv.count("no eval_") == runs  # each run's row says why it has no evaluation
+
+
 # --------------------------------------------------------------------------- retrying a run by hand
 
 def train_cli(out: Path, *args: str, tracking: Path) -> subprocess.CompletedProcess:

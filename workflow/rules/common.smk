@@ -225,6 +225,27 @@ def study_manifest(name):
             "paper_reference": study["paper_reference"], "runs": STUDY_RUNS[name]}
 
 
+def cannot_be_evaluated(run):
+    """A finished run (metrics.json) without the evaluation the study asks and without the checkpoints it needs: a
+    clone of committed JSON (checkpoints are not committed) whose evaluation was never run or whose evaluation
+    settings changed. Only retraining could evaluate it, so the workflow reports it without that evaluation."""
+    run_dir, eval_path = Path(run["dir"]), Path(run["eval"])
+    checkpoints = RUNS[str(run_dir.relative_to("results/runs"))]["evals"][eval_path.stem.removeprefix("eval_")]
+    return ((run_dir / "metrics.json").is_file() and not eval_path.is_file()
+            and not all((run_dir / f"{c}.pt").is_file() for c in checkpoints["checkpoints"]))
+
+
+UNEVALUABLE = {name: [r for r in STUDY_RUNS[name] if cannot_be_evaluated(r)] for name in config["run"]}
+for _name, _runs in UNEVALUABLE.items():
+    if _runs:
+        print(f"note: {len(_runs)} finished run(s) of study {_name} have neither the evaluation it asks "
+              f"({Path(_runs[0]['eval']).name}) nor checkpoints to evaluate (results without checkpoints, as "
+              f"committed): their tables show no evaluation for them: {', '.join(r['dir'] for r in _runs[:3])}"
+              f"{f' and {len(_runs) - 3} more' if len(_runs) > 3 else ''}. To evaluate them, delete their "
+              "metrics.json: the next run retrains them.", file=sys.stderr)
+
+
 def study_outputs(name):
     runs = STUDY_RUNS[name]
-    return [r["dir"] + "/metrics.json" for r in runs] + [r["eval"] for r in runs]
+    missing = {r["eval"] for r in UNEVALUABLE.get(name, [])}
+    return [r["dir"] + "/metrics.json" for r in runs] + [r["eval"] for r in runs if r["eval"] not in missing]
