@@ -465,6 +465,24 @@ def test_robust_overfitting_labels_the_training_accuracy_as_what_it_is(full_repo
     assert row["final train robust acc (running, training attack PGD-5)"] == f"{100 * (acc + 0.2):.2f}"
     assert row["final test robust acc (end of epoch, PGD)"] == f"{100 * (acc - 0.01):.2f}"
     assert not any("gap" in column for column in rows.columns)  # unlike measurements are not subtracted
+    assert row["peak test PGD (epoch)"] == f"{100 * acc:.2f} (2)" and row["peak − best"] == "+0.00"
+
+
+def test_robust_overfitting_shows_what_choosing_on_validation_gave_away(tmp_path):
+    # Robust test accuracy peaks at epoch 2 (31 %) and falls; the validation split picked epoch 3 (27 %).
+    run_dir = tmp_path / "run"
+    write_run(run_dir, "pgd_at", 0.1, 64, 0)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for epoch, acc in zip(metrics["epochs"], (0.25, 0.31, 0.27)):
+        epoch["test_pgd_acc"] = acc
+    metrics["best"], metrics["last"] = {"epoch": 3, "test_pgd_acc": 0.27}, {"epoch": 3, "test_pgd_acc": 0.27}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    manifest = {"study": "peak", "protocol": PROTOCOL,
+                "runs": [{"arch": ARCH, "method": "pgd_at", "lr": 0.1, "batch_size": 64, "seed": 0, "dir": str(run_dir)}]}
+    table, summary = tables.robust_overfitting_table(load_runs(manifest)[0])
+    row = dict(zip(table.columns, table.rows[0]))
+    assert (row["best epoch"], row["peak test PGD (epoch)"], row["peak − best"]) == ("3", "31.00 (2)", "+4.00")
+    assert summary[0]["mean_peak_minus_best_acc"] == pytest.approx(0.04)
 
 
 def test_partial_grid_shows_dash_footnote_and_marks_the_short_mean(tmp_path):

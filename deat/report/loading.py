@@ -206,6 +206,9 @@ def _run_record(run: dict, protocol: dict, runs_root: Path) -> tuple[dict, list[
         "mean_images_per_s": _mean(rates),
         "metrics_min_test_pgd_acc": _extreme(min, test_pgd),
         "metrics_max_test_pgd_acc": _extreme(max, test_pgd),
+        # the first epoch at that maximum: where robust test accuracy peaked (chosen on the test set itself)
+        "metrics_peak_epoch": (float(metrics["epochs"][test_pgd.index(max(test_pgd))].get("epoch", "nan"))
+                               if test_pgd and not any(map(math.isnan, test_pgd)) else float("nan")),
         "eval_pgd_label": (f"PGD-{settings['pgd_steps']}×{settings['pgd_restarts']}"
                            if "pgd_steps" in settings and "pgd_restarts" in settings else None),
     }
@@ -249,7 +252,7 @@ EPOCH_COLUMNS = ["arch", "method", "label", "variant", "lr", "batch_size", "seed
 # study's report rewrites none of its files; adding them to runs.csv is a deliberate change of its format.
 RUNS_CSV_LEAVES_OUT = ("objective", "outer_step", "awp_gamma", "device", "mean_epoch_time_s", "mean_images_per_s",
                        "metrics_min_test_pgd_acc", "metrics_max_test_pgd_acc", "eval_pgd_label", "eval_best_pgd_acc",
-                       "eval_last_pgd_acc")
+                       "eval_last_pgd_acc", "metrics_peak_epoch")
 
 
 def load_runs(manifest: dict, runs_root: str | Path = ".") -> tuple[pd.DataFrame, pd.DataFrame]:
