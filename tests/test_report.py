@@ -439,6 +439,53 @@ def test_equal_step_pairs_say_whether_the_weight_decay_is_matched_too(tmp_path):
     assert "whatever k1" in " ".join(table.notes)
 
 
+def matched_pairs_study(tmp_path: Path, pgd_steps: int) -> dict:
+    """PGD-AT (momentum 0.9) α 0.01 and coupled DEAT α 0.2236, matched in step and decay, 3 seeds; evaluation
+    values chosen per seed: robust (PGD-10) best Δ = +1, −2, +4 points, clean Δ = −3, −4, −5."""
+    manifest = {"study": "pairs", "protocol": {**PROTOCOL, "pgd_steps": pgd_steps, "weight_decay": 5e-4,
+                                               "decoupled_weight_decay": False}, "runs": []}
+    robust = {"pgd_at": [0.20, 0.22, 0.21], "deat": [0.21, 0.20, 0.25]}
+    clean = {"pgd_at": [0.50, 0.52, 0.51], "deat": [0.47, 0.48, 0.46]}
+    for method, lr in (("pgd_at", 0.01), ("deat", 0.2236)):
+        for seed in range(3):
+            run_dir = tmp_path / f"{method}_{seed}"
+            write_run(run_dir, method, 0.01, 64, seed)
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            del metrics["effective_step"]  # step and decay from the settings (a run older than these records)
+            (run_dir / "metrics.json").write_text(json.dumps(metrics))
+            evaluation = {"settings": {"n_examples": 500}, "examples": {"n": 500}, "checkpoints": {
+                checkpoint: {"clean_acc": clean[method][seed], "pgd10_acc": robust[method][seed] - shift}
+                for checkpoint, shift in (("best", 0.0), ("last", 0.01 * seed))}}
+            (run_dir / "eval.json").write_text(json.dumps(evaluation))
+            manifest["runs"].append({"arch": ARCH, "method": method, "lr": lr, "batch_size": 64, "seed": seed,
+                                     "dir": str(run_dir)})
+    return manifest
+
+
+def test_matched_pairs_get_a_mean_delta_with_its_interval_over_seeds(tmp_path):
+    runs, _ = load_runs(matched_pairs_study(tmp_path, pgd_steps=5))
+    table, summary = tables.equal_step_table(runs)
+    assert [row[table.columns.index("matched")] for row in table.rows] == ["step + decay"] * 3
+    deltas = [0.01, -0.02, 0.04]
+    interval = stats.ttest_1samp(deltas, 0.0).confidence_interval(0.95)
+    mean_record = next(record for record in summary if "mean_delta_best" in record)
+    assert mean_record["n_pairs_best"] == 3 and mean_record["mean_delta_best"] == pytest.approx(0.01)
+    assert (mean_record["ci_low_best"], mean_record["ci_high_best"]) == pytest.approx((interval.low, interval.high))
+    note = next(note for note in table.notes if note.startswith("Mean Δ over the seeds"))
+    assert (f"PGD-AT α=0.01 vs DEAT α=0.2236 (step + decay): Δ best +1.00 (95 % CI "
+            f"{100 * interval.low:+.2f} to {100 * interval.high:+.2f}, 3 seeds)") in note
+
+
+def test_matched_pairs_of_standard_training_compare_clean_accuracy(tmp_path):
+    # Without an attack the robust accuracy is near 0 for both methods; the study's question is clean accuracy.
+    runs, _ = load_runs(matched_pairs_study(tmp_path, pgd_steps=0))
+    table, summary = tables.equal_step_table(runs)
+    assert "clean test accuracy" in table.caption and "PGD-10" not in table.caption
+    first = dict(zip(table.columns, table.rows[0]))
+    assert (first["SGD-momentum best"], first["DEAT best"], first["Δ best"]) == ("50.00", "47.00", "-3.00")
+    assert next(r for r in summary if "mean_delta_best" in r)["mean_delta_best"] == pytest.approx(-0.04)
+
+
 def test_effective_decay_formula_for_runs_that_did_not_record_it():
     # deat.effective's formula, NaN where a setting it reads is unknown.
     assert loading.formula_effective_decay("pgd_at", 0.01, 0.9, None, 5e-4, None) == pytest.approx(5e-5)

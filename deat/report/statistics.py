@@ -103,21 +103,30 @@ def pooled_paired_ttest(matched: pd.DataFrame) -> tuple[float, float]:
     return float(result.statistic), float(result.pvalue)
 
 
+def mean_with_interval(values) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of paired differences and its two-sided CONFIDENCE t-interval
+    (scipy.stats.ttest_1samp(...).confidence_interval); NaN bounds with fewer than 2 values, the mean as both
+    bounds when every value is equal (up to float rounding), NaN throughout for none."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return float("nan"), float("nan"), float("nan")
+    low = high = float("nan")
+    if len(values) >= 2:
+        if np.std(values, ddof=1) > 1e-12 * max(1.0, abs(values.mean())):
+            interval = stats.ttest_1samp(values, 0.0).confidence_interval(CONFIDENCE)
+            low, high = float(interval.low), float(interval.high)
+        else:
+            low = high = float(values.mean())
+    return float(values.mean()), low, high
+
+
 def delta_per_alpha(matched: pd.DataFrame) -> pd.DataFrame:
     """Per α: pairs, mean Δ = treatment − baseline (DEAT − PGD-AT) and its two-sided CONFIDENCE t-interval over
-    the pairs at that α (scipy.stats.ttest_1samp(...).confidence_interval); NaN bounds with fewer than 2 pairs."""
+    the pairs at that α (mean_with_interval); NaN bounds with fewer than 2 pairs."""
     rows = []
     for lr, group in paired_differences(matched).groupby(level="lr"):
-        values = group.to_numpy()
-        low = high = float("nan")
-        if len(values) >= 2:
-            if np.std(values, ddof=1) > 1e-12 * max(1.0, abs(values.mean())):  # else equal up to float rounding
-                interval = stats.ttest_1samp(values, 0.0).confidence_interval(CONFIDENCE)
-                low, high = float(interval.low), float(interval.high)
-            else:
-                low = high = float(values.mean())
-        rows.append({"lr": float(lr), "n_pairs": len(values), "mean_delta": float(values.mean()),
-                     "ci_low": low, "ci_high": high})
+        mean, low, high = mean_with_interval(group.to_numpy())
+        rows.append({"lr": float(lr), "n_pairs": len(group), "mean_delta": mean, "ci_low": low, "ci_high": high})
     return pd.DataFrame(rows, columns=["lr", "n_pairs", "mean_delta", "ci_low", "ci_high"])
 
 

@@ -413,8 +413,11 @@ def anova_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
 def equal_step_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
     """DEAT vs SGD-momentum at equal effective step (not equal α), per objective run with both outer steps (DEAT
     vs PGD-AT in the paper's grid): runs of the same arch, b and seed whose effective steps agree within 1 %
-    relative. Equal α is not an equal step (SGD momentum 0.9: ≈10α; DEAT: ≈0.45α)."""
+    relative. Equal α is not an equal step (SGD momentum 0.9: ≈10α; DEAT: ≈0.45α). The accuracy compared is the
+    study's headline: PGD-10 robust test accuracy, or clean test accuracy where training has no attack."""
     pairs = pairs_of(runs)
+    metric = "clean_acc" if len(runs) and (runs.train_pgd_steps == 0).all() else "pgd10_acc"
+    words = metric_words(metric, runs)
     present = set(runs.method)
     if len(pairs) > 1:
         base, treat = OUTER_STEP_LABELS["sgd"], OUTER_STEP_LABELS["deat"]
@@ -425,7 +428,7 @@ def equal_step_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
     columns = _objective_column(pairs) + [
         "arch", "b", "seed", f"α {base}", f"α {treat}", "effective step", f"decay {base}", f"decay {treat}",
         "matched", f"{base} best", f"{treat} best", "Δ best", f"{base} last", f"{treat} last", "Δ last"]
-    rows, summary, members = [], [], []
+    rows, summary, members, deltas = [], [], [], {}
     for objective, baseline, treatment in pairs:
         sgd_runs, deat_runs = runs[runs.method == baseline], runs[runs.method == treatment]
         for sgd in sgd_runs.sort_values(["arch", "batch_size", "lr", "seed"]).itertuples():
@@ -447,28 +450,51 @@ def equal_step_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
                           f"effective_decay_{treatment}": deat.effective_decay, "decay_matched": decay_matched}
                 record = {"arch": sgd.arch, "batch_size": sgd.batch_size, "seed": sgd.seed, **record}
                 for checkpoint in CHECKPOINTS:
-                    column = f"eval_{checkpoint}_pgd10_acc"
+                    column = f"eval_{checkpoint}_{metric}"
                     before, after = getattr(sgd, column), getattr(deat, column)
                     cells += [format_percent(before) + (MASKED if getattr(sgd, f"eval_{checkpoint}_masking") else ""),
                               format_percent(after) + (MASKED if getattr(deat, f"eval_{checkpoint}_masking") else ""),
                               format_delta(after - before)]
                     record.update({f"{baseline}_{checkpoint}_acc": before, f"{treatment}_{checkpoint}_acc": after})
+                    group = (objective, baseline, treatment, sgd.arch, sgd.batch_size, sgd.lr, sgd.variant, deat.lr,
+                             deat.variant, decay_matched)
+                    deltas.setdefault(group, {c: [] for c in CHECKPOINTS})[checkpoint].append(after - before)
                 rows.append(cells)
                 summary.append({key: json_value(value) for key, value in record.items()})
-    notes = []
+    notes, mean_notes = [], []
+    for (objective, baseline, treatment, arch, batch_size, lr_sgd, variant_sgd, lr_deat, variant_deat,
+         decay_matched), by_checkpoint in deltas.items():
+        by_checkpoint = {c: [v for v in values if not pd.isna(v)] for c, values in by_checkpoint.items()}
+        if max(map(len, by_checkpoint.values())) < 2:  # one seed (or evaluated pair): the rows say it all
+            continue
+        record = {"objective": objective, "arch": arch, "batch_size": batch_size, f"lr_{baseline}": lr_sgd,
+                  f"lr_{treatment}": lr_deat, "decay_matched": decay_matched}
+        parts = []
+        for checkpoint, values in by_checkpoint.items():
+            mean, low, high = statistics.mean_with_interval(values)
+            record.update({f"n_pairs_{checkpoint}": len(values), f"mean_delta_{checkpoint}": mean,
+                           f"ci_low_{checkpoint}": low, f"ci_high_{checkpoint}": high})
+            parts.append(f"Δ {checkpoint} {format_delta(mean)}"
+                         + (f" (95 % CI {format_delta(low)} to {format_delta(high)}, {len(values)} seeds)"
+                            if not pd.isna(low) else f" ({len(values)} seed{'s' * (len(values) != 1)})"))
+        summary.append({key: json_value(value) for key, value in record.items()})
+        mean_notes.append(
+            f"{arch} b={batch_size}, {label_of(runs, baseline)} α={lr_sgd:g}{' ' + variant_sgd if variant_sgd else ''}"
+            f" vs {label_of(runs, treatment)} α={lr_deat:g}{' ' + variant_deat if variant_deat else ''} "
+            f"({MATCHED_WORDS[decay_matched]}): " + "; ".join(parts) + ".")
+
     if rows:
         in_pairs = runs.loc[sorted(set(members))]
-        notes += missing_note(in_pairs, ["eval_best_pgd10_acc", "eval_last_pgd10_acc"])
+        notes += missing_note(in_pairs, [f"eval_{checkpoint}_{metric}" for checkpoint in CHECKPOINTS])
         notes += evaluation_notes(in_pairs, with_skipped=False)
     if rows:
         notes.append(DECAY_NOTE)
     if len(pairs) > 1:
         notes.append("Effective step: step per unit gradient, lr/(1−m) for SGD with momentum m and "
                      "lr/√((1+k1)²+k1²) for DEAT's outer step, whatever the objective (from metrics.json, else "
-                     f"from the protocol); PGD-10 robust test accuracy (%) per run, Δ = {_outer_step_words()} under "
+                     f"from the protocol); {words} (%) per run, Δ = {_outer_step_words()} under "
                      "the same objective (pp).")
-        caption = (f"{treat} vs {base} per objective at equal effective step (within 1 %), PGD-10 robust test "
-                   "accuracy (%) per run")
+        caption = f"{treat} vs {base} per objective at equal effective step (within 1 %), {words} (%) per run"
         empty = (f"No {treat}/{base} pair of one objective (same arch, b, seed) in this study has effective steps "
                  "within 1 % of each other.")
     else:
@@ -476,11 +502,14 @@ def equal_step_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
         _, baseline, treatment = (pairs or [("pgd_at", BASELINE, TREATMENT)])[0]
         own_base, own_treat = method_label(baseline), method_label(treatment)
         notes.append(f"Effective step: step per unit gradient, lr/(1−m) for {own_base} with SGD momentum m and "
-                     f"lr/√((1+k1)²+k1²) for {own_treat} (from metrics.json, else from the protocol); PGD-10 "
-                     f"robust test accuracy (%) per run, Δ = {own_treat} − {own_base} (pp).")
-        caption = f"{treat} vs {base} at equal effective step (within 1 %), PGD-10 robust test accuracy (%) per run"
+                     f"lr/√((1+k1)²+k1²) for {own_treat} (from metrics.json, else from the protocol); {words} "
+                     f"(%) per run, Δ = {own_treat} − {own_base} (pp).")
+        caption = f"{treat} vs {base} at equal effective step (within 1 %), {words} (%) per run"
         empty = (f"No {own_treat}/{own_base} pair (same arch, b, seed) in this study has effective steps within 1 % "
                  "of each other.")
+    if mean_notes:
+        notes.append("Mean Δ over the seeds of each pairing, with a 95 % t-interval over its per-seed Δ "
+                     "(scipy.stats.ttest_1samp): " + " ".join(mean_notes))
     return Table("equal_effective_step", caption, columns, rows, notes, empty_message=empty), summary
 
 
