@@ -2,9 +2,9 @@
 
 `DEAT` is the outer step of Diffusion Enhanced Adversarial Training (Sun et al., KDD 2023, Algorithm 2), i.e.
 Positive-Negative Momentum (Xie et al., ICML 2021) on top of PGD-AT's inner attack. `build_optimizer` and
-`build_scheduler` turn config values into torch objects; `effective_step` says how far each optimizer moves per
-unit gradient, because equal learning rates are not equal steps (PAPER.md, "Open points"), and `effective_decay`
-how much weight decay shrinks the weights per step, the second knob a fair comparison has to match.
+`build_scheduler` turn config values into torch objects. How far each optimizer moves per unit gradient and how
+much its weight decay shrinks the weights per step (the two knobs a fair comparison matches) are in
+`deat.effective`, without torch, so that the report shares them.
 """
 
 import math
@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from .config import METHODS, outer_step_of  # noqa: F401  (METHODS re-exported for the tests)
-from .effective import check_method, effective_decay, effective_step  # noqa: F401  (re-exported)
+from .config import outer_step_of
+from .effective import check_method
 
 SCHEDULES = ("piecewise", "cosine", "constant")
 

@@ -30,10 +30,11 @@ from .attacks import clean_accuracy, robust_accuracy
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
 from .config import TrainConfig, add_config_arguments, config_from_args, run_identity
 from .data import Batches, augment_policy, load_dataset
+from .effective import effective_decay, effective_step
 from .fast import build_train_step
 from .models import build_model
 from .objectives import adversarial_step, attacks_in_training, autocast
-from .optim import build_optimizer, build_scheduler, effective_decay, effective_step
+from .optim import build_optimizer, build_scheduler
 
 EVAL_SEED = 0  # per-epoch evaluation uses the same attack starts every epoch, so curves are comparable
 

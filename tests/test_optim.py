@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from deat.optim import (DEAT, METHODS, SCHEDULES, build_optimizer, build_scheduler, effective_decay,
-                        effective_step)
+from deat.config import METHODS
+from deat.effective import effective_decay, effective_step
+from deat.optim import DEAT, SCHEDULES, build_optimizer, build_scheduler
 
 # Hand-set gradients for a 3-element parameter, one row per step (six steps: three of each parity).
 THETA_0 = [0.5, -1.25, 2.0]
@@ -245,10 +246,9 @@ def test_effective_decay_against_a_hand_computation(method, lr, momentum, decoup
                                     rel=1e-3)
 
 
-@pytest.mark.parametrize("method, lr, momentum, decoupled, by_hand", DECAY_CASES)
-def test_effective_decay_is_the_measured_shrink_of_the_optimizer(method, lr, momentum, decoupled, by_hand):
-    # Zero loss gradient: only weight decay moves θ. After the buffers reach their steady state, θ shrinks by the
-    # same factor every step; measure it over the last 200 of 3000 steps.
+def measured_decay(method: str, lr: float, momentum: float, decoupled: bool) -> float:
+    """The per-step shrink of θ under weight decay 5e-4 alone (zero loss gradient), measured over the last 200 of
+    3000 steps, after the buffers reach their steady state and θ shrinks by the same factor every step."""
     param = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
     optimizer = build_optimizer(method, [param], lr=lr, momentum=momentum, weight_decay=5e-4, k1=1.0, k2=0.8,
                                 decoupled_weight_decay=decoupled)
@@ -257,27 +257,22 @@ def test_effective_decay_is_the_measured_shrink_of_the_optimizer(method, lr, mom
         param.grad = torch.zeros(1, dtype=torch.float64)
         optimizer.step()
         history.append(param.item())
-    measured = 1.0 - (history[-1] / history[-201]) ** (1 / 200)
-    assert measured == pytest.approx(effective_decay(method, lr, momentum, k1=1.0, weight_decay=5e-4,
-                                                     decoupled_weight_decay=decoupled), rel=1e-3)
+    return 1.0 - (history[-1] / history[-201]) ** (1 / 200)
+
+
+@pytest.mark.parametrize("method, lr, momentum, decoupled, by_hand", DECAY_CASES)
+def test_effective_decay_is_the_measured_shrink_of_the_optimizer(method, lr, momentum, decoupled, by_hand):
+    assert measured_decay(method, lr, momentum, decoupled) == pytest.approx(
+        effective_decay(method, lr, momentum, k1=1.0, weight_decay=5e-4, decoupled_weight_decay=decoupled), rel=1e-3)
 
 
 @pytest.mark.parametrize("decoupled", [True, False])
 @pytest.mark.parametrize("method", METHODS)
 def test_effective_decay_is_the_measured_shrink_for_every_method(method, decoupled):
-    # Every objective shares its outer step's decay: TRADES-DEAT with decoupled decay shrinks by α·wd like DEAT
-    # (a method-name check once gave it the coupled value). Zero gradient, steady state as above.
-    param = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
-    optimizer = build_optimizer(method, [param], lr=0.01, momentum=0.9, weight_decay=5e-4, k1=1.0, k2=0.8,
-                                decoupled_weight_decay=decoupled)
-    history = []
-    for _ in range(3000):
-        param.grad = torch.zeros(1, dtype=torch.float64)
-        optimizer.step()
-        history.append(param.item())
-    measured = 1.0 - (history[-1] / history[-201]) ** (1 / 200)
-    assert measured == pytest.approx(effective_decay(method, 0.01, 0.9, k1=1.0, weight_decay=5e-4,
-                                                     decoupled_weight_decay=decoupled), rel=1e-3)
+    # Every objective shares its outer step's decay: TRADES + DEAT with decoupled decay shrinks by α·wd like DEAT
+    # (a method-name check once gave it the coupled value).
+    assert measured_decay(method, 0.01, 0.9, decoupled) == pytest.approx(
+        effective_decay(method, 0.01, 0.9, k1=1.0, weight_decay=5e-4, decoupled_weight_decay=decoupled), rel=1e-3)
 
 
 def test_effective_decay_ignores_what_the_method_does_not_read():

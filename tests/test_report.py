@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+import shutil
 import statistics
 from pathlib import Path
 
@@ -134,7 +135,10 @@ def test_the_protocol_is_written_once_and_every_table_links_it(full_report):
 @pytest.mark.parametrize("decoupled, line", [
     (True, "DEAT: Algorithm 2, k1=1, k2=0.8, decoupled weight decay (θ ← θ·(1 − α·wd), PNM's default)."),
     (False, "DEAT: Algorithm 2, k1=1, k2=0.8, coupled weight decay (g ← g + wd·θ, as SGD's)."),
-    (None, "DEAT: Algorithm 2, k1=1, k2=0.8.")])  # a sweep over the decay leaves it out of the protocol
+    ([False, True], "DEAT: Algorithm 2, k1=1, k2=0.8, weight decay swept: coupled weight decay (g ← g + wd·θ, as "
+                    "SGD's) and decoupled weight decay (θ ← θ·(1 − α·wd), PNM's default) (each run's variant says "
+                    "which)."),  # a study that sweeps it (the workflow writes the swept values)
+    (None, "DEAT: Algorithm 2, k1=1, k2=0.8.")])  # a study with no DEAT-decay setting in its protocol
 def test_the_protocol_names_deats_kind_of_weight_decay(decoupled, line):
     # Equal steps are not equal decay: a reader of the tables needs to know which decay DEAT had.
     protocol = dict(PROTOCOL) if decoupled is None else {**PROTOCOL, "decoupled_weight_decay": decoupled}
@@ -472,8 +476,32 @@ def test_matched_pairs_get_a_mean_delta_with_its_interval_over_seeds(tmp_path):
     assert mean_record["n_pairs_best"] == 3 and mean_record["mean_delta_best"] == pytest.approx(0.01)
     assert (mean_record["ci_low_best"], mean_record["ci_high_best"]) == pytest.approx((interval.low, interval.high))
     note = next(note for note in table.notes if note.startswith("Mean Δ over the seeds"))
-    assert (f"PGD-AT α=0.01 vs DEAT α=0.2236 (step + decay): Δ best +1.00 (95 % CI "
+    assert (f"PGD-AT α=0.01 vs DEAT α=0.2236 (step + decay): Δ best +1.00 (95% CI "
             f"{100 * interval.low:+.2f} to {100 * interval.high:+.2f}, 3 seeds)") in note
+
+
+def test_a_swept_decay_pairs_within_each_variant_not_across(tmp_path):
+    # matched_sgd_momentum's design: DEAT swept over coupled/decoupled decay; PGD-AT does not read the setting, so
+    # the manifest lists each PGD-AT run under both variants (one directory). Each variant is one pairing.
+    manifest = matched_pairs_study(tmp_path, pgd_steps=5)
+    sgd_runs = [run for run in manifest["runs"] if run["method"] == "pgd_at"]
+    coupled = [run for run in manifest["runs"] if run["method"] == "deat"]
+    decoupled = []
+    for run in coupled:
+        copy_dir = Path(run["dir"] + "_decoupled")
+        shutil.copytree(run["dir"], copy_dir)
+        decoupled.append({**run, "dir": str(copy_dir), "sweep": {"decoupled_weight_decay": True}})
+        run["sweep"] = {"decoupled_weight_decay": False}
+    manifest["runs"] = ([{**run, "sweep": {"decoupled_weight_decay": flag}} for flag in (False, True)
+                         for run in sgd_runs] + coupled + decoupled)
+    table, summary = tables.equal_step_table(load_runs(manifest)[0])
+    cells = [dict(zip(table.columns, row)) for row in table.rows]
+    assert len(cells) == 6  # 3 seeds × 2 variants, not 3 × 2 × 2
+    assert {(c["variant"], c["matched"]) for c in cells} == {("decoupled_weight_decay=False", "step + decay"),
+                                                             ("decoupled_weight_decay=True", "step only")}
+    means = [r for r in summary if r["kind"] == "mean_over_seeds"]
+    assert sorted((r["variant"], r["decay_matched"]) for r in means) == [
+        ("decoupled_weight_decay=False", True), ("decoupled_weight_decay=True", False)]
 
 
 def test_matched_pairs_of_standard_training_compare_clean_accuracy(tmp_path):
@@ -725,6 +753,9 @@ def test_standard_training_names_sgd_and_plots_clean_accuracy(tmp_path):
     assert "correlation of clean test accuracy" in (tmp_path / "tables" / "table3_correlation.md").read_text()
     stems = {p.stem for p in written if p.parent == tmp_path / "figures"}
     assert stems == {"clean_acc_vs_lr", "clean_acc_per_epoch", "heatmap_lr_batch", "clean_acc_vs_lr_over_b"}
+    # best is chosen on clean accuracy there, so no robust peak − best is claimed
+    overfitting = pd.read_csv(tmp_path / "tables" / "robust_overfitting.csv", dtype=str, keep_default_na=False)
+    assert set(overfitting["peak − best"]) == {"—"}
 
 
 def test_one_seed_tables_do_not_claim_a_spread(tmp_path):

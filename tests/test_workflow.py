@@ -140,7 +140,7 @@ MATCHED_PAIRS = {"matched_sgd_momentum": {0.01: 0.2236, 0.02: 0.4472, 0.1: 2.236
 
 
 def test_matched_studies_pair_every_pgd_at_point_with_a_deat_run_of_equal_step_and_decay(tmp_path):
-    from deat.optim import effective_decay, effective_step
+    from deat.effective import effective_decay, effective_step
 
     (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
     targets = [f"results/studies/{study}/manifest.json" for study in MATCHED_PAIRS]

@@ -126,22 +126,29 @@ def _fraction(value) -> float:
 
 
 def formula_effective_step(method: str, lr: float, pgd_at_momentum: float | None, k1: float | None) -> float:
-    """deat.effective.effective_step, or NaN for a method outside deat.config.METHODS or without the setting its
-    outer step reads (momentum for SGD-momentum, k1 for DEAT): older manifests and hand-written runs."""
+    """deat.effective.effective_step, or NaN for a method outside deat.config.METHODS, without the setting its
+    outer step reads (momentum for SGD-momentum, k1 for DEAT), or with an impossible one (momentum ≥ 1): older
+    manifests and hand-written runs."""
     needed = {"sgd": pgd_at_momentum, "deat": k1}.get(objective_and_outer_step(method)[1])
-    return float("nan") if needed is None else effective_step(method, lr, pgd_at_momentum or 0.0, k1 or 0.0)
+    try:
+        return float("nan") if needed is None else effective_step(method, lr, pgd_at_momentum or 0.0, k1 or 0.0)
+    except ValueError:
+        return float("nan")
 
 
 def formula_effective_decay(method: str, lr: float, pgd_at_momentum: float | None, k1: float | None,
                             weight_decay: float | None, decoupled_weight_decay: bool | None) -> float:
     """deat.effective.effective_decay (per-step shrink of the weights by decay alone), or NaN where a setting it
-    reads is unknown, as formula_effective_step."""
+    reads is unknown or impossible, as formula_effective_step."""
     outer_step = objective_and_outer_step(method)[1]
-    if weight_decay is None or (outer_step == "deat" and decoupled_weight_decay is None):
+    decoupled = outer_step == "deat" and bool(decoupled_weight_decay)
+    if weight_decay is None or (outer_step == "deat" and decoupled_weight_decay is None) or (
+            not decoupled and math.isnan(formula_effective_step(method, lr, pgd_at_momentum, k1))):
         return float("nan")
-    if outer_step == "deat" and decoupled_weight_decay:  # α·wd whatever k1
-        return effective_decay(method, lr, 0.0, k1 or 0.0, weight_decay, True)
-    return formula_effective_step(method, lr, pgd_at_momentum, k1) * weight_decay  # coupled: a gradient
+    try:
+        return effective_decay(method, lr, pgd_at_momentum or 0.0, k1 or 0.0, weight_decay, decoupled)
+    except ValueError:
+        return float("nan")
 
 
 def _run_record(run: dict, protocol: dict, runs_root: Path) -> tuple[dict, list[dict]]:
@@ -163,19 +170,18 @@ def _run_record(run: dict, protocol: dict, runs_root: Path) -> tuple[dict, list[
     evaluation, record["eval_problem"] = _read_json(eval_path)
     metrics, evaluation = metrics or {}, evaluation or {}
 
-    # metrics.json records the step and decay the trainer used; the formulas cover runs without them (decay: runs
-    # trained before it was recorded; both: runs not yet trained, so that they still show in the pairing), from the
-    # run's own config where it has one, else from the study's settings.
+    # Step and decay from the run's own config where it has one (every metrics.json does), else from the study's
+    # settings (a run not trained yet still shows in the pairing); metrics.json's records where a setting is
+    # missing. The formula comes first so that one definition serves every run, whatever code trained it.
     def setting(key, protocol_key=None):
         config = metrics.get("config", {})
         return config[key] if key in config else sweep.get(key, run.get(key, protocol.get(protocol_key or key)))
 
     optimizer_settings = (run["method"], record["lr"], setting("momentum", "pgd_at_momentum"), setting("k1"))
-    record["effective_step"] = metrics.get("effective_step") or formula_effective_step(*optimizer_settings)
-    record["effective_decay"] = metrics.get("effective_decay")
-    if record["effective_decay"] is None:
-        record["effective_decay"] = formula_effective_decay(*optimizer_settings, setting("weight_decay"),
-                                                            setting("decoupled_weight_decay"))
+    step = formula_effective_step(*optimizer_settings)
+    decay = formula_effective_decay(*optimizer_settings, setting("weight_decay"), setting("decoupled_weight_decay"))
+    record["effective_step"] = step if not math.isnan(step) else _fraction(metrics.get("effective_step"))
+    record["effective_decay"] = decay if not math.isnan(decay) else _fraction(metrics.get("effective_decay"))
 
     final_epoch = (metrics.get("epochs") or [{}])[-1]
     best, last = metrics.get("best") or {}, metrics.get("last") or {}
@@ -206,9 +212,7 @@ def _run_record(run: dict, protocol: dict, runs_root: Path) -> tuple[dict, list[
         "mean_images_per_s": _mean(rates),
         "metrics_min_test_pgd_acc": _extreme(min, test_pgd),
         "metrics_max_test_pgd_acc": _extreme(max, test_pgd),
-        # the first epoch at that maximum: where robust test accuracy peaked (chosen on the test set itself)
-        "metrics_peak_epoch": (float(metrics["epochs"][test_pgd.index(max(test_pgd))].get("epoch", "nan"))
-                               if test_pgd and not any(map(math.isnan, test_pgd)) else float("nan")),
+        "metrics_peak_epoch": _peak_epoch(metrics.get("epochs", []), test_pgd),
         "eval_pgd_label": (f"PGD-{settings['pgd_steps']}×{settings['pgd_restarts']}"
                            if "pgd_steps" in settings and "pgd_restarts" in settings else None),
     }
@@ -232,6 +236,13 @@ def _run_record(run: dict, protocol: dict, runs_root: Path) -> tuple[dict, list[
                    "images_per_s": _fraction(entry.get("images_per_s"))}
                   for entry in metrics.get("epochs", [])]
     return record, epoch_rows
+
+
+def _peak_epoch(epochs: list[dict], test_pgd: list[float]) -> float:
+    """The first epoch at the highest per-epoch test PGD accuracy (where robust test accuracy peaked, picked on the
+    test subset itself); NaN as _extreme."""
+    peak = _extreme(max, test_pgd)
+    return float("nan") if math.isnan(peak) else _fraction(epochs[test_pgd.index(peak)].get("epoch"))
 
 
 def _extreme(pick, values: list[float]) -> float:

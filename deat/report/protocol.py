@@ -41,6 +41,18 @@ def _setting_text(key: str, value, protocol: dict) -> str:
     return render_value(value)
 
 
+def _deat_decay_words(decoupled) -> str:
+    """DEAT's kind of weight decay for the optimizers line: a study sets it (a bool) or sweeps it (a list)."""
+    kinds = {True: "decoupled weight decay (θ ← θ·(1 − α·wd), PNM's default)",
+             False: "coupled weight decay (g ← g + wd·θ, as SGD's)"}
+    if isinstance(decoupled, bool):
+        return ", " + kinds[decoupled]
+    if isinstance(decoupled, list) and decoupled and all(isinstance(value, bool) for value in decoupled):
+        return ", weight decay swept: " + " and ".join(kinds[value] for value in dict.fromkeys(decoupled)) + \
+            " (each run's variant says which)"
+    return ""
+
+
 def protocol_markdown(manifest: dict, runs: pd.DataFrame) -> str:
     """protocol.md of a study: what every table of the study states about how its numbers were made."""
     protocol = manifest.get("protocol", {})
@@ -58,9 +70,7 @@ def protocol_markdown(manifest: dict, runs: pd.DataFrame) -> str:
         momentum = protocol["pgd_at_momentum"]
         optimizers.append(f"{sgd}: plain SGD (Algorithm 1)" if momentum == 0 else f"{sgd}: SGD, momentum {momentum:g}")
     if ("k1" in protocol or "k2" in protocol) and deat:
-        decay = {True: ", decoupled weight decay (θ ← θ·(1 − α·wd), PNM's default)",
-                 False: ", coupled weight decay (g ← g + wd·θ, as SGD's)"}
-        decay = decay.get(protocol.get("decoupled_weight_decay"), "")
+        decay = _deat_decay_words(protocol.get("decoupled_weight_decay"))
         optimizers.append(f"{deat}: Algorithm 2, k1={render_value(protocol.get('k1'))}, "
                           f"k2={render_value(protocol.get('k2'))}{decay}")
     if optimizers:

@@ -22,17 +22,18 @@ from .loading import (BASELINE, CHECKPOINTS, EVAL_METRICS, OBJECTIVE_LABELS, OUT
 from .render import Table
 
 EQUAL_STEP_RTOL = 0.01  # "equal effective step": within 1 % relative (math.isclose semantics)
-# A pair at equal effective step is matched in decay too when its effective decays agree as closely.
 MATCHED_WORDS = {True: "step + decay", False: "step only", None: MISSING}
-DECAY_NOTE = ("Decay: the per-step shrink of the weights by weight decay alone, θ ← θ·(1 − d) (metrics.json's "
-              "effective_decay, else deat.effective.effective_decay from the run's settings): coupled decay is a "
+DECAY_NOTE = ("Decay: the per-step shrink of the weights by weight decay alone, θ ← θ·(1 − d) (deat.effective."
+              "effective_decay of the run's settings, else metrics.json's effective_decay): coupled decay is a "
               "gradient, so d = effective step × wd; DEAT's decoupled decay (PNM's default) is d = α·wd whatever k1. "
               "matched: \"step + decay\" where both agree within 1 %, \"step only\" where the decays differ, "
-              "so that Δ there mixes the outer step with a different regularisation.")
+              f"so that Δ there mixes the outer step with a different regularisation; {MISSING} where a run's decay "
+              "is unknown (no weight_decay in its metrics.json or the study's settings).")
 
 
 def decays_match(baseline: float, treatment: float) -> bool | None:
-    """Whether two effective decays agree within EQUAL_STEP_RTOL; None where either is unknown (NaN)."""
+    """Whether two effective decays agree within EQUAL_STEP_RTOL, as a pair's effective steps must to be paired at
+    all (then the pair is matched in step and decay); None where either is unknown (NaN)."""
     if pd.isna(baseline) or pd.isna(treatment):
         return None
     return math.isclose(baseline, treatment, rel_tol=EQUAL_STEP_RTOL, abs_tol=1e-15)
@@ -412,9 +413,13 @@ def anova_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
 
 def equal_step_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
     """DEAT vs SGD-momentum at equal effective step (not equal α), per objective run with both outer steps (DEAT
-    vs PGD-AT in the paper's grid): runs of the same arch, b and seed whose effective steps agree within 1 %
-    relative. Equal α is not an equal step (SGD momentum 0.9: ≈10α; DEAT: ≈0.45α). The accuracy compared is the
-    study's headline: PGD-10 robust test accuracy, or clean test accuracy where training has no attack."""
+    vs PGD-AT in the paper's grid): runs of the same arch, b, seed and sweep variant whose effective steps agree
+    within 1 % relative, with each one's effective decay and whether the pair matches it too. Equal α is not an
+    equal step (SGD momentum 0.9: ≈10α; DEAT: ≈0.45α), nor an equal step an equal decay. The accuracy compared is
+    the study's headline: PGD-10 robust test accuracy, or clean test accuracy where training has no attack.
+
+    Returns the table and summary records: one per pair ("kind": "pair") and, for pairings with ≥ 2 seeds, the
+    mean Δ with its CONFIDENCE t-interval over seeds ("kind": "mean_over_seeds"), each naming its "metric"."""
     pairs = pairs_of(runs)
     metric = "clean_acc" if len(runs) and (runs.train_pgd_steps == 0).all() else "pgd10_acc"
     words = metric_words(metric, runs)
@@ -425,91 +430,99 @@ def equal_step_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
         _, baseline, treatment = (pairs or [("pgd_at", BASELINE, TREATMENT)])[0]
         base = label_of(runs, baseline) if baseline in present else method_label(baseline)
         treat = label_of(runs, treatment) if treatment in present else method_label(treatment)
-    columns = _objective_column(pairs) + [
-        "arch", "b", "seed", f"α {base}", f"α {treat}", "effective step", f"decay {base}", f"decay {treat}",
-        "matched", f"{base} best", f"{treat} best", "Δ best", f"{base} last", f"{treat} last", "Δ last"]
+    with_variant = varies_variant(runs)
+    columns = _objective_column(pairs) + ["arch", "b", "seed"] + (["variant"] if with_variant else []) + [
+        f"α {base}", f"α {treat}", "effective step", f"decay {base}", f"decay {treat}", "matched",
+        f"{base} best", f"{treat} best", "Δ best", f"{base} last", f"{treat} last", "Δ last"]
     rows, summary, members, deltas = [], [], [], {}
     for objective, baseline, treatment in pairs:
         sgd_runs, deat_runs = runs[runs.method == baseline], runs[runs.method == treatment]
         for sgd in sgd_runs.sort_values(["arch", "batch_size", "lr", "seed"]).itertuples():
-            partners = deat_runs[(deat_runs.arch == sgd.arch) & (deat_runs.batch_size == sgd.batch_size)
-                                 & (deat_runs.seed == sgd.seed)]
-            for deat in partners.itertuples():
+            same = ((deat_runs.arch == sgd.arch) & (deat_runs.batch_size == sgd.batch_size)
+                    & (deat_runs.seed == sgd.seed))
+            if sgd.variant:  # a swept study lists an SGD run its sweep does not change under every variant
+                same &= deat_runs.variant == sgd.variant
+            for deat in deat_runs[same].itertuples():
                 if not math.isclose(sgd.effective_step, deat.effective_step, rel_tol=EQUAL_STEP_RTOL):
                     continue
                 members += [sgd.Index, deat.Index]
                 decay_matched = decays_match(sgd.effective_decay, deat.effective_decay)
-                cells = _objective_cell(pairs, objective) + [
-                    sgd.arch, str(sgd.batch_size), str(sgd.seed), f"{sgd.lr:g}", f"{deat.lr:g}",
-                    f"{sgd.effective_step:.4g}", format_decay(sgd.effective_decay),
+                cells = _objective_cell(pairs, objective) + [sgd.arch, str(sgd.batch_size), str(sgd.seed)] + (
+                    [deat.variant] if with_variant else []) + [
+                    f"{sgd.lr:g}", f"{deat.lr:g}", f"{sgd.effective_step:.4g}", format_decay(sgd.effective_decay),
                     format_decay(deat.effective_decay), MATCHED_WORDS[decay_matched]]
-                record = {f"lr_{baseline}": sgd.lr, f"lr_{treatment}": deat.lr,
+                pairing = {"kind": "pair", **_comparison_record(pairs, baseline, treatment), "metric": metric,
+                           "arch": sgd.arch, "batch_size": sgd.batch_size,
+                           **({"variant": deat.variant} if with_variant else {}),
+                           f"lr_{baseline}": sgd.lr, f"lr_{treatment}": deat.lr}
+                record = {**pairing, "seed": sgd.seed,
                           f"effective_step_{baseline}": sgd.effective_step,
                           f"effective_step_{treatment}": deat.effective_step,
                           f"effective_decay_{baseline}": sgd.effective_decay,
                           f"effective_decay_{treatment}": deat.effective_decay, "decay_matched": decay_matched}
-                record = {"arch": sgd.arch, "batch_size": sgd.batch_size, "seed": sgd.seed, **record}
+                group = deltas.setdefault((objective, baseline, treatment, deat.variant, sgd.lr, deat.lr,
+                                           sgd.arch, sgd.batch_size, decay_matched),
+                                          {"record": {**pairing, "decay_matched": decay_matched},
+                                           **{checkpoint: [] for checkpoint in CHECKPOINTS}})
                 for checkpoint in CHECKPOINTS:
                     column = f"eval_{checkpoint}_{metric}"
                     before, after = getattr(sgd, column), getattr(deat, column)
-                    cells += [format_percent(before) + (MASKED if getattr(sgd, f"eval_{checkpoint}_masking") else ""),
-                              format_percent(after) + (MASKED if getattr(deat, f"eval_{checkpoint}_masking") else ""),
+                    masked = {run: metric != "clean_acc" and getattr(run, f"eval_{checkpoint}_masking")
+                              for run in (sgd, deat)}  # masking concerns robust accuracy only
+                    cells += [format_percent(before) + (MASKED if masked[sgd] else ""),
+                              format_percent(after) + (MASKED if masked[deat] else ""),
                               format_delta(after - before)]
                     record.update({f"{baseline}_{checkpoint}_acc": before, f"{treatment}_{checkpoint}_acc": after})
-                    group = (objective, baseline, treatment, sgd.arch, sgd.batch_size, sgd.lr, sgd.variant, deat.lr,
-                             deat.variant, decay_matched)
-                    deltas.setdefault(group, {c: [] for c in CHECKPOINTS})[checkpoint].append(after - before)
+                    group[checkpoint].append(after - before)
                 rows.append(cells)
                 summary.append({key: json_value(value) for key, value in record.items()})
-    notes, mean_notes = [], []
-    for (objective, baseline, treatment, arch, batch_size, lr_sgd, variant_sgd, lr_deat, variant_deat,
-         decay_matched), by_checkpoint in deltas.items():
-        by_checkpoint = {c: [v for v in values if not pd.isna(v)] for c, values in by_checkpoint.items()}
-        if max(map(len, by_checkpoint.values())) < 2:  # one seed (or evaluated pair): the rows say it all
+
+    interval_words = f"{statistics.CONFIDENCE:.0%} CI"
+    mean_notes = []
+    for (objective, baseline, treatment, variant, lr_sgd, lr_deat, arch, batch_size, decay_matched), group in \
+            deltas.items():
+        by_checkpoint = {c: [v for v in group[c] if not pd.isna(v)] for c in CHECKPOINTS}
+        if max(map(len, by_checkpoint.values())) < 2:  # one seed (or one evaluated pair): the rows say it all
             continue
-        record = {"objective": objective, "arch": arch, "batch_size": batch_size, f"lr_{baseline}": lr_sgd,
-                  f"lr_{treatment}": lr_deat, "decay_matched": decay_matched}
-        parts = []
+        record, parts = {**group["record"], "kind": "mean_over_seeds"}, []
         for checkpoint, values in by_checkpoint.items():
             mean, low, high = statistics.mean_with_interval(values)
             record.update({f"n_pairs_{checkpoint}": len(values), f"mean_delta_{checkpoint}": mean,
                            f"ci_low_{checkpoint}": low, f"ci_high_{checkpoint}": high})
-            parts.append(f"Δ {checkpoint} {format_delta(mean)}"
-                         + (f" (95 % CI {format_delta(low)} to {format_delta(high)}, {len(values)} seeds)"
-                            if not pd.isna(low) else f" ({len(values)} seed{'s' * (len(values) != 1)})"))
+            seeds = f"{len(values)} seed{'s' * (len(values) != 1)}"
+            parts.append(f"Δ {checkpoint} {format_delta(mean)} ("
+                         + (f"{interval_words} {format_delta(low)} to {format_delta(high)}, " if not pd.isna(low)
+                            else "") + f"{seeds})")
         summary.append({key: json_value(value) for key, value in record.items()})
-        mean_notes.append(
-            f"{arch} b={batch_size}, {label_of(runs, baseline)} α={lr_sgd:g}{' ' + variant_sgd if variant_sgd else ''}"
-            f" vs {label_of(runs, treatment)} α={lr_deat:g}{' ' + variant_deat if variant_deat else ''} "
-            f"({MATCHED_WORDS[decay_matched]}): " + "; ".join(parts) + ".")
+        mean_notes.append(f"{arch} b={batch_size}{' ' + variant if variant else ''}, {label_of(runs, baseline)} "
+                          f"α={lr_sgd:g} vs {label_of(runs, treatment)} α={lr_deat:g} "
+                          f"({MATCHED_WORDS[decay_matched]}): " + "; ".join(parts) + ".")
 
+    notes = []
     if rows:
         in_pairs = runs.loc[sorted(set(members))]
         notes += missing_note(in_pairs, [f"eval_{checkpoint}_{metric}" for checkpoint in CHECKPOINTS])
-        notes += evaluation_notes(in_pairs, with_skipped=False)
-    if rows:
+        notes += evaluation_notes(in_pairs, with_skipped=False) if metric != "clean_acc" else []
         notes.append(DECAY_NOTE)
     if len(pairs) > 1:
         notes.append("Effective step: step per unit gradient, lr/(1−m) for SGD with momentum m and "
-                     "lr/√((1+k1)²+k1²) for DEAT's outer step, whatever the objective (from metrics.json, else "
-                     f"from the protocol); {words} (%) per run, Δ = {_outer_step_words()} under "
-                     "the same objective (pp).")
+                     "lr/√((1+k1)²+k1²) for DEAT's outer step, whatever the objective (deat.effective, from each "
+                     f"run's settings); {words} (%) per run, Δ = {_outer_step_words()} under the same "
+                     "objective (pp).")
         caption = f"{treat} vs {base} per objective at equal effective step (within 1 %), {words} (%) per run"
-        empty = (f"No {treat}/{base} pair of one objective (same arch, b, seed) in this study has effective steps "
-                 "within 1 % of each other.")
     else:
-        # The methods' own names here (PGD-AT, not the "SGD-momentum" of a study without the attack).
-        _, baseline, treatment = (pairs or [("pgd_at", BASELINE, TREATMENT)])[0]
-        own_base, own_treat = method_label(baseline), method_label(treatment)
-        notes.append(f"Effective step: step per unit gradient, lr/(1−m) for {own_base} with SGD momentum m and "
-                     f"lr/√((1+k1)²+k1²) for {own_treat} (from metrics.json, else from the protocol); {words} "
-                     f"(%) per run, Δ = {own_treat} − {own_base} (pp).")
+        notes.append(f"Effective step: step per unit gradient, lr/(1−m) for {base} with SGD momentum m and "
+                     f"lr/√((1+k1)²+k1²) for {treat} (deat.effective, from each run's settings); {words} "
+                     f"(%) per run, Δ = {treat} − {base} (pp).")
         caption = f"{treat} vs {base} at equal effective step (within 1 %), {words} (%) per run"
-        empty = (f"No {own_treat}/{own_base} pair (same arch, b, seed) in this study has effective steps within 1 % "
-                 "of each other.")
+    if with_variant:
+        notes.append("Pairs are formed within a sweep variant; a run the variant's setting does not change (PGD-AT "
+                     "under a DEAT-only setting) is the same run under every variant.")
     if mean_notes:
-        notes.append("Mean Δ over the seeds of each pairing, with a 95 % t-interval over its per-seed Δ "
-                     "(scipy.stats.ttest_1samp): " + " ".join(mean_notes))
+        notes.append(f"Mean Δ over the seeds of each pairing, with a {statistics.CONFIDENCE:.0%} t-interval over "
+                     "its per-seed Δ (scipy.stats.ttest_1samp): " + " ".join(mean_notes))
+    scope = "of one objective (same arch, b, seed)" if len(pairs) > 1 else "(same arch, b, seed)"
+    empty = f"No {treat}/{base} pair {scope} in this study has effective steps within 1 % of each other."
     return Table("equal_effective_step", caption, columns, rows, notes, empty_message=empty), summary
 
 
@@ -651,11 +664,15 @@ def robust_overfitting_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
                f"last test {test_attack}", "best − last", f"peak test {test_attack} (epoch)", "peak − best",
                train_column, test_column]
     rows = []
+    # Peak − best only where best was chosen on robust accuracy too (training with an attack); a study without one
+    # picks best on clean accuracy, so its robust peak says nothing about that choice.
+    chose_on_robust = runs.train_pgd_steps.fillna(1) > 0
     frame = runs.assign(best_minus_last_acc=runs.metrics_best_test_pgd_acc - runs.metrics_last_test_pgd_acc,
-                        peak_minus_best_acc=runs.metrics_max_test_pgd_acc - runs.metrics_best_test_pgd_acc)
+                        peak_minus_best_acc=(runs.metrics_max_test_pgd_acc
+                                             - runs.metrics_best_test_pgd_acc).where(chose_on_robust))
     for row in frame.itertuples():
         method = row.label + (f" {row.variant}" if row.variant else "")
-        peak = format_percent(row.metrics_max_test_pgd_acc) + (
+        peak = MISSING if pd.isna(row.peak_minus_best_acc) else format_percent(row.metrics_max_test_pgd_acc) + (
             "" if pd.isna(row.metrics_peak_epoch) else f" ({int(row.metrics_peak_epoch)})")
         rows.append([row.arch, method, f"{row.lr:g}", str(row.batch_size), str(row.seed),
                      MISSING if pd.isna(row.metrics_best_epoch) else str(int(row.metrics_best_epoch)),
@@ -667,9 +684,10 @@ def robust_overfitting_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
                                 "metrics_final_train_robust_acc", "metrics_final_test_pgd_acc"])
     notes.append(f"From metrics.json: training's own per-epoch evaluation on a fixed test subset ({test_attack}); "
                  "best epoch chosen on the validation split; best − last in percentage points (robust "
-                 "overfitting: the paper's Fig. 5). Peak: the highest per-epoch test accuracy and its epoch, chosen "
-                 "on the test subset itself, so an optimistic bound no rule could pick; peak − best is what choosing "
-                 "on the validation split gave away (its noise plus any validation/test mismatch). The train "
+                 "overfitting: the paper's Fig. 5). Peak: the highest per-epoch test accuracy and its epoch, picked "
+                 "on the test subset itself; peak − best (≥ 0 by construction) bounds from above what choosing on "
+                 "the validation split gave away, since the maximum of many noisy per-epoch values is biased "
+                 f"upward ({MISSING} where training had no attack and best was chosen on clean accuracy). The train "
                  f"column is the running accuracy over the final epoch's batches under the training attack "
                  f"({attack}, weights changing during the epoch), not an end-of-epoch measurement with the test "
                  "attack: it is shown beside the test column, not subtracted from it.")
