@@ -504,6 +504,31 @@ def test_a_swept_decay_pairs_within_each_variant_not_across(tmp_path):
         ("decoupled_weight_decay=False", True), ("decoupled_weight_decay=True", False)]
 
 
+def test_a_run_shared_by_sweep_variants_is_not_counted_twice_in_the_tests(tmp_path):
+    # PGD-AT does not read DEAT's decay: a sweep over it lists each PGD-AT run under both variants. Pooling the
+    # variants would pair every PGD-AT run twice; the tests are made per variant instead.
+    manifest = make_study(tmp_path)
+    runs = []
+    for run in manifest["runs"]:
+        if run["method"] == "pgd_at":
+            runs += [{**run, "sweep": {"decoupled_weight_decay": flag}} for flag in (False, True)]
+        else:
+            copy = Path(run["dir"] + "_decoupled")
+            shutil.copytree(tmp_path / run["dir"], tmp_path / copy)
+            runs += [{**run, "sweep": {"decoupled_weight_decay": False}},
+                     {**run, "dir": str(copy), "eval": str(copy / EVAL_NAME), "sweep": {"decoupled_weight_decay": True}}]
+    manifest["runs"] = runs
+    frame, _ = load_runs(manifest, runs_root=tmp_path)
+    table, summary = tables.paired_table(frame)
+    assert table.columns[0] == "variant"
+    pooled = [dict(zip(table.columns, row)) for row in table.rows if row[table.columns.index("α")].startswith("pooled")]
+    assert {row["variant"] for row in pooled} == {"decoupled_weight_decay=False", "decoupled_weight_decay=True"}
+    assert {row["pairs"] for row in pooled} == {str(len(LRS) * len(BATCH_SIZES) * len(SEEDS))}  # 12, not 24
+    assert {record["variant"] for record in summary} == {"decoupled_weight_decay=False", "decoupled_weight_decay=True"}
+    anova, _ = tables.anova_table(frame)
+    assert anova.columns[0] == "variant" and "per sweep variant" in " ".join(anova.notes).lower()
+
+
 def test_matched_pairs_of_standard_training_compare_clean_accuracy(tmp_path):
     # Without an attack the robust accuracy is near 0 for both methods; the study's question is clean accuracy.
     runs, _ = load_runs(matched_pairs_study(tmp_path, pgd_steps=0))

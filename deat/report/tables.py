@@ -8,6 +8,7 @@ checkpoint whose evaluation flagged gradient masking is marked "†" with the ru
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from .render import Table
 
 EQUAL_STEP_RTOL = 0.01  # "equal effective step": within 1 % relative (math.isclose semantics)
 MATCHED_WORDS = {True: "step + decay", False: "step only", None: MISSING}
+VARIANT_NOTE = ("Per sweep variant: a run the swept setting does not change (PGD-AT under a DEAT-only setting) is "
+                "listed under every variant, so pooling the variants would count it more than once.")
 DECAY_NOTE = ("Decay: the per-step shrink of the weights by weight decay alone, θ ← θ·(1 − d) (deat.effective."
               "effective_decay of the run's settings, else metrics.json's effective_decay): coupled decay is a "
               "gradient, so d = effective step × wd; DEAT's decoupled decay (PNM's default) is d = α·wd whatever k1. "
@@ -96,6 +99,15 @@ def _varies_batch(runs: pd.DataFrame) -> bool:
 
 def varies_variant(runs: pd.DataFrame) -> bool:
     return runs.variant.nunique() > 1
+
+
+def variant_groups(runs: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
+    """[(None, runs)], unless one run directory appears under several sweep variants (a method that does not read
+    the swept setting, as PGD-AT under a sweep of DEAT's decay): then [(variant, its runs)] per variant, since a
+    test pooled over the variants would count that run once per variant, as if they were independent replicates."""
+    if varies_variant(runs) and runs.dir.duplicated().any():
+        return [(variant, runs[runs.variant == variant]) for variant in ordered(runs.variant)]
+    return [(None, runs)]
 
 
 def curve_keys(runs: pd.DataFrame) -> list[tuple[str, str, str]]:
@@ -300,19 +312,22 @@ def paired_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
         return Table("table4_paired_ttest", "Table 4 analogue: needs both DEAT and PGD-AT runs", ["arch"], [],
                      empty_message="The study does not run both methods."), []
     lead = _objective_column(pairs)
-    columns = lead + ["arch", "metric", "checkpoint", "α", "pairs", "mean Δ (pp)",
-                      f"{statistics.CONFIDENCE:.0%} CI (pp)", "t", "p"]
+    groups = variant_groups(runs)
+    per_variant = groups[0][0] is not None
+    columns = lead + (["variant"] if per_variant else []) + [
+        "arch", "metric", "checkpoint", "α", "pairs", "mean Δ (pp)", f"{statistics.CONFIDENCE:.0%} CI (pp)", "t", "p"]
     rows, summary = [], []
-    for objective, baseline, treatment in pairs:
-        paired = runs[runs.method.isin([baseline, treatment])]
-        head, tag = _objective_cell(pairs, objective), _comparison_record(pairs, baseline, treatment)
-        for arch in ordered(runs.arch):
+    for (objective, baseline, treatment), (variant, subset) in itertools.product(pairs, groups):
+        paired = subset[subset.method.isin([baseline, treatment])]
+        head = _objective_cell(pairs, objective) + ([variant] if per_variant else [])
+        tag = {**_comparison_record(pairs, baseline, treatment), **({"variant": variant} if per_variant else {})}
+        for arch in ordered(subset.arch):
             for metric in _headline_metrics(runs):
                 for checkpoint in CHECKPOINTS:
                     column = f"eval_{checkpoint}_{metric}"
-                    if runs[column].isna().all():
+                    if subset[column].isna().all():
                         continue
-                    matched, n_matches = statistics.matched_pairs(runs, column, arch, baseline, treatment)
+                    matched, n_matches = statistics.matched_pairs(subset, column, arch, baseline, treatment)
                     words = metric_words(metric, runs).replace(" test accuracy", "")
                     flag = MASKED if metric != "clean_acc" and len(masked_runs(paired[paired.arch == arch],
                                                                                 [checkpoint])) else ""
@@ -360,6 +375,8 @@ def paired_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
                  "pairs). α as the unit: one-sample t-test of the per-α means against 0. Pooled (paper's test): "
                  "scipy.stats.ttest_rel over every pair, as if the pairs were interchangeable; it overstates the "
                  "evidence when Δ changes with α (see table4_anova).")
+    if per_variant:
+        notes.append(VARIANT_NOTE)
     caption = (f"Table 4 analogue: Δ = {_delta_words(runs, *pairs[0][1:])}" if len(pairs) == 1 else
                f"Table 4 analogue per objective: Δ = {_outer_step_words()}") + \
         " per α with a confidence interval, and paired t-tests"
@@ -372,15 +389,20 @@ def anova_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
     effects the grid supports at the 5 % level; the methods are one objective's SGD-momentum and DEAT runs, per
     objective the study runs with both (PGD-AT and DEAT in the paper's grid)."""
     pairs = pairs_of(runs)
-    columns = _objective_column(pairs) + ["arch", "metric", "checkpoint", "effect", "df", "F", "p"]
+    groups = variant_groups(runs)
+    per_variant = groups[0][0] is not None
+    columns = _objective_column(pairs) + (["variant"] if per_variant else []) + [
+        "arch", "metric", "checkpoint", "effect", "df", "F", "p"]
     rows, summary, readings = [], [], []
-    for objective, baseline, treatment in pairs:
-        head, tag = _objective_cell(pairs, objective), _comparison_record(pairs, baseline, treatment)
-        for arch in ordered(runs.arch):
+    for (objective, baseline, treatment), (variant, subset) in itertools.product(pairs, groups):
+        head = _objective_cell(pairs, objective) + ([variant] if per_variant else [])
+        tag = {**_comparison_record(pairs, baseline, treatment), **({"variant": variant} if per_variant else {})}
+        for arch in ordered(subset.arch):
             for metric in _headline_metrics(runs):
                 for checkpoint in CHECKPOINTS:
                     column = f"eval_{checkpoint}_{metric}"
-                    effects = statistics.method_by_alpha_anova(runs[runs.arch == arch], column, baseline, treatment)
+                    effects = statistics.method_by_alpha_anova(subset[subset.arch == arch], column, baseline,
+                                                               treatment)
                     if effects.empty:
                         continue
                     words = metric_words(metric, runs).replace(" test accuracy", "")
@@ -402,6 +424,7 @@ def anova_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
              "replicates (seeds or batch sizes) leave residual degrees of freedom for it; a significant interaction "
              "means the difference between the methods depends on α, so a single pooled Δ does not summarise it."]
     notes += ["Reading: " + " ".join(readings)] if readings else []
+    notes += [VARIANT_NOTE] if per_variant else []
     caption = "Table 4 analogue, model: which effects (method, α, method × α) the grid supports"
     return Table("table4_anova", caption, columns, rows, notes,
                  empty_message="The design cannot be fitted (needs both methods at ≥ 2 α and residual degrees of "
