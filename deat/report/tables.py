@@ -110,6 +110,19 @@ def variant_groups(runs: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
     return [(None, runs)]
 
 
+def _comparison_groups(runs: pd.DataFrame, pairs: list) -> tuple[list[str], bool, list[tuple]]:
+    """What Table 4 and its ANOVA iterate over: the leading column names (objective, variant where they vary),
+    whether the tests are made per sweep variant (variant_groups), and per (objective, variant group) its
+    baseline and treatment methods, its runs, its leading cells and its summary-record tag."""
+    groups = variant_groups(runs)
+    per_variant = groups[0][0] is not None
+    lead = _objective_column(pairs) + (["variant"] if per_variant else [])
+    items = [(baseline, treatment, subset, _objective_cell(pairs, objective) + ([variant] if per_variant else []),
+              {**_comparison_record(pairs, baseline, treatment), **({"variant": variant} if per_variant else {})})
+             for (objective, baseline, treatment), (variant, subset) in itertools.product(pairs, groups)]
+    return lead, per_variant, items
+
+
 def curve_keys(runs: pd.DataFrame) -> list[tuple[str, str, str]]:
     """(arch, method, variant) in arch, method and variant order: one curve over (α, b) each."""
     return [(arch, method, variant) for arch in ordered(runs.arch) for method in methods_of(runs)
@@ -311,16 +324,12 @@ def paired_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
     if not pairs:
         return Table("table4_paired_ttest", "Table 4 analogue: needs both DEAT and PGD-AT runs", ["arch"], [],
                      empty_message="The study does not run both methods."), []
-    lead = _objective_column(pairs)
-    groups = variant_groups(runs)
-    per_variant = groups[0][0] is not None
-    columns = lead + (["variant"] if per_variant else []) + [
-        "arch", "metric", "checkpoint", "α", "pairs", "mean Δ (pp)", f"{statistics.CONFIDENCE:.0%} CI (pp)", "t", "p"]
+    lead, per_variant, comparisons = _comparison_groups(runs, pairs)
+    columns = lead + ["arch", "metric", "checkpoint", "α", "pairs", "mean Δ (pp)",
+                      f"{statistics.CONFIDENCE:.0%} CI (pp)", "t", "p"]
     rows, summary = [], []
-    for (objective, baseline, treatment), (variant, subset) in itertools.product(pairs, groups):
+    for baseline, treatment, subset, head, tag in comparisons:
         paired = subset[subset.method.isin([baseline, treatment])]
-        head = _objective_cell(pairs, objective) + ([variant] if per_variant else [])
-        tag = {**_comparison_record(pairs, baseline, treatment), **({"variant": variant} if per_variant else {})}
         for arch in ordered(subset.arch):
             for metric in _headline_metrics(runs):
                 for checkpoint in CHECKPOINTS:
@@ -389,14 +398,10 @@ def anova_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
     effects the grid supports at the 5 % level; the methods are one objective's SGD-momentum and DEAT runs, per
     objective the study runs with both (PGD-AT and DEAT in the paper's grid)."""
     pairs = pairs_of(runs)
-    groups = variant_groups(runs)
-    per_variant = groups[0][0] is not None
-    columns = _objective_column(pairs) + (["variant"] if per_variant else []) + [
-        "arch", "metric", "checkpoint", "effect", "df", "F", "p"]
+    lead, per_variant, comparisons = _comparison_groups(runs, pairs)
+    columns = lead + ["arch", "metric", "checkpoint", "effect", "df", "F", "p"]
     rows, summary, readings = [], [], []
-    for (objective, baseline, treatment), (variant, subset) in itertools.product(pairs, groups):
-        head = _objective_cell(pairs, objective) + ([variant] if per_variant else [])
-        tag = {**_comparison_record(pairs, baseline, treatment), **({"variant": variant} if per_variant else {})}
+    for baseline, treatment, subset, head, tag in comparisons:
         for arch in ordered(subset.arch):
             for metric in _headline_metrics(runs):
                 for checkpoint in CHECKPOINTS:
