@@ -35,14 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deat import evaluate
+from deat import attack_suite, autoattack_runner, evaluate
 from deat.attacks import robust_mask
 from deat.config import TrainConfig
 from deat.data import load_dataset
-from deat.train import environment, train
+from deat.runtime import environment
+from deat.train import train
 
 CIFAR_SMALL = Path(__file__).resolve().parents[1] / "data/cifar10_small.npz"  # deat.data's cifar10_small stand-in
-ATTACKS = ("clean", "pgd10", "pgd", *evaluate.AUTOATTACK_STANDARD, "autoattack_standard")
+ATTACKS = ("clean", "pgd10", "pgd", *autoattack_runner.AUTOATTACK_STANDARD, "autoattack_standard")
 PGD_STEPS, PGD_RESTARTS = 50, 10
 
 
@@ -83,17 +84,17 @@ def _robust_after(attack: str, model, x, y, eps: float, batch_size: int,
     if attack == "clean":
         return correct, len(y)
     if attack in ("pgd10", "pgd"):
-        steps, restarts = (evaluate.PGD10_STEPS, 1) if attack == "pgd10" else (PGD_STEPS, PGD_RESTARTS)
-        generator = torch.Generator(device=x.device).manual_seed(evaluate.ATTACK_SEED)
+        steps, restarts = (attack_suite.PGD10_STEPS, 1) if attack == "pgd10" else (PGD_STEPS, PGD_RESTARTS)
+        generator = torch.Generator(device=x.device).manual_seed(attack_suite.ATTACK_SEED)
         return robust_mask(model, x, y, eps, eps / 4, steps, "linf", restarts, batch_size, generator), len(y)
-    chain = evaluate.AUTOATTACK_STANDARD if attack == "autoattack_standard" else (attack,)
+    chain = autoattack_runner.AUTOATTACK_STANDARD if attack == "autoattack_standard" else (attack,)
     robust = correct.clone()
     for name in chain:
         index = robust.nonzero().squeeze(1)
         if len(index) == 0:
             break
-        survived = [evaluate.autoattack_survivors(model, x[i], y[i], name, eps, "linf", batch_size,
-                                                  num_classes=num_classes)
+        survived = [autoattack_runner.autoattack_survivors(model, x[i], y[i], name, eps, "linf", batch_size,
+                                                           seed=attack_suite.ATTACK_SEED, num_classes=num_classes)
                     for i in index.split(batch_size)]
         robust[index] = torch.cat(survived)
     return robust, int(correct.sum())

@@ -39,7 +39,7 @@ from deat.data import Batches
 from deat.fast import CudaGraphStep
 from deat.models import build_model
 from deat.optim import build_optimizer, build_scheduler
-from deat.train import adversarial_step
+from deat.objectives import adversarial_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import augment_of, load_images  # noqa: E402  (the sibling script's data loading)

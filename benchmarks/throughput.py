@@ -52,7 +52,7 @@ from deat.data import Batches, augment_batch, load_dataset
 from deat.fast import build_train_step, cuda_only_requests
 from deat.models import ARCHITECTURES, build_model
 from deat.optim import build_optimizer, build_scheduler
-from deat.train import resolve_device
+from deat.runtime import resolve_device
 
 MODES = ("eager", "cuda_graph", "compile")
 PREBUILT_BATCHES = 4  # distinct augmented batches the timed iterations cycle through

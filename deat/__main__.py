@@ -60,7 +60,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)  # validate before leasing a GPU or touching MLflow
     lease = _lease_gpu(args, cfg.device)  # noqa: F841  (held until the process exits)
-    from .train import RunLogger, train
+    from .runtime import RunLogger
+    from .train import train
 
     logger = RunLogger()
     if args.mlflow:

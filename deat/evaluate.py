@@ -67,45 +67,25 @@ import json
 import platform
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .attacks import NORMS, clean_accuracy, robust_mask
+from .attacks import NORMS
 from .checkpoint import load_checkpoint, write_json
 from .config import parse_number
 from .data import load_dataset
 from .models import build_model
-from .train import environment, resolve_device
+from .attack_suite import ATTACK_SEED, PGD10_STEPS, ROBUST_RULE, evaluate_checkpoint
+from .autoattack_runner import (AUTOATTACK_STANDARD, AUTOATTACK_TARGETS, aa_label, attacks_not_runnable,
+                                autoattack_target_classes)
+from .masking import sanity_warnings
+from .runtime import environment, resolve_device
 
 CHECKPOINTS = ("best", "last")
-AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")  # the order AutoAttack runs them in
-AUTOATTACK_NAMES = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}
-# Fewest classes each attack of pyautoattack 0.2.0 can run on, and why. APGD-T's targeted DLR loss divides by
-# z_max - (z_3rd + z_4th) / 2 (autopgd_base.dlr_loss_targeted; checks.check_n_classes refuses K <= 3); the others
-# need only a correct class and one other: APGD-CE a cross-entropy, FAB-T and Square the margin to another class.
-AUTOATTACK_MIN_CLASSES = {
-    "apgd-ce": (2, "its cross-entropy needs a second class"),
-    "apgd-t": (4, "its targeted DLR loss uses the 3rd and 4th largest logits"),
-    "fab-t": (2, "it needs a target class"),
-    "square": (2, "its margin loss needs a second class"),
-}
-AUTOATTACK_TARGETS = 9  # standard's target classes for APGD-T and FAB-T, meant for K >= 10
-METRICS = ("clean", "pgd10", "pgd", "aa")  # computed in this order, each saved before the next starts
-PGD10_STEPS = 10
-ATTACK_SEED = 0
-ROBUST_RULE = "an example is robust only if no iterate of any restart of any attack misclassifies it"
-_AUTOATTACK_NORMS = {"linf": "Linf", "l2": "L2"}
-
-# Gradient-masking thresholds (see masking_flags).
-CE_VS_OTHERS_GAP = 0.10  # Croce & Hein 2020: AutoAttack's margin/targeted attacks often lowered reported robust
-#                          accuracy "by more than 10%", the mark of a broken, CE-only evaluation
-SQUARE_GAIN = 0.002  # pyautoattack checks.check_square_sr: a black-box attack gaining 0.2 points is suspicious
 
 # ------------------------------------------------------------------------------------------- building blocks
 
@@ -173,162 +153,6 @@ def settings_sha256(settings: dict[str, Any], examples: dict[str, Any]) -> str:
     canonical = json.dumps({"settings": settings, "examples": examples}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
-
-# ------------------------------------------------------------------------------------- AutoAttack and classes
-
-def autoattack_target_classes(num_classes: int) -> int:
-    """Target classes of APGD-T and FAB-T on a num_classes dataset: standard's 9, or every other class if fewer."""
-    return min(AUTOATTACK_TARGETS, num_classes - 1)
-
-
-def attacks_not_runnable(attacks: list[str] | tuple[str, ...], num_classes: int) -> dict[str, str]:
-    """{attack: one-line reason} for each of `attacks` that cannot run on a num_classes dataset (see
-    AUTOATTACK_MIN_CLASSES); unknown names get a reason too. Empty when all can run."""
-    reasons = {}
-    for attack in attacks:
-        if attack not in AUTOATTACK_MIN_CLASSES:
-            allowed = ", ".join(AUTOATTACK_STANDARD)
-            reasons[attack] = f"{attack} is not an AutoAttack standard attack; allowed: {allowed}"
-            continue
-        need, why = AUTOATTACK_MIN_CLASSES[attack]
-        if num_classes < need:
-            reasons[attack] = (f"{AUTOATTACK_NAMES[attack]} needs at least {need} classes ({why}); the dataset "
-                               f"has {num_classes}")
-    return reasons
-
-
-def check_attacks(attacks: list[str] | tuple[str, ...], num_classes: int) -> list[str]:
-    """Reasons, one line each, why some of `attacks` (AutoAttack attack names) cannot run on num_classes classes.
-
-    For refusing a study before any job starts: an empty list means every attack can run. evaluate itself skips
-    such attacks and records the reasons instead of failing.
-    """
-    return list(attacks_not_runnable(attacks, num_classes).values())
-
-
-def aa_label(attacks: list[str] | tuple[str, ...]) -> str | None:
-    """The name of what AutoAttack ran: "AutoAttack (standard)" for all four standard attacks in order, otherwise
-    the attacks joined ("APGD-CE + APGD-T"); None when none ran."""
-    if tuple(attacks) == AUTOATTACK_STANDARD:
-        return "AutoAttack (standard)"
-    return " + ".join(AUTOATTACK_NAMES[a] for a in attacks) or None
-
-
-def autoattack_survivors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, eps: float, norm: str,
-                         batch_size: int, seed: int = ATTACK_SEED, num_classes: int | None = None) -> torch.Tensor:
-    """(N,) bool: which of x are still classified correctly after one AutoAttack attack, with standard's settings.
-
-    Runs pyautoattack's own loop (its batching, per-batch reseeding and checks) restricted to `attack`, with
-    autoattack_target_classes(num_classes) target classes (num_classes defaults to the model's output width).
-    Raises ValueError for an attack the class count cannot support. The attacks reseed torch's global
-    generators; fork_rng restores them afterwards.
-    """
-    from pyautoattack import AutoAttack
-
-    if attack not in AUTOATTACK_STANDARD:
-        raise ValueError(f"attack must be one of {AUTOATTACK_STANDARD}, got {attack!r}")
-    if num_classes is None:
-        with torch.no_grad():
-            num_classes = model(x[:1]).shape[1]
-    reason = attacks_not_runnable([attack], num_classes).get(attack)
-    if reason is not None:
-        raise ValueError(reason)
-    adversary = AutoAttack(model, eps=eps, norm=_AUTOATTACK_NORMS[norm], version="standard", seed=seed,
-                           device=x.device)
-    adversary.attacks_to_run = [attack]
-    targets = autoattack_target_classes(num_classes)
-    adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = targets
-    cuda_devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices):
-        _, predictions = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
-    return predictions == y
-
-
-def sanity_warnings(label: str, entry: dict[str, Any], settings: dict[str, Any]) -> list[str]:
-    """Messages for every PGD accuracy that AutoAttack's exceeds on the same examples (none if AA was off)."""
-    if entry["aa_acc"] is None:
-        return []
-    pgd_name = f"PGD-{settings['pgd_steps']}x{settings['pgd_restarts']}"
-    return [f"{label}: AutoAttack accuracy {entry['aa_acc']:.2%} > {name} accuracy {entry[key]:.2%} on the same "
-            f"{settings['n_examples']} examples; AutoAttack should be the stronger attack: suspect gradient "
-            f"masking, a randomized model or an attack bug"
-            for key, name in (("pgd10_acc", "PGD-10"), ("pgd_acc", pgd_name)) if entry["aa_acc"] > entry[key]]
-
-
-# --------------------------------------------------------------------------------------- gradient masking
-
-def zero_gradient_mask(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(N,) bool: examples whose cross-entropy gradient w.r.t. the input is exactly zero.
-
-    A gradient attack cannot move such a point (pyautoattack's checks.check_zero_gradients warns on any).
-    Saturated softmax does this: logits scaled by 1e4 keep every prediction but make p_y == 1.0 in fp32.
-    """
-    zero = [torch.zeros(0, dtype=torch.bool, device=x.device)]  # no examples: no zero gradients
-    for i in range(0, len(y), batch_size):
-        xb = x[i:i + batch_size].detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            loss = F.cross_entropy(model(xb).float(), y[i:i + batch_size], reduction="sum")
-            (grad,) = torch.autograd.grad(loss, xb)
-        zero.append(grad.flatten(1).abs().sum(dim=1) == 0)
-    return torch.cat(zero)
-
-
-def masking_flags(entry: dict[str, Any], settings: dict[str, Any]) -> list[str]:
-    """One line per signature of gradient masking (or of an unreliable evaluation) found in a checkpoint's result.
-
-    Signatures and thresholds (AutoAttack: Croce & Hein, ICML 2020, and pyautoattack's checks.py; Carlini et
-    al., "On Evaluating Adversarial Robustness", 2019, §4-5; RobustBench's guidance follows them):
-    1. Zero input gradients: any correctly classified example whose cross-entropy gradient is exactly 0
-       (checks.check_zero_gradients flags any). Reads entry["masking_checks"]["zero_gradient_examples"].
-    2. Cross-entropy attacks far weaker than the margin/targeted ones: the examples that survive every CE-based
-       attack (PGD-10, PGD-k×R, APGD-CE; entry["masking_checks"]["ce_worst_case_acc"]) exceed those that
-       survive every attack (worst_case_acc, which adds APGD-T, FAB-T, Square) by more than CE_VS_OTHERS_GAP =
-       10 points of the examples: the size of the drops by which Croce & Hein found CE-based evaluations "often"
-       overstated robustness. Comparing per-example worst cases, not single accuracies, keeps CE attacks that
-       break different examples from looking weak.
-    3. Square, a black-box attack, breaks more than SQUARE_GAIN = 0.2 % of the examples after the white-box
-       attacks (checks.check_square_sr's alpha = 0.002).
-    4. AutoAttack leaves more examples robust than PGD-10 or PGD-k×R on the same examples (stronger attack,
-       weaker result; any amount).
-    5. More steps and restarts do not help: with k >= 10, PGD-k×R leaves more examples robust than PGD-10 (any
-       amount). With the default step sizes PGD-k's first restart replays PGD-10's iterates and goes on, so
-       this cannot happen by chance.
-    Not checked here: robust accuracy not falling as ε grows needs several evaluations (one per ε).
-    """
-    flags = []
-    n, pgd_name = settings["n_examples"], f"PGD-{settings['pgd_steps']}x{settings['pgd_restarts']}"
-    checks = entry.get("masking_checks") or {}
-    zero, correct = checks.get("zero_gradient_examples"), round(entry["clean_acc"] * n)
-    if zero:
-        flags.append(f"zero input gradient of the cross-entropy at {zero} of {correct} correctly classified "
-                     f"examples: gradient attacks cannot move them (pyautoattack check_zero_gradients)")
-    autoattack = entry.get("autoattack") or {}
-    others = [AUTOATTACK_NAMES[a] for a in autoattack if a != "apgd-ce"]
-    ce_worst, worst = checks.get("ce_worst_case_acc"), entry.get("worst_case_acc")
-    if others and ce_worst is not None and worst is not None and ce_worst - worst > CE_VS_OTHERS_GAP:
-        ce_names = ["PGD-10", f"PGD-{settings['pgd_steps']}x{settings['pgd_restarts']}"] + \
-            (["APGD-CE"] if "apgd-ce" in autoattack else [])
-        flags.append(f"cross-entropy attacks leave far more examples robust than margin/targeted ones: "
-                     f"{ce_worst:.2%} survive {' + '.join(ce_names)}, {worst:.2%} also survive "
-                     f"{' + '.join(others)} (gap above {CE_VS_OTHERS_GAP:.0%})")
-    if "square" in autoattack:
-        ran = list(autoattack)
-        before = entry["clean_acc"] if ran.index("square") == 0 else autoattack[ran[ran.index("square") - 1]]["acc"]
-        if before - autoattack["square"]["acc"] > SQUARE_GAIN:
-            gain = before - autoattack["square"]["acc"]
-            flags.append(f"the black-box Square attack lowered accuracy by {gain:.2%} after the white-box attacks "
-                         f"(above {SQUARE_GAIN:.1%}, pyautoattack check_square_sr)")
-    if entry.get("aa_acc") is not None:
-        for name, acc in (("PGD-10", entry["pgd10_acc"]), (pgd_name, entry["pgd_acc"])):
-            if entry["aa_acc"] > acc:
-                flags.append(f"{aa_label(list(autoattack)) or 'AutoAttack'} {entry['aa_acc']:.2%} above {name} "
-                             f"{acc:.2%} on the same examples")
-    if settings["pgd_steps"] >= PGD10_STEPS and entry["pgd_acc"] > entry["pgd10_acc"]:
-        flags.append(f"more steps and restarts did not help: {pgd_name} {entry['pgd_acc']:.2%} above PGD-10 "
-                     f"{entry['pgd10_acc']:.2%}")
-    return flags
-
-
 # ---------------------------------------------------------------------------------------------- settings
 
 def resolve_settings(args: argparse.Namespace, run_config: dict[str, Any], n_test: int,
@@ -382,143 +206,6 @@ def _examples_record(indices: torch.Tensor, n_test: int, seed: int) -> dict[str,
 def _same_json(a: Any, b: Any) -> bool:
     """Equality as stored in JSON (tuples become lists), so fresh values compare with ones read back."""
     return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
-
-
-# ------------------------------------------------------------------------------------------- evaluation
-
-def _progress_line(label: str, what: str, acc: float, n_examples: int, seconds: float) -> str:
-    rate = f"{n_examples / seconds:.1f}" if seconds > 0 else "—"
-    return f"{label} {what}: acc {acc:.2%} on {n_examples} examples, {seconds:.1f} s, {rate} examples/s"
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-class Progress:
-    """Start, periodic and end lines for one attack: examples done, elapsed time and an ETA from the rate so far.
-
-    `update(done, total)` logs at most every `interval_s` seconds; the ETA assumes the remaining examples cost
-    what the done ones did (for PGD restarts `total` counts every example in every restart: an upper bound, so
-    the ETA is one too).
-    """
-
-    def __init__(self, log: Callable[[str], None], what: str, total: int, interval_s: float,
-                 unit: str = "examples") -> None:
-        self.log, self.what, self.interval_s, self.unit = log, what, interval_s, unit
-        self.started = self.last = time.perf_counter()
-        log(f"{what}: started on {total} {unit}")
-
-    def update(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.interval_s or done <= 0:
-            return
-        self.last = now
-        elapsed = now - self.started
-        log_eta = _duration(elapsed / done * max(total - done, 0))
-        self.log(f"{self.what}: {done}/{total} {self.unit}, {_duration(elapsed)} elapsed, ETA {log_eta}")
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-
-@torch.no_grad()
-def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(N,) bool: whether model classifies each example correctly, batch by batch."""
-    return torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
-                      for i in range(0, len(y), batch_size)])
-
-
-def _run_autoattack(model, x, y, settings, entry, label, save, log, interval_s) -> None:
-    """AutoAttack's attacks one at a time on the still-robust examples; progress saved after each attack.
-
-    entry["autoattack"] maps each finished attack to the accuracy after it and its seconds; entry["aa_robust"]
-    holds the positions (in x) still robust, the state a resumed run starts from. Each attack goes through
-    pyautoattack one batch of `batch_size` examples at a time (what its own loop does, with the same per-batch
-    seed, so the result is the same) so that progress lines can report the examples done.
-    """
-    done = entry.setdefault("autoattack", {})
-    if "aa_robust" not in entry:
-        entry["aa_robust"] = _correct(model, x, y, settings["batch_size"]).nonzero().squeeze(1).tolist()
-    batch_size, num_classes = settings["batch_size"], settings.get("num_classes")
-    for attack in settings["autoattack_attacks"]:
-        if attack in done:
-            log(f"{label} aa/{attack}: done earlier, acc {done[attack]['acc']:.2%}")
-            continue
-        attacked = torch.tensor(entry["aa_robust"], dtype=torch.long, device=x.device)
-        progress = Progress(log, f"{label} aa/{attack}", len(attacked), interval_s)
-        survived = []
-        if settings["eps"] > 0:
-            for i in range(0, len(attacked), batch_size):
-                index = attacked[i:i + batch_size]
-                survived.append(autoattack_survivors(model, x[index], y[index], attack, settings["eps"],
-                                                     settings["norm"], batch_size, settings["attack_seed"],
-                                                     num_classes))
-                progress.update(i + len(index), len(attacked))
-        robust = attacked[torch.cat(survived)] if survived else attacked
-        seconds = progress.elapsed()
-        entry["aa_robust"] = entry["robust_positions"][f"aa/{attack}"] = robust.tolist()
-        done[attack] = {"acc": len(robust) / len(y), "wall_time_s": seconds}
-        save()
-        log(_progress_line(label, f"aa/{attack}", len(robust) / len(y), len(attacked), seconds))
-
-
-def evaluate_checkpoint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: dict[str, Any],
-                        entry: dict[str, Any], label: str, save: Callable[[], None],
-                        log: Callable[[str], None], interval_s: float = 30.0) -> None:
-    """Fill entry[f"{metric}_acc"] and entry["wall_time_s"][metric] for each metric not already there, then
-    entry["worst_case_acc"], entry["skipped_attacks"] and entry["masking_flags"].
-
-    `entry` is this checkpoint's part of the progress record; `save()` persists it after every finished step.
-    entry["robust_positions"][metric] keeps which examples each metric left robust (for the worst case).
-    """
-    times = entry.setdefault("wall_time_s", {})
-    positions = entry.setdefault("robust_positions", {})
-    n, batch_size, eps, norm = len(y), settings["batch_size"], settings["eps"], settings["norm"]
-    entry["skipped_attacks"] = dict(settings.get("autoattack_skipped", {}))
-    for attack, reason in entry["skipped_attacks"].items():
-        log(f"{label} aa/{attack}: skipped: {reason}")
-    for metric in METRICS:
-        if metric in times:
-            acc = entry[f"{metric}_acc"]
-            log(f"{label} {metric}: done earlier" + ("" if acc is None else f", acc {acc:.2%}"))
-            continue
-        started = time.perf_counter()
-        if metric == "clean":
-            correct = _correct(model, x, y, batch_size)
-            zero = zero_gradient_mask(model, x[correct], y[correct], batch_size)
-            entry["masking_checks"] = {"zero_gradient_examples": int(zero.sum())}
-            robust = correct
-        elif metric in ("pgd10", "pgd"):
-            steps, step_size, restarts = ((PGD10_STEPS, settings["pgd10_step_size"], 1) if metric == "pgd10" else
-                                          (settings["pgd_steps"], settings["pgd_step_size"], settings["pgd_restarts"]))
-            generator = torch.Generator(device=x.device).manual_seed(settings["attack_seed"])
-            unit = "examples" if restarts == 1 else "examples x restarts (at most: restarts attack survivors)"
-            progress = Progress(log, f"{label} {metric}", n * restarts, interval_s, unit)
-            robust = robust_mask(model, x, y, eps, step_size, steps, norm, restarts, batch_size, generator,
-                                 on_batch=progress.update)
-        elif settings["autoattack"] == "none" or not settings["autoattack_attacks"]:
-            entry["aa_acc"], times["aa"] = None, None
-            save()
-            continue
-        else:
-            _run_autoattack(model, x, y, settings, entry, label, save, log, interval_s)
-            robust = torch.zeros(n, dtype=torch.bool, device=x.device)
-            robust[torch.tensor(entry.pop("aa_robust"), dtype=torch.long, device=x.device)] = True
-        positions[metric] = robust.nonzero().squeeze(1).tolist()
-        acc = len(positions[metric]) / n
-        seconds = time.perf_counter() - started
-        if metric == "aa":  # the sum over attacks, some of which may have run before a resume
-            seconds = sum(a["wall_time_s"] for a in entry["autoattack"].values())
-        entry[f"{metric}_acc"], times[metric] = acc, seconds
-        save()
-        log(_progress_line(label, metric, acc, n, seconds))
-    robust_everywhere = set(positions["clean"]).intersection(*positions.values())
-    ce_attacks = [positions[k] for k in ("pgd10", "pgd", "aa/apgd-ce") if k in positions]
-    entry["worst_case_acc"] = len(robust_everywhere) / n
-    entry["masking_checks"]["ce_worst_case_acc"] = len(set(positions["clean"]).intersection(*ce_attacks)) / n
-    entry["masking_flags"] = masking_flags(entry, settings)
-    save()
 
 
 # -------------------------------------------------------------------------------------------------- CLI

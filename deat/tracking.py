@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from .checkpoint import atomic_write, write_json  # noqa: E402
 from .config import NON_RESULT_KEYS, unused_options  # noqa: E402
-from .train import RunLogger  # noqa: E402
+from .runtime import RunLogger  # noqa: E402
 
 RUN_ID_FILE = "mlflow_run_id"
 # MLflow 3's UI reads this experiment tag to choose between its GenAI (traces) and model-training (runs) views.

@@ -14,18 +14,14 @@ import argparse
 import functools
 import json
 import math
-import platform
 import shutil
-import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from . import __version__
 from .attacks import clean_accuracy, robust_accuracy
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
 from .config import TrainConfig, add_config_arguments, config_from_args, run_identity
@@ -35,30 +31,9 @@ from .fast import build_train_step
 from .models import build_model
 from .objectives import adversarial_step, attacks_in_training, autocast
 from .optim import build_optimizer, build_scheduler
+from .runtime import RunLogger, environment, resolve_device
 
 EVAL_SEED = 0  # per-epoch evaluation uses the same attack starts every epoch, so curves are comparable
-
-
-@dataclass
-class RunLogger:
-    """Hooks a tracker (MLflow, see tracking.py) plugs into; train.py itself never imports one.
-
-    `start` is called once the run directory is known to belong to this config (never for a refused or already
-    complete run); `stop(status)` by the caller when the process ends early: "FAILED" or "KILLED".
-    """
-
-    start: Callable[[dict[str, Any]], None] = lambda params: None
-    epoch: Callable[[dict[str, Any]], None] = lambda record: None
-    end: Callable[[dict[str, Any], Path], None] = lambda metrics, out: None
-    stop: Callable[[str], None] = lambda status: None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} was asked for but torch sees no CUDA device")
-    return torch.device(name)
 
 
 def train_one_epoch(model, optimizer, scheduler, batches, cfg, attack_gen, epoch, log,
@@ -112,13 +87,6 @@ def evaluate_epoch(model, data, test_index, cfg: TrainConfig) -> dict[str, float
             result[f"{split}_pgd_acc"] = robust_accuracy(model, x, y, cfg.eps, step, cfg.eval_pgd_steps, cfg.norm,
                                                          generator=gen)
     return result
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    return {"device": str(device), "device_name": name, "torch": str(torch.__version__), "deat": __version__,
-            "python": platform.python_version(), "hostname": socket.gethostname(),
-            "cpu_threads": torch.get_num_threads()}
 
 
 def rng_state(device: torch.device, data_gen: torch.Generator, attack_gen: torch.Generator) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import deat.evaluate as evaluate
+from deat import attack_suite, autoattack_runner, masking
 from deat.checkpoint import save_checkpoint
 from deat.config import TrainConfig
 from deat.data import load_dataset
@@ -102,7 +103,8 @@ def test_eps_zero_gives_exactly_the_clean_accuracy(run_copy):
         assert entry["clean_acc"] == correct.sum().item() / 100
         assert entry["pgd10_acc"] == entry["pgd_acc"] == entry["aa_acc"] == entry["clean_acc"]
     # AutoAttack is short-circuited at eps 0; its own path agrees: APGD-CE breaks no correct example.
-    survivors = evaluate.autoattack_survivors(model, x[correct], y[correct], "apgd-ce", 0.0, "linf", 500)
+    survivors = autoattack_runner.autoattack_survivors(model, x[correct], y[correct], "apgd-ce", 0.0, "linf", 500,
+                                                       seed=attack_suite.ATTACK_SEED)
     assert survivors.all()
 
 
@@ -145,16 +147,16 @@ def test_undefended_model_falls_to_zero_under_pgd(run_copy):
 def test_sanity_warnings_name_each_pgd_accuracy_that_autoattack_exceeds():
     settings = {"pgd_steps": 50, "pgd_restarts": 10, "n_examples": 200}
     entry = {"pgd10_acc": 0.5, "pgd_acc": 0.45, "aa_acc": 0.45}
-    assert evaluate.sanity_warnings("best", entry, settings) == []  # equal is fine
-    warnings = evaluate.sanity_warnings("best", {**entry, "aa_acc": 0.47}, settings)
+    assert masking.sanity_warnings("best", entry, settings) == []  # equal is fine
+    warnings = masking.sanity_warnings("best", {**entry, "aa_acc": 0.47}, settings)
     assert len(warnings) == 1 and warnings[0].startswith("best: AutoAttack accuracy 47.00% > PGD-50x10 accuracy")
-    assert len(evaluate.sanity_warnings("last", {**entry, "aa_acc": 0.6}, settings)) == 2
-    assert evaluate.sanity_warnings("best", {**entry, "aa_acc": None}, settings) == []
+    assert len(masking.sanity_warnings("last", {**entry, "aa_acc": 0.6}, settings)) == 2
+    assert masking.sanity_warnings("best", {**entry, "aa_acc": None}, settings) == []
 
 
 def test_autoattack_weaker_than_pgd_is_warned_and_recorded(run_copy, monkeypatch, capsys):
     # A stubbed AutoAttack that breaks nothing: its accuracy is the clean one, far above PGD's at eps 0.3.
-    monkeypatch.setattr(evaluate, "autoattack_survivors", lambda model, x, y, *a, **k: torch.ones_like(y, dtype=bool))
+    monkeypatch.setattr(attack_suite, "autoattack_survivors", lambda model, x, y, *a, **k: torch.ones_like(y, dtype=bool))
     result = _evaluate(run_copy, "--eps", "0.3", "--n-examples", "50", "--pgd-steps", "5", "--pgd-restarts", "1")
     assert len(result["warnings"]) == 4  # PGD-10 and PGD-5x1, for best and for last
     assert result["warnings"][0].startswith("best: AutoAttack accuracy")
@@ -190,11 +192,11 @@ def test_resume_skips_finished_work_and_matches_an_uninterrupted_run(standard_ru
     flags = ("--eps", "0.1", "--n-examples", "60", "--pgd-steps", "3", "--pgd-restarts", "2",
              "--autoattack-attacks", "apgd-ce", "apgd-t")
     crashed = Path(shutil.copytree(standard_run, tmp_path / "crashed"))
-    real_robust_mask = evaluate.robust_mask
+    real_robust_mask = attack_suite.robust_mask
 
     # Session 1 dies in best's PGD-3x2, after clean and PGD-10 finished.
     pgd = CountingAttack(real_robust_mask, crash_on=2)
-    monkeypatch.setattr(evaluate, "robust_mask", pgd)
+    monkeypatch.setattr(attack_suite, "robust_mask", pgd)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _evaluate(crashed, *flags)
     partial = json.loads((crashed / "eval.partial.json").read_text())
@@ -204,8 +206,8 @@ def test_resume_skips_finished_work_and_matches_an_uninterrupted_run(standard_ru
     # Session 2 reruns only best's PGD-3x2, then dies in AutoAttack's second attack (APGD-T).
     pgd = CountingAttack(real_robust_mask)
     autoattack = CountingAttack(_halve, crash_on=2)
-    monkeypatch.setattr(evaluate, "robust_mask", pgd)
-    monkeypatch.setattr(evaluate, "autoattack_survivors", autoattack)
+    monkeypatch.setattr(attack_suite, "robust_mask", pgd)
+    monkeypatch.setattr(attack_suite, "autoattack_survivors", autoattack)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _evaluate(crashed, *flags)
     assert pgd.calls == 1
@@ -215,8 +217,8 @@ def test_resume_skips_finished_work_and_matches_an_uninterrupted_run(standard_ru
     # Session 3: APGD-T for best; last holds best's weights (training stopped improving), so its result is
     # reused, not recomputed. The partial file is gone once eval.json is written.
     pgd, autoattack = CountingAttack(real_robust_mask), CountingAttack(_halve)
-    monkeypatch.setattr(evaluate, "robust_mask", pgd)
-    monkeypatch.setattr(evaluate, "autoattack_survivors", autoattack)
+    monkeypatch.setattr(attack_suite, "robust_mask", pgd)
+    monkeypatch.setattr(attack_suite, "autoattack_survivors", autoattack)
     resumed = _evaluate(crashed, *flags)
     assert (pgd.calls, autoattack.calls) == (0, 1)
     assert resumed["checkpoints"]["last"]["reused_from"] == "best"
@@ -225,7 +227,7 @@ def test_resume_skips_finished_work_and_matches_an_uninterrupted_run(standard_ru
 
     # A fourth run finds eval.json up to date and attacks nothing.
     pgd = CountingAttack(real_robust_mask)
-    monkeypatch.setattr(evaluate, "robust_mask", pgd)
+    monkeypatch.setattr(attack_suite, "robust_mask", pgd)
     _evaluate(crashed, *flags)
     assert pgd.calls == 0 and "nothing to do" in capsys.readouterr().out
 
@@ -239,13 +241,13 @@ def test_resume_skips_finished_work_and_matches_an_uninterrupted_run(standard_ru
 def test_partial_file_from_other_settings_is_ignored(run_copy, monkeypatch, capsys):
     flags = ("--out", str(run_copy / "eval_abc.json"), "--n-examples", "30", "--pgd-steps", "2",
              "--pgd-restarts", "1", "--autoattack", "none")
-    monkeypatch.setattr(evaluate, "robust_mask", CountingAttack(evaluate.robust_mask, crash_on=2))
+    monkeypatch.setattr(attack_suite, "robust_mask", CountingAttack(attack_suite.robust_mask, crash_on=2))
     with pytest.raises(RuntimeError, match="simulated crash"):
         _evaluate(run_copy, "--eps", "0.1", *flags)
     assert evaluate.partial_path(run_copy / "eval_abc.json") == run_copy / "eval_abc.partial.json"
     assert (run_copy / "eval_abc.partial.json").is_file()
-    pgd = CountingAttack(evaluate.robust_mask.attack)
-    monkeypatch.setattr(evaluate, "robust_mask", pgd)
+    pgd = CountingAttack(attack_suite.robust_mask.attack)
+    monkeypatch.setattr(attack_suite, "robust_mask", pgd)
     result = _evaluate(run_copy, "--eps", "0.2", *flags)
     assert "was written for other settings; ignoring it" in capsys.readouterr().out
     # PGD-10 and PGD-2 for best (last has the same weights): nothing was taken from the eps-0.1 session.
@@ -273,7 +275,7 @@ def test_cli_end_to_end_writes_every_key_and_logs_to_mlflow(run_copy, tmp_path, 
         "dataset": "mnist5k", "eps": 0.1, "norm": "linf", "n_examples": 20, "example_seed": 0, "pgd10_steps": 10,
         "pgd10_step_size": pytest.approx(0.025), "pgd_steps": 3, "pgd_restarts": 2, "pgd_step_size": 0.025,
         "autoattack": "standard", "autoattack_attacks": ["apgd-ce"], "autoattack_skipped": {}, "num_classes": 10,
-        "autoattack_target_classes": 9, "aa_label": "APGD-CE", "robust_rule": evaluate.ROBUST_RULE,
+        "autoattack_target_classes": 9, "aa_label": "APGD-CE", "robust_rule": attack_suite.ROBUST_RULE,
         "attack_seed": 0, "batch_size": 500, "precision": "fp32"}
     index = evaluate.select_examples(1000, 20, seed=0)
     assert result["examples"]["n"] == 20 and result["examples"]["indices_sha256"] == evaluate.indices_sha256(index)
@@ -395,26 +397,26 @@ def test_three_classes_skip_apgd_t_with_the_reason_recorded_and_printed(three_cl
 
 
 def test_check_attacks_names_each_attack_the_class_count_cannot_support():
-    assert evaluate.check_attacks(evaluate.AUTOATTACK_STANDARD, 10) == []
-    assert evaluate.check_attacks(evaluate.AUTOATTACK_STANDARD, 4) == []  # APGD-T with 3 targets
-    assert evaluate.check_attacks(["apgd-ce", "apgd-t"], 3) == [
+    assert autoattack_runner.check_attacks(autoattack_runner.AUTOATTACK_STANDARD, 10) == []
+    assert autoattack_runner.check_attacks(autoattack_runner.AUTOATTACK_STANDARD, 4) == []  # APGD-T with 3 targets
+    assert autoattack_runner.check_attacks(["apgd-ce", "apgd-t"], 3) == [
         "APGD-T needs at least 4 classes (its targeted DLR loss uses the 3rd and 4th largest logits); "
         "the dataset has 3"]
-    assert len(evaluate.check_attacks(evaluate.AUTOATTACK_STANDARD, 1)) == 4
-    assert evaluate.check_attacks(["fab"], 10) == [
+    assert len(autoattack_runner.check_attacks(autoattack_runner.AUTOATTACK_STANDARD, 1)) == 4
+    assert autoattack_runner.check_attacks(["fab"], 10) == [
         "fab is not an AutoAttack standard attack; allowed: apgd-ce, apgd-t, fab-t, square"]
-    assert [evaluate.autoattack_target_classes(k) for k in (2, 3, 8, 10, 100)] == [1, 2, 7, 9, 9]
+    assert [autoattack_runner.autoattack_target_classes(k) for k in (2, 3, 8, 10, 100)] == [1, 2, 7, 9, 9]
     with pytest.raises(ValueError, match="APGD-T needs at least 4 classes"):
-        evaluate.autoattack_survivors(torch.nn.Linear(2, 3), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long),
-                                      "apgd-t", 0.1, "linf", 10)
+        autoattack_runner.autoattack_survivors(torch.nn.Linear(2, 3), torch.zeros(1, 2),
+                                               torch.zeros(1, dtype=torch.long), "apgd-t", 0.1, "linf", 10, seed=0)
 
 
 def test_aa_label_names_what_ran():
     # Issue 13, case 5: a subset is labelled by its attacks; "AutoAttack (standard)" only for all four.
-    assert evaluate.aa_label(["apgd-ce", "apgd-t", "fab-t", "square"]) == "AutoAttack (standard)"
-    assert evaluate.aa_label(["apgd-ce", "apgd-t"]) == "APGD-CE + APGD-T"
-    assert evaluate.aa_label(["fab-t"]) == "FAB-T"
-    assert evaluate.aa_label([]) is None
+    assert autoattack_runner.aa_label(["apgd-ce", "apgd-t", "fab-t", "square"]) == "AutoAttack (standard)"
+    assert autoattack_runner.aa_label(["apgd-ce", "apgd-t"]) == "APGD-CE + APGD-T"
+    assert autoattack_runner.aa_label(["fab-t"]) == "FAB-T"
+    assert autoattack_runner.aa_label([]) is None
 
 
 # --------------------------------------------------------------------------------- gradient masking (issue 13)
@@ -473,23 +475,23 @@ def test_scaled_logits_are_flagged_as_gradient_masking_and_the_plain_model_is_no
 
 
 def test_masking_flags_thresholds():
-    settings = {"n_examples": 100, "pgd_steps": 50, "pgd_restarts": 10}
+    settings = {"n_examples": 100, "pgd10_steps": 10, "pgd_steps": 50, "pgd_restarts": 10}
     entry = {"clean_acc": 0.9, "pgd10_acc": 0.5, "pgd_acc": 0.45, "aa_acc": 0.4, "worst_case_acc": 0.4,
              "autoattack": {"apgd-ce": {"acc": 0.46}, "apgd-t": {"acc": 0.41}, "fab-t": {"acc": 0.41},
                             "square": {"acc": 0.41}},
              "masking_checks": {"zero_gradient_examples": 0, "ce_worst_case_acc": 0.5}}
-    assert evaluate.masking_flags(entry, settings) == []  # a 10-point gap is not above 10 points
-    gap = evaluate.masking_flags({**entry, "masking_checks": {"ce_worst_case_acc": 0.51}}, settings)
+    assert masking.masking_flags(entry, settings) == []  # a 10-point gap is not above 10 points
+    gap = masking.masking_flags({**entry, "masking_checks": {"ce_worst_case_acc": 0.51}}, settings)
     assert len(gap) == 1 and gap[0].startswith("cross-entropy attacks leave far more")
     square = {**entry["autoattack"], "square": {"acc": 0.407}}
-    flags = evaluate.masking_flags({**entry, "autoattack": square, "aa_acc": 0.407, "worst_case_acc": 0.407},
+    flags = masking.masking_flags({**entry, "autoattack": square, "aa_acc": 0.407, "worst_case_acc": 0.407},
                                    settings)
     assert flags == ["the black-box Square attack lowered accuracy by 0.30% after the white-box attacks "
                      "(above 0.2%, pyautoattack check_square_sr)"]
-    flags = evaluate.masking_flags({**entry, "pgd_acc": 0.52, "aa_acc": 0.51}, settings)
+    flags = masking.masking_flags({**entry, "pgd_acc": 0.52, "aa_acc": 0.51}, settings)
     assert flags == ["AutoAttack (standard) 51.00% above PGD-10 50.00% on the same examples",
                      "more steps and restarts did not help: PGD-50x10 52.00% above PGD-10 50.00%"]
-    assert evaluate.masking_flags({**entry, "pgd_acc": 0.52}, {**settings, "pgd_steps": 5}) == []
+    assert masking.masking_flags({**entry, "pgd_acc": 0.52}, {**settings, "pgd_steps": 5}) == []
 
 
 # --------------------------------------------------------------------- worst case, reuse, cache, progress (13)
@@ -500,8 +502,8 @@ def test_worst_case_is_the_per_example_intersection_of_every_attack(run_copy):
     entry = _evaluate(run_copy, *flags)["checkpoints"]["best"]
     model, x, y = _test_examples(run_copy, 40)
     seeded = lambda: torch.Generator().manual_seed(0)  # noqa: E731 - each attack gets a fresh generator
-    pgd10 = evaluate.robust_mask(model, x, y, 0.1, 0.025, 10, generator=seeded())
-    pgd5 = evaluate.robust_mask(model, x, y, 0.1, 0.025, 5, restarts=2, generator=seeded())
+    pgd10 = attack_suite.robust_mask(model, x, y, 0.1, 0.025, 10, generator=seeded())
+    pgd5 = attack_suite.robust_mask(model, x, y, 0.1, 0.025, 5, restarts=2, generator=seeded())
     with torch.no_grad():
         correct = model(x).argmax(1) == y
     aa = _pyautoattack_robust(model, x, y, ["apgd-ce", "apgd-t"], 0.1, 9)
@@ -516,8 +518,8 @@ def test_a_deleted_result_is_rebuilt_from_the_cache_without_attacking(run_copy, 
     # deleted takes every result from eval_cache/ and attacks nothing.
     flags = ("--eps", "0.1", "--n-examples", "30", "--pgd-steps", "3", "--pgd-restarts", "1",
              "--autoattack-attacks", "apgd-ce")
-    pgd = CountingAttack(evaluate.robust_mask)
-    monkeypatch.setattr(evaluate, "robust_mask", pgd)
+    pgd = CountingAttack(attack_suite.robust_mask)
+    monkeypatch.setattr(attack_suite, "robust_mask", pgd)
     first = _evaluate(run_copy, *flags)
     assert pgd.calls == 2  # PGD-10 and PGD-3 for best only
     assert first["checkpoints"]["best"]["reused_from"] is None
@@ -526,8 +528,8 @@ def test_a_deleted_result_is_rebuilt_from_the_cache_without_attacking(run_copy, 
     assert "last: same weights and settings as best: result reused, nothing attacked" in capsys.readouterr().out
 
     (run_copy / "eval.json").unlink()
-    monkeypatch.setattr(evaluate, "robust_mask", CountingAttack(None, crash_on=1))
-    monkeypatch.setattr(evaluate, "autoattack_survivors", CountingAttack(None, crash_on=1))
+    monkeypatch.setattr(attack_suite, "robust_mask", CountingAttack(None, crash_on=1))
+    monkeypatch.setattr(attack_suite, "autoattack_survivors", CountingAttack(None, crash_on=1))
     again = _evaluate(run_copy, *flags)
     cache_file = evaluate.cache_path(run_copy / "eval.json", first["checkpoints"]["best"]["weights_sha256"],
                                      evaluate.settings_sha256(first["settings"], first["examples"]))

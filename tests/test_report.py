@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from deat.report import figures, loading, protocol, render, statistics as report_stats, tables
+from deat.report import figures, loading, protocol, render, statistics as report_stats, paper_tables, study_tables
 from deat.report.cli import get_args_parser, main as report_main
 from deat.report.loading import CHECKPOINTS, load_runs
 from deat.report.protocol import protocol_markdown
@@ -236,7 +236,7 @@ def test_perfectly_linear_data_has_correlation_one_and_too_few_points_a_dash(tmp
     manifest["runs"].append({"arch": "a", "method": "deat", "lr": 0.1, "batch_size": 128, "seed": 0,
                              "dir": str(tmp_path / "never_ran")})
     runs, _ = load_runs(manifest)
-    table, summary = tables.correlation_table(runs)
+    table, summary = paper_tables.correlation_table(runs)
     by_key = {(r["method"], r["test"], r["checkpoint"]): r for r in summary if r["x"] == "lr"}
     for test in ("pearson", "spearman", "kendall"):
         assert by_key[("pgd_at", test, "best")]["statistic"] == pytest.approx(1.0)
@@ -291,7 +291,7 @@ def test_delta_per_alpha_confidence_intervals_alpha_as_unit_and_anova_against_ha
     values = {("pgd_at", lr, s): base[(lr, s)] for lr in lrs for s in seeds}
     values.update({("deat", lr, s): base[(lr, s)] + deltas[lr][s] for lr in lrs for s in seeds})
     runs, _ = load_runs(grid_study(tmp_path, values))
-    table, summary = tables.paired_table(runs)
+    table, summary = paper_tables.paired_table(runs)
     per_alpha = [r for r in summary if r["test"] == "per_alpha"]
     t_crit = stats.t.ppf(0.975, df=2)
     for record, lr in zip(per_alpha, lrs):
@@ -312,7 +312,7 @@ def test_delta_per_alpha_confidence_intervals_alpha_as_unit_and_anova_against_ha
     assert labels == ["0.01", "0.02", "0.05", "α as the unit", "pooled (paper's test)"]
 
     # Two-way ANOVA, balanced 2 × 3 with 3 seeds: textbook sums of squares (in percent, as the report fits).
-    anova, anova_summary = tables.anova_table(runs)
+    anova, anova_summary = paper_tables.anova_table(runs)
     y = {(m, lr): 100 * np.array([values[(m, lr, s)] for s in seeds]) for m in ("pgd_at", "deat") for lr in lrs}
     grand = np.mean([v for cell in y.values() for v in cell])
     method_mean = {m: np.mean([y[(m, lr)] for lr in lrs]) for m in ("pgd_at", "deat")}
@@ -332,7 +332,7 @@ def test_delta_per_alpha_confidence_intervals_alpha_as_unit_and_anova_against_ha
 def test_pooled_test_is_undefined_when_every_difference_is_equal(tmp_path):
     values = {(method, lr, 0): 0.4 + lr + (0.01 if method == "deat" else 0.0)
               for method in ("pgd_at", "deat") for lr in (0.01, 0.02, 0.03, 0.05)}
-    table, summary = tables.paired_table(load_runs(grid_study(tmp_path, values))[0])
+    table, summary = paper_tables.paired_table(load_runs(grid_study(tmp_path, values))[0])
     pooled = next(row for row in table.rows if row[3] == "pooled (paper's test)")
     assert pooled[4:] == ["4", "+1.00", "", "—", "—"]
     assert next(r for r in summary if r["test"] == "pooled_paired")["t"] is None
@@ -405,7 +405,7 @@ def test_equal_effective_step_pairs_and_the_empty_case(full_report, tmp_path):
         manifest["runs"].append({"arch": ARCH, "method": method, "lr": lr, "batch_size": 64, "seed": 0,
                                  "dir": str(run_dir)})
     runs, _ = load_runs(manifest)
-    table, summary = tables.equal_step_table(runs)
+    table, summary = study_tables.equal_step_table(runs)
     assert len(table.rows) == 1 and summary[0]["lr_deat"] == pytest.approx(0.01 * math.sqrt(5) * 1.005)
     pgd, deat = best_pgd10("pgd_at", 0.01, 64, 0), best_pgd10("deat", 0.02, 64, 0)
     first = table.columns.index("PGD-AT best")
@@ -435,7 +435,7 @@ def test_equal_step_pairs_say_whether_the_weight_decay_is_matched_too(tmp_path):
                                  "dir": str(run_dir), **sweep})
     runs, _ = load_runs(manifest)
     assert runs.effective_decay.tolist() == pytest.approx([5.0e-5, 1.118e-4, 0.2236 / math.sqrt(5) * 5e-4])
-    table, summary = tables.equal_step_table(runs)
+    table, summary = study_tables.equal_step_table(runs)
     cells = [dict(zip(table.columns, row)) for row in table.rows]
     assert [(c["decay PGD-AT"], c["decay DEAT"], c["matched"]) for c in cells] == [
         ("5.00e-5", "1.12e-4", "step only"), ("5.00e-5", "5.00e-5", "step + decay")]
@@ -468,7 +468,7 @@ def matched_pairs_study(tmp_path: Path, pgd_steps: int) -> dict:
 
 def test_matched_pairs_get_a_mean_delta_with_its_interval_over_seeds(tmp_path):
     runs, _ = load_runs(matched_pairs_study(tmp_path, pgd_steps=5))
-    table, summary = tables.equal_step_table(runs)
+    table, summary = study_tables.equal_step_table(runs)
     assert [row[table.columns.index("matched")] for row in table.rows] == ["step + decay"] * 3
     deltas = [0.01, -0.02, 0.04]
     interval = stats.ttest_1samp(deltas, 0.0).confidence_interval(0.95)
@@ -494,7 +494,7 @@ def test_a_swept_decay_pairs_within_each_variant_not_across(tmp_path):
         run["sweep"] = {"decoupled_weight_decay": False}
     manifest["runs"] = ([{**run, "sweep": {"decoupled_weight_decay": flag}} for flag in (False, True)
                          for run in sgd_runs] + coupled + decoupled)
-    table, summary = tables.equal_step_table(load_runs(manifest)[0])
+    table, summary = study_tables.equal_step_table(load_runs(manifest)[0])
     cells = [dict(zip(table.columns, row)) for row in table.rows]
     assert len(cells) == 6  # 3 seeds × 2 variants, not 3 × 2 × 2
     assert {(c["variant"], c["matched"]) for c in cells} == {("decoupled_weight_decay=False", "step + decay"),
@@ -519,20 +519,20 @@ def test_a_run_shared_by_sweep_variants_is_not_counted_twice_in_the_tests(tmp_pa
                      {**run, "dir": str(copy), "eval": str(copy / EVAL_NAME), "sweep": {"decoupled_weight_decay": True}}]
     manifest["runs"] = runs
     frame, _ = load_runs(manifest, runs_root=tmp_path)
-    table, summary = tables.paired_table(frame)
+    table, summary = paper_tables.paired_table(frame)
     assert table.columns[0] == "variant"
     pooled = [dict(zip(table.columns, row)) for row in table.rows if row[table.columns.index("α")].startswith("pooled")]
     assert {row["variant"] for row in pooled} == {"decoupled_weight_decay=False", "decoupled_weight_decay=True"}
     assert {row["pairs"] for row in pooled} == {str(len(LRS) * len(BATCH_SIZES) * len(SEEDS))}  # 12, not 24
     assert {record["variant"] for record in summary} == {"decoupled_weight_decay=False", "decoupled_weight_decay=True"}
-    anova, _ = tables.anova_table(frame)
+    anova, _ = paper_tables.anova_table(frame)
     assert anova.columns[0] == "variant" and "per sweep variant" in " ".join(anova.notes).lower()
 
 
 def test_matched_pairs_of_standard_training_compare_clean_accuracy(tmp_path):
     # Without an attack the robust accuracy is near 0 for both methods; the study's question is clean accuracy.
     runs, _ = load_runs(matched_pairs_study(tmp_path, pgd_steps=0))
-    table, summary = tables.equal_step_table(runs)
+    table, summary = study_tables.equal_step_table(runs)
     assert "clean test accuracy" in table.caption and "PGD-10" not in table.caption
     first = dict(zip(table.columns, table.rows[0]))
     assert (first["SGD-momentum best"], first["DEAT best"], first["Δ best"]) == ("50.00", "47.00", "-3.00")
@@ -579,7 +579,7 @@ def test_robust_overfitting_shows_what_choosing_on_validation_gave_away(tmp_path
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     manifest = {"study": "peak", "protocol": PROTOCOL,
                 "runs": [{"arch": ARCH, "method": "pgd_at", "lr": 0.1, "batch_size": 64, "seed": 0, "dir": str(run_dir)}]}
-    table, summary = tables.robust_overfitting_table(load_runs(manifest)[0])
+    table, summary = study_tables.robust_overfitting_table(load_runs(manifest)[0])
     row = dict(zip(table.columns, table.rows[0]))
     assert (row["best epoch"], row["peak test PGD (epoch)"], row["peak − best"]) == ("3", "31.00 (2)", "+4.00")
     assert summary[0]["mean_peak_minus_best_acc"] == pytest.approx(0.04)
@@ -620,7 +620,7 @@ def test_paper_reference_study_shows_the_paper_numbers(tmp_path):
     written = build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
     assert tmp_path / "tables" / "paper_comparison_best.tex" in written
     paper = {(row["alpha"], row["arch"], row["method"]): row["robust_acc"] for row in csv.DictReader(
-        line for line in tables.PAPER_TABLE2_CSV.read_text().splitlines() if not line.startswith("#"))}
+        line for line in paper_tables.PAPER_TABLE2_CSV.read_text().splitlines() if not line.startswith("#"))}
     assert paper[("0.010", "preact_resnet18", "pgd_at")] == "44.11" and len(paper) == 84
     rows = {row["α"]: row for row in csv.DictReader(
         (tmp_path / "tables" / "paper_comparison_best.csv").read_text(encoding="utf-8").splitlines())}

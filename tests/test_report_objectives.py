@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from deat.report import loading, tables
+from deat.report import loading, paper_tables, study_tables
 from deat.report.loading import load_runs
 from deat.report.study import build_report
 
@@ -169,7 +169,7 @@ def test_objectives_table_side_by_side(family):
 
 def test_catastrophic_overfitting_of_fast_at_is_flagged_by_the_stated_rule(family):
     root, runs, _ = family
-    notes, records = tables.catastrophic_overfitting(runs)
+    notes, records = study_tables.catastrophic_overfitting(runs)
     assert len(records) == 4 and [r["collapsed"] for r in records] == [False, False, False, True]
     collapsed = records[3]
     assert collapsed["metrics_max_test_pgd_acc"] == 0.30 and collapsed["metrics_final_test_pgd_acc"] == 0.01
@@ -184,14 +184,14 @@ def test_catastrophic_overfitting_of_fast_at_is_flagged_by_the_stated_rule(famil
     # The rule's edges: a final epoch at 5 % or a peak at 20 % is no collapse.
     edge = runs[runs.method == "fast_at"].head(1).assign(metrics_final_test_pgd_acc=0.05,
                                                           metrics_max_test_pgd_acc=0.5)
-    assert tables.catastrophic_overfitting(edge)[1][0]["collapsed"] is False
+    assert study_tables.catastrophic_overfitting(edge)[1][0]["collapsed"] is False
     edge = edge.assign(metrics_final_test_pgd_acc=0.01, metrics_max_test_pgd_acc=0.20)
-    assert tables.catastrophic_overfitting(edge)[1][0]["collapsed"] is False
+    assert study_tables.catastrophic_overfitting(edge)[1][0]["collapsed"] is False
 
 
 def test_awp_runs_are_labelled_with_their_gamma(tmp_path):
     manifest = make_study(tmp_path, ["pgd_at", "trades", "trades_deat", "fast_at"], awp_gamma=0.005)
-    table, summary = tables.objectives_table(load_runs(manifest, tmp_path)[0])
+    table, summary = study_tables.objectives_table(load_runs(manifest, tmp_path)[0])
     assert [row[0] for row in table.rows] == ["PGD-AT + AWP"] * 2 + ["TRADES + AWP"] * 2 + \
         ["TRADES + DEAT + AWP"] * 2 + ["fast AT"] * 2
     assert "+ AWP: adversarial weight perturbation (Wu et al. 2020), γ = 0.005." in table.notes
@@ -217,15 +217,15 @@ def test_one_objective_study_keeps_the_papers_tables_and_has_no_objectives_table
 def test_one_alpha_study_like_at_family_says_what_it_cannot_show(tmp_path):
     """at_family's design: every method at one α; equal α pairs exist, matched effective steps do not."""
     runs = load_runs(make_study(tmp_path, lrs=[0.2236]), tmp_path)[0]
-    equal, summary = tables.equal_step_table(runs)
+    equal, summary = study_tables.equal_step_table(runs)
     assert equal.rows == [] and summary == []
     assert equal.empty_message.startswith("No DEAT/SGD-momentum pair of one objective")
-    paired, _ = tables.paired_table(runs)
+    paired, _ = paper_tables.paired_table(runs)
     pooled = [row for row in paired.rows if row[4] == "pooled (paper's test)" and row[2].startswith("PGD-10")
               and row[3] == "best"]
     # Two pairs each: TRADES +3, +5 → +4.00; PGD-AT +5, +4 → +4.50.
     assert [(row[0], row[6]) for row in pooled] == [("PGD-AT", "+4.50"), ("TRADES", "+4.00")]
-    assert tables.anova_table(runs)[0].rows == []  # one α: no method × α model
+    assert paper_tables.anova_table(runs)[0].rows == []  # one α: no method × α model
 
 
 def test_runs_without_timings_are_left_out_of_the_cost_and_named(tmp_path):
@@ -235,7 +235,7 @@ def test_runs_without_timings_are_left_out_of_the_cost_and_named(tmp_path):
     for epoch in metrics["epochs"]:
         del epoch["epoch_time_s"], epoch["images_per_s"]
     path.write_text(json.dumps(metrics))
-    table, _ = tables.objectives_table(load_runs(manifest, tmp_path)[0])
+    table, _ = study_tables.objectives_table(load_runs(manifest, tmp_path)[0])
     row = dict(zip(table.columns, table.rows[0]))
     assert row["epoch time (s)"] == "14.0‡" and row["images/s"] == "300‡"  # seed 1 alone, fewer seeds than asked
     assert f"— cost: no per-epoch epoch_time_s / images_per_s in metrics.json for {ARCH} TRADES α=0.01 b=128 " \

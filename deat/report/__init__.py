@@ -16,7 +16,9 @@ The package, in the order data flows through it:
   Numbers only, no formatting.
 - ``formatting``: display labels and how a number is printed (percent, ±, markers).
 - ``protocol``: the study's protocol, written once per study to ``protocol.md``.
-- ``tables``: each table as a frame of display strings with a one-line caption and footnotes.
+- ``table_helpers``: what every table shares (labels, pairing, sweep-variant groups, footnotes); ``paper_tables``:
+  the paper's Tables 2-4 and the comparison with its numbers; ``study_tables``: equal effective step, objectives,
+  robust overfitting, sweep sensitivity. Each table is display strings with a one-line caption and footnotes.
 - ``render``: a table to Markdown, LaTeX and CSV through pandas' own writers.
 - ``figures``: seaborn figures.
 - ``study``: one study's tables, figures and ``summary.json``; ``cli``: the ``python -m deat report`` command.

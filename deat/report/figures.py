@@ -14,7 +14,7 @@ import pandas as pd
 from . import statistics
 from .formatting import ordered
 from .loading import label_of, methods_of
-from .tables import varies_variant
+from .table_helpers import varies_variant
 
 log = logging.getLogger(__name__)
 BAND = "band: ±1 sd over seeds"

@@ -7,11 +7,12 @@ import json
 import logging
 from pathlib import Path
 
-from . import figures, tables
+from . import figures, paper_tables, study_tables
 from .formatting import run_label
 from .loading import CHECKPOINTS, EVAL_METRICS, RUNS_CSV_LEAVES_OUT, load_runs
 from .protocol import PROTOCOL_FILE, protocol_markdown
 from .render import write_table
+from .table_helpers import varies_variant
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +38,19 @@ def build_report(manifest: dict, tables_dir: str | Path, figures_dir: str | Path
             if runs[f"eval_{checkpoint}_{metric}"].isna().all() and metric == "aa_acc":
                 skipped.append(f"table2_aa_{checkpoint}: aa_acc is null or absent in every run")
                 continue
-            built[f"table2_{stem}_{checkpoint}"] = tables.accuracy_table(runs, metric, checkpoint)
-    built["equal_effective_step"] = tables.equal_step_table(runs)
-    built["table3_correlation"] = tables.correlation_table(runs, head.metric)
-    built["table4_paired_ttest"] = tables.paired_table(runs)
-    built["table4_anova"] = tables.anova_table(runs)
-    built["robust_overfitting"] = tables.robust_overfitting_table(runs)
-    if tables.varies_variant(runs):
-        built["sweep_sensitivity"] = tables.sweep_table(runs)
+            built[f"table2_{stem}_{checkpoint}"] = paper_tables.accuracy_table(runs, metric, checkpoint)
+    built["equal_effective_step"] = study_tables.equal_step_table(runs)
+    built["table3_correlation"] = paper_tables.correlation_table(runs, head.metric)
+    built["table4_paired_ttest"] = paper_tables.paired_table(runs)
+    built["table4_anova"] = paper_tables.anova_table(runs)
+    built["robust_overfitting"] = study_tables.robust_overfitting_table(runs)
+    if varies_variant(runs):
+        built["sweep_sensitivity"] = study_tables.sweep_table(runs)
     if "objective" in runs and runs.objective.nunique() >= 2:
-        built["objectives"] = tables.objectives_table(runs)
+        built["objectives"] = study_tables.objectives_table(runs)
     if manifest.get("paper_reference"):
         for checkpoint in CHECKPOINTS:
-            built[f"paper_comparison_{checkpoint}"] = tables.paper_comparison_table(runs, checkpoint)
+            built[f"paper_comparison_{checkpoint}"] = paper_tables.paper_comparison_table(runs, checkpoint)
 
     protocol_path = tables_dir / PROTOCOL_FILE
     protocol_path.write_text(protocol_markdown(manifest, runs), encoding="utf-8")
@@ -64,12 +65,12 @@ def build_report(manifest: dict, tables_dir: str | Path, figures_dir: str | Path
     written += figures.figure_accuracy_per_epoch(runs, epochs, head, figures_dir, skipped)
     written += figures.figure_heatmap(runs, head, figures_dir, skipped)
     written += figures.figure_accuracy_vs_ratio(runs, head, figures_dir, skipped)
-    if tables.varies_variant(runs):
+    if varies_variant(runs):
         written += figures.figure_sweep_heatmap(runs, head, figures_dir, skipped)
     for note in skipped:
         log.info("study %s: skipped %s", study, note)
 
-    _, collapse = tables.catastrophic_overfitting(runs)  # per fast AT run; none in a study without fast AT
+    _, collapse = study_tables.catastrophic_overfitting(runs)  # per fast AT run; none in a study without fast AT
     summary = {
         "study": study,
         "paper_reference": bool(manifest.get("paper_reference")),
