@@ -75,7 +75,7 @@ METHOD_OPTIONS = {
 
 # Options added after runs were published, with the value that computes what those runs computed: at that value
 # the option is left out of the run identity, so the runs keep their directories (the hash of their identity).
-LATER_OPTIONS_OFF = {"awp_gamma": 0.0}
+LATER_OPTIONS_OFF = {"awp_gamma": 0.0, "ema_tau": 0.0, "co_early_stop": False}
 
 
 def unused_options(config: dict[str, Any]) -> tuple[str, ...]:
@@ -93,6 +93,8 @@ def run_identity(config: dict[str, Any]) -> dict[str, Any]:
     full = {**defaults, **config}
     skip = set(NON_RESULT_KEYS) | set(unused_options(full))
     skip |= {key for key, off in LATER_OPTIONS_OFF.items() if full[key] == off}
+    if not full["co_early_stop"]:  # then co_drop only decides which epochs are reported as collapsed
+        skip.add("co_drop")
     return {key: full[key] for key in defaults if key not in skip}
 
 
@@ -139,6 +141,13 @@ class TrainConfig:
     awp_gamma: float = _opt(0.0, "pgd_at and trades objectives only: adversarial weight perturbation of relative "
                                  "size gamma per layer (Wu et al. 2020; 5e-3 typical; 0 = off)")
     attack_bn_eval: bool = _opt(True, "BatchNorm in eval mode while attacking (the paper's setting)")
+    # --- weight averaging and the catastrophic-overfitting guard (deat/averaging.py, deat/guards.py)
+    ema_tau: float = _opt(0.0, "exponential moving average of the weights with decay tau, evaluated each epoch beside "
+                               "the raw model, its best and last kept as best_ema.pt / last_ema.pt (0 = off; 0.999 "
+                               "typical; Gowal et al. 2020's warm-up)")
+    co_drop: float = _opt(0.2, "catastrophic overfitting: warn when validation PGD accuracy falls more than this below "
+                               "its best so far (Wong et al. 2020's 0.2)")
+    co_early_stop: bool = _opt(False, "stop at a catastrophic-overfitting collapse and publish the epoch before it")
     # --- per-epoch evaluation (the paper's per-epoch curve)
     eval_pgd_steps: int = _opt(10, "PGD steps for the per-epoch validation and test accuracy (step 2.5*eps/steps)")
     eval_examples: int | None = _opt(None, "test images evaluated each epoch (null: all); a fixed subset")
@@ -208,6 +217,10 @@ class TrainConfig:
               "0 when cuda_graph is true (AWP runs eagerly; set cuda_graph false)")
         check(self.awp_gamma == 0 or self.compile == "none", "awp_gamma",
               "0 when compile is not 'none' (AWP runs eagerly; set compile none)")
+        check(0 <= self.ema_tau < 1, "ema_tau", "0 <= ema_tau < 1 (0 = off)")
+        check(0 < self.co_drop < 1, "co_drop", "a number in (0, 1), in accuracy units")
+        check(not self.co_early_stop or self.val_size != 0, "co_early_stop",
+              "false when val_size is 0 (the guard watches the validation split)")
         check(self.eval_pgd_steps >= 1, "eval_pgd_steps", "an integer >= 1")
         check(self.eval_examples is None or self.eval_examples >= 1, "eval_examples", "null or an integer >= 1")
         check(self.val_size is None or self.val_size >= 0, "val_size", "null or an integer >= 0")

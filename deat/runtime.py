@@ -5,6 +5,7 @@ the standard library only, so evaluation and tracking never sit on top of the tr
 from __future__ import annotations
 
 import platform
+import resource
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,3 +47,18 @@ def environment(device: torch.device) -> dict[str, Any]:
     return {"device": str(device), "device_name": name, "torch": str(torch.__version__), "deat": __version__,
             "python": platform.python_version(), "hostname": socket.gethostname(),
             "cpu_threads": torch.get_num_threads()}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak for `peak_memory_mb` on CUDA; the CPU's peak RSS cannot be reset (a process high-water mark)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: on CUDA the most memory tensors held since `reset_peak_memory`
+    (torch.cuda.max_memory_allocated, FastAT_Benchmark's measure); on the CPU the process's peak resident set size
+    so far (getrusage's ru_maxrss, KiB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

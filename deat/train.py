@@ -11,10 +11,13 @@ directory and `running/` is removed. Rerunning the same command continues from t
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import json
 import math
+import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -31,15 +34,25 @@ from .fast import build_train_step
 from .models import build_model
 from .objectives import adversarial_step, attacks_in_training, autocast
 from .optim import build_optimizer, build_scheduler
-from .runtime import RunLogger, environment, resolve_device
+from .averaging import WeightAverage
+from .guards import is_collapse
+from .runtime import RunLogger, environment, peak_memory_mb, reset_peak_memory, resolve_device
 
 EVAL_SEED = 0  # per-epoch evaluation uses the same attack starts every epoch, so curves are comparable
+LOG_FILE = "train.log"  # every line of every attempt, in the run directory once published
+# What a resumed attempt takes over from the checkpoint (the rest is recomputed from the config).
+RESUMED_KEYS = ("epochs", "best", "last", "best_ema", "last_ema", "wall_time_s", "attempts", "collapses",
+                "peak_memory_mb", "stopped_early")
+# How peak memory is measured (metrics.json `memory`, beside `peak_memory_mb` and each epoch's value).
+MEMORY_KIND = {"cuda": "CUDA max allocated per epoch (torch.cuda.max_memory_allocated)",
+               "cpu": "peak resident set size of the process so far (getrusage ru_maxrss)"}
 
 
 def train_one_epoch(model, optimizer, scheduler, batches, cfg, attack_gen, epoch, log,
-                    step: Callable | None = None) -> dict[str, float]:
+                    step: Callable | None = None, average: WeightAverage | None = None) -> dict[str, float]:
     """One pass over `batches`. `step(x, y) -> (loss, n_correct)` defaults to the eager `adversarial_step`;
-    `train` passes the one `fast.build_train_step` chose (CUDA graphs, torch.compile or eager)."""
+    `train` passes the one `fast.build_train_step` chose (CUDA graphs, torch.compile or eager). `average`, the
+    weight average of `cfg.ema_tau`, is updated after every optimizer step."""
     step = step or functools.partial(adversarial_step, model, optimizer, cfg=cfg, attack_gen=attack_gen)
     model.train()
     loss_sum = torch.zeros((), device=batches.x.device)
@@ -50,6 +63,8 @@ def train_one_epoch(model, optimizer, scheduler, batches, cfg, attack_gen, epoch
             x = x.contiguous(memory_format=torch.channels_last)
         loss, n_correct = step(x, y)
         scheduler.step()
+        if average is not None:
+            average.update(model)
         loss_sum += loss * len(y)
         correct += n_correct
         seen += len(y)
@@ -126,6 +141,7 @@ def _hms(seconds: float) -> str:
 
 def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (or resume, or skip if complete) the run in `cfg.out`; returns the metrics dict written there."""
+    process_started = time.perf_counter()
     if cfg.out is None:
         raise ValueError("out: a run directory is required (--out DIR)")
     logger = logger or RunLogger()
@@ -161,6 +177,7 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
     batches = Batches(data.train_x, data.train_y, cfg.batch_size, shuffle=True, drop_last=True,
                       augment=augment_policy(cfg.augment, data), generator=data_gen)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.epochs, len(batches), cfg.milestones, cfg.gamma)
+    average = WeightAverage(model, cfg.ema_tau, cfg.epochs * len(batches)) if cfg.ema_tau > 0 else None
     n_test = len(data.test_y)
     test_index = torch.randperm(n_test, generator=torch.Generator().manual_seed(EVAL_SEED))[:cfg.eval_examples]
     test_index = test_index.sort().values.to(device)
@@ -171,9 +188,14 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
                                "effective_decay": effective_decay(cfg.method, cfg.lr, cfg.momentum, cfg.k1,
                                                                   cfg.weight_decay, cfg.decoupled_weight_decay),
                                "model": model_spec, "epochs": [], "best": None, "last": None, "wall_time_s": 0.0,
+                               "attempts": [], "collapses": [], "memory": MEMORY_KIND[device.type],
+                               "peak_memory_mb": None,
                                "data": {f"n_{split}": len(getattr(data, f"{split}_y")) for split in ("train", "val",
                                                                                                    "test")}}
+    if average is not None:
+        metrics.update(best_ema=None, last_ema=None)
     checkpoint_path = running / "checkpoint.pt"
+    history = running / LOG_FILE
     if checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path, map_location=device)
         check_same_run(state["config"], config, checkpoint_path)
@@ -181,10 +203,25 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"], device, data_gen, attack_gen)
+        if average is not None:
+            average.load_state_dict(state["ema"])
         # `last` too: a run killed after its final epoch's checkpoint resumes straight into publication.
-        metrics.update(epochs=state["metrics"]["epochs"], best=state["metrics"]["best"],
-                       last=state["metrics"]["last"], wall_time_s=state["metrics"]["wall_time_s"])
-        log(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}")
+        metrics.update({k: v for k, v in state["metrics"].items() if k in RESUMED_KEYS})
+        for line in (history.read_text().splitlines() if history.is_file() else []):
+            log(line)  # the earlier attempts' lines, so this job's log holds the whole run
+    running.mkdir(parents=True, exist_ok=True)
+    log = _RunLog(history, log)
+    attempt = {"attempt": len(metrics["attempts"]) + 1, "started": _now(), "host": socket.gethostname(),
+               "pid": os.getpid(), "first_epoch": len(metrics["epochs"]) + 1, "last_epoch": None, "wall_time_s": 0.0}
+    metrics["attempts"].append(attempt)
+    if attempt["attempt"] > 1:
+        log(f"=== resuming {out} after epoch {len(metrics['epochs'])} of {cfg.epochs}: attempt {attempt['attempt']} "
+            f"(the lines above are from earlier attempts) ===")
+
+    def account_time() -> None:  # this attempt's time so far, and the run's over every attempt
+        attempt["wall_time_s"] = time.perf_counter() - process_started
+        metrics["wall_time_s"] = sum(a["wall_time_s"] for a in metrics["attempts"])
+
     step = build_train_step(model, optimizer, cfg, attack_gen, log)
     start_epoch = len(metrics["epochs"]) + 1
     log(f"{cfg.method} {cfg.arch} on {cfg.dataset}: lr {cfg.lr} batch {cfg.batch_size} seed {cfg.seed}, "
@@ -195,13 +232,43 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
         logger.epoch(record)
 
     select = "val_pgd_acc" if attacks_in_training(cfg) else "val_clean_acc"
+    guard = attacks_in_training(cfg) and len(data.val_y) > 0
+    stopped = metrics.get("stopped_early")
     for epoch in range(start_epoch, cfg.epochs + 1):
+        if stopped:
+            break
         started = time.perf_counter()
+        reset_peak_memory(device)
         record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        record.update(train_one_epoch(model, optimizer, scheduler, batches, cfg, attack_gen, epoch, log, step))
+        record.update(train_one_epoch(model, optimizer, scheduler, batches, cfg, attack_gen, epoch, log, step,
+                                      average))
         record.update(evaluate_epoch(model, data, test_index, cfg))
-        metrics["wall_time_s"] += time.perf_counter() - started
+        if average is not None:
+            record.update({f"ema_{k}": v for k, v in evaluate_epoch(average.averaged(model), data, test_index,
+                                                                    cfg).items()})
+        record["peak_memory_mb"] = peak_memory_mb(device)
+        record["epoch_wall_time_s"] = time.perf_counter() - started
+        metrics["peak_memory_mb"] = max(metrics["peak_memory_mb"] or 0.0, record["peak_memory_mb"])
+        best_before = max((r["val_pgd_acc"] for r in metrics["epochs"] if r["val_pgd_acc"] is not None), default=None)
+        collapsed = guard and is_collapse(record["val_pgd_acc"], best_before, cfg.co_drop)
+        record["co_collapse"] = float(collapsed) if guard else None  # MLflow epoch/co_collapse: 1 at a collapse
         metrics["epochs"].append(record)
+        if collapsed:
+            collapse = {"epoch": epoch, "val_pgd_acc": record["val_pgd_acc"], "best_before": best_before,
+                        "drop": cfg.co_drop}
+            metrics["collapses"].append(collapse)
+            log(f"WARNING: catastrophic overfitting at epoch {epoch}: validation PGD accuracy "
+                f"{_pct(record['val_pgd_acc'])}, more than {cfg.co_drop:.0%} below its best so far "
+                f"{_pct(best_before)}" + ("; stopping, the run keeps epoch " f"{epoch - 1}" if cfg.co_early_stop
+                                          else ""))
+            if cfg.co_early_stop:  # the collapsed weights are not kept: last.pt is the epoch before
+                metrics["stopped_early"] = stopped = {"epoch": epoch, "kept_epoch": epoch - 1,
+                                                      "reason": "catastrophic overfitting"}
+                account_time()
+                _update_saved_metrics(checkpoint_path, metrics)
+                write_json(running / "metrics.json", metrics)
+                logger.epoch(record)
+                break
         summary = {k: record[k] for k in ("epoch", "val_clean_acc", "val_pgd_acc", "test_pgd_acc", "test_clean_acc")}
         metrics["last"] = summary
         # best.pt is picked on held-out training images, never on the test set: by PGD accuracy, or by clean
@@ -210,23 +277,76 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
             metrics["best"] = summary
             save_checkpoint(running / "best.pt", {"config": config, "model_spec": model_spec, "epoch": epoch,
                                                   "model": model.state_dict(), "metrics": summary})
-        save_checkpoint(checkpoint_path, {"config": config, "model_spec": model_spec, "epoch": epoch,
-                                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "scheduler": scheduler.state_dict(),
-                                          "rng": rng_state(device, data_gen, attack_gen), "metrics": metrics})
+        state = {"config": config, "model_spec": model_spec, "epoch": epoch, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": rng_state(device, data_gen, attack_gen)}
+        if average is not None:
+            _track_average(metrics, record, running, config, model_spec, epoch, average, select)
+            state["ema"] = average.state_dict()
+        attempt["last_epoch"] = epoch
+        account_time()
+        save_checkpoint(checkpoint_path, {**state, "metrics": metrics})
         write_json(running / "metrics.json", metrics)
         logger.epoch(record)
         log(_epoch_line(record, cfg.epochs, eta_s=(cfg.epochs - epoch) * metrics["wall_time_s"] / epoch))
 
     for name, source in (("last.pt", checkpoint_path), ("best.pt", running / "best.pt")):
         atomic_write(out / name, lambda f, source=source: f.write(source.read_bytes()))
+    if average is not None:
+        last_state = load_checkpoint(checkpoint_path)
+        save_checkpoint(out / "last_ema.pt", {"config": config, "model_spec": model_spec,
+                                              "epoch": last_state["epoch"], "model": last_state["ema"]["model"],
+                                              "metrics": metrics["last_ema"]})
+        atomic_write(out / "best_ema.pt", lambda f: f.write((running / "best_ema.pt").read_bytes()))
     metrics["status"] = "complete"
+    account_time()
     write_json(final_metrics, metrics)
+    shutil.move(str(history), out / LOG_FILE)
+    log.path = out / LOG_FILE
     shutil.rmtree(running)
     logger.end(metrics, out)
     log(f"done: best epoch {metrics['best']['epoch']} (val PGD {_pct(metrics['best']['val_pgd_acc'])}), "
-        f"last test PGD {_pct(metrics['last']['test_pgd_acc'])}, {_hms(metrics['wall_time_s'])} in all")
+        f"last test PGD {_pct(metrics['last']['test_pgd_acc'])}, {_hms(metrics['wall_time_s'])} in all"
+        + (f" over {len(metrics['attempts'])} attempts" if len(metrics["attempts"]) > 1 else ""))
     return metrics
+
+
+def _track_average(metrics: dict[str, Any], record: dict[str, Any], running: Path, config: dict[str, Any],
+                   model_spec: dict[str, Any], epoch: int, average: WeightAverage, select: str) -> None:
+    """The averaged model's last and best summaries; best_ema.pt when its validation accuracy improves (chosen on
+    the validation split, like best.pt)."""
+    summary = {k: record[f"ema_{k}"] for k in ("val_clean_acc", "val_pgd_acc", "test_pgd_acc", "test_clean_acc")}
+    summary = {"epoch": epoch, **summary}
+    metrics["last_ema"] = summary
+    best = metrics["best_ema"]
+    if best is None or summary[select] is None or summary[select] > best[select]:
+        metrics["best_ema"] = summary
+        save_checkpoint(running / "best_ema.pt", {"config": config, "model_spec": model_spec, "epoch": epoch,
+                                                  "model": average.model.state_dict(), "metrics": summary})
+
+
+def _update_saved_metrics(checkpoint_path: Path, metrics: dict[str, Any]) -> None:
+    """Put the final metrics (an early stop) into the resumable checkpoint that becomes last.pt, so that a
+    metrics.json lost later is published again from it whole."""
+    state = load_checkpoint(checkpoint_path)
+    save_checkpoint(checkpoint_path, {**state, "metrics": metrics})
+
+
+class _RunLog:
+    """`log`, and every line also appended to `path`: the run's own log, kept over every attempt (a workflow
+    engine truncates a job's log before it reruns the job). `path` moves to the run directory on publication."""
+
+    def __init__(self, path: Path, log: Callable[[str], None]) -> None:
+        self.path, self.log = path, log
+
+    def __call__(self, line: str) -> None:
+        self.log(line)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _republish(out: Path, config: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any] | None:
@@ -241,7 +361,7 @@ def _republish(out: Path, config: dict[str, Any], log: Callable[[str], None]) ->
         return None
     state = load_checkpoint(last)
     check_same_run(state["config"], config, last)
-    if state["epoch"] != state["config"]["epochs"]:
+    if state["epoch"] != state["config"]["epochs"] and not state["metrics"].get("stopped_early"):
         return None
     metrics = {**state["metrics"], "status": "complete"}
     write_json(out / "metrics.json", metrics)

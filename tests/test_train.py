@@ -20,9 +20,10 @@ from deat.config import TrainConfig
 from deat.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING_KEYS = ("images_per_s", "epoch_time_s")  # the only per-epoch values allowed to differ between equal runs
+# The only per-epoch values allowed to differ between equal runs: what they cost.
+TIMING_KEYS = ("images_per_s", "epoch_time_s", "epoch_wall_time_s", "peak_memory_mb")
 EPOCH_KEYS = {"epoch", "lr", "train_loss", "train_robust_acc", "val_clean_acc", "val_pgd_acc", "test_clean_acc",
-              "test_pgd_acc", "images_per_s", "epoch_time_s"}
+              "test_pgd_acc", "images_per_s", "epoch_time_s", "epoch_wall_time_s", "peak_memory_mb", "co_collapse"}
 # mnist5k holds 4,000 training images; 100 held out leave 3,900, i.e. 15 batches of 256 (the last 60 dropped).
 ITERATIONS_PER_EPOCH = 15
 
@@ -113,6 +114,16 @@ def test_resume_after_kill_matches_an_uninterrupted_run_bit_for_bit(tmp_path, me
         assert ITERATIONS_PER_EPOCH % 2 == 1
         assert resumed_last["optimizer"]["state"][0]["step"] == 2 * ITERATIONS_PER_EPOCH
     assert not running.exists()
+    # The history survives the kill: both attempts' time is counted, and the run's log holds both attempts' lines.
+    assert [a["attempt"] for a in resumed["attempts"]] == [1, 2]
+    assert [(a["first_epoch"], a["last_epoch"]) for a in resumed["attempts"]] == [(1, 1), (2, 2)]
+    assert resumed["wall_time_s"] == pytest.approx(sum(a["wall_time_s"] for a in resumed["attempts"]))
+    assert resumed["attempts"][0]["wall_time_s"] >= resumed["epochs"][0]["epoch_time_s"]
+    run_log = (tmp_path / "killed" / "train.log").read_text().splitlines()
+    marker = next(i for i, line in enumerate(run_log) if line.startswith("=== resuming"))
+    assert any("iterations/epoch" in line for line in run_log[:marker])  # attempt 1's start line, kept
+    assert any(line.startswith("epoch 2/2") for line in run_log[marker:])
+    assert log_lines[:marker] == run_log[:marker]  # replayed into the resumed job's own output, then the marker
 
 
 def test_run_killed_after_its_final_checkpoint_resumes_into_publication(tmp_path):
@@ -296,7 +307,9 @@ def test_metrics_json_best_by_validation_pgd_and_rerun_is_a_no_op(tmp_path, monk
     assert best["epoch"] == 2 and last["epoch"] == 4
     assert_same_tensors(weights_after_epoch[1], best["model"], "best.pt model")
     assert_same_tensors(weights_after_epoch[3], last["model"], "last.pt model")
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "last.pt", "metrics.json"]  # no running/
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "last.pt", "metrics.json", "train.log"]  # no running/
+    assert metrics["memory"].startswith("peak resident set size") and metrics["peak_memory_mb"] > 0
+    assert metrics["peak_memory_mb"] == max(record["peak_memory_mb"] for record in metrics["epochs"])
 
     modified = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
     log_lines = []
