@@ -79,6 +79,30 @@ def test_build_train_step_on_cpu_is_the_eager_step_itself():
     assert isinstance(step, functools.partial) and step.func is adversarial_step
 
 
+@pytest.mark.parametrize("method", ["pgd_at", "trades", "mart", "fast_at"])
+def test_the_training_step_never_runs_the_host_syncing_pixel_check(method, monkeypatch):
+    """The public attacks check x in [0, 1] with one aminmax and a host sync, which cannot run in a captured
+    graph; the step deat.fast captures (objectives.adversarial_forward) must take the unchecked path."""
+    import deat.attacks
+    import deat.objectives
+
+    def refuse(x, caller):
+        raise AssertionError(f"{caller} checked its input inside the training step")
+
+    monkeypatch.setattr(deat.attacks, "check_pixel_range", refuse)
+    monkeypatch.setattr(deat.objectives, "check_pixel_range", refuse)
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, in_channels=3, width=8)
+    optimizer = build_optimizer(method, model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, k1=1.0,
+                                k2=0.8, decoupled_weight_decay=True)
+    cfg = TrainConfig(method=method, dataset="cifar10", pgd_steps=2).resolved()
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    loss, _ = adversarial_step(model, optimizer, x, y, cfg, torch.Generator().manual_seed(1))
+    assert torch.isfinite(loss)
+    with pytest.raises(AssertionError, match="pgd checked its input"):  # the patch does reach the public path
+        deat.attacks.pgd(model, x, y, 0.1, 0.01, 1)
+
+
 def test_cuda_graph_and_compile_together_or_an_unknown_compile_mode_are_refused():
     with pytest.raises(ValueError, match="compile='default' is invalid; expected 'none' when cuda_graph"):
         TrainConfig.from_dict({"cuda_graph": True, "compile": "default"})
