@@ -127,7 +127,7 @@ def _gaussian_start(x: torch.Tensor, generator: torch.Generator | None) -> torch
 @contextlib.contextmanager
 def full_precision(device: torch.device) -> Iterator[None]:
     """IEEE float32 inside: autocast off for `device.type` and, on CUDA, TF32 off for cuDNN convolutions and
-    cuBLAS matmuls (TF32 keeps 10 mantissa bits; bf16 keeps 8). The flags are restored on exit.
+    cuBLAS matmuls (TF32 keeps 11 significant bits, bf16 8). The flags are restored on exit.
 
     Host-side switches only (no sync): a CUDA graph captured inside records the fp32 kernels, so the replayed
     step computes what the eager step computes. docs/method.md ("Precision of the attacks") gives the rule.
