@@ -5,11 +5,11 @@
 #   bash benchmarks/gpu_check.sh          # there, from the repository root (device tool: carry [".bench_data"])
 #   PARTS="env bf16 summary" bash benchmarks/gpu_check.sh   # only these parts (default: every part but the optional)
 #
-# Default parts and their limits (s): env 20, tests 60, numerics 90, bf16 45, throughput 75, objectives 75,
-# autoattack 180, summary 15: 560 s in all, so a hang costs at most its own part and one call stays within
-# 10 minutes. Optional parts (PARTS=...): compile 70, accuracy 105, large 200. Each part writes its log and JSON
-# lines under $OUT (the device tool's returned folder, or results/gpu_check when run by hand); the last lines printed
-# are the summary of every part, with the targets of issues 6 and 25.
+# Default parts and their limits (s): env 20, tests 60, numerics 90, bf16 45, throughput 120, autoattack 180,
+# summary 15: 530 s in all, so a hang costs at most its own part and one call stays within 10 minutes. Optional
+# parts (PARTS=...): compile 70, accuracy 105, large 260. Each part writes its log and JSON lines under $OUT (the
+# device tool's returned folder, or results/gpu_check when run by hand); the last lines printed are the summary of
+# every part, with the targets of issues 6 and 25.
 set -uo pipefail
 DATA=${DATA:-.bench_data/cifar10_small.npz}
 SITE=.bench_data/site  # pyautoattack's sources: the GPU machine's image lacks the package
@@ -33,7 +33,7 @@ OUT=$(mktemp -d)
 mkdir -p "$RETURNED"
 : > "$OUT/parts.txt"
 
-PARTS=${PARTS:-env tests numerics bf16 throughput objectives autoattack summary}
+PARTS=${PARTS:-env tests numerics bf16 throughput autoattack summary}
 
 part() {  # part NAME LIMIT_S COMMAND...: run under a time limit into $OUT/NAME.log; record exit code and seconds
     local name=$1 limit=$2
@@ -71,14 +71,11 @@ part numerics 90 python3 benchmarks/fast_check.py numerics --npz "$DATA" --metho
 # attack time (the training step's speed under each precision is in (c)).
 part bf16 45 python3 benchmarks/bf16_check.py --npz "$DATA" --out "$OUT/bf16.jsonl"
 
-# (c) Throughput, PGD-10: PGD-AT (batch 128: issue 25's >= 6,000 images/s) and DEAT timed in alternation; then
-# TRADES, MART and fast AT at batch 128, fp32 vs bf16 and eager vs CUDA graph.
-part throughput 75 python3 benchmarks/throughput.py --npz "$DATA" --archs preact_resnet18 \
-    --batch-sizes 128 512 --variants fp32:eager bf16-cl:eager bf16-cl:cuda_graph \
+# (c) Throughput, PGD-10, batch 128 (issue 25: PGD-AT >= 6,000 images/s): every objective with each outer step
+# timed in alternation, fp32 vs bf16 and eager vs CUDA graph.
+part throughput 120 python3 benchmarks/throughput.py --npz "$DATA" --archs preact_resnet18 --batch-sizes 128 \
+    --methods pgd_at deat trades mart fast_at --variants fp32:eager bf16-cl:eager bf16-cl:cuda_graph \
     --out "$OUT/throughput.jsonl"
-part objectives 75 python3 benchmarks/throughput.py --npz "$DATA" --archs preact_resnet18 --batch-sizes 128 \
-    --methods trades mart fast_at --variants fp32:eager bf16-cl:eager bf16-cl:cuda_graph \
-    --out "$OUT/throughput_objectives.jsonl"
 
 # (d) Standard AutoAttack on 10,000 images (cifar10_small's 1,000 test images 10x) of a PreAct-ResNet-18 trained
 # here for 5 epochs; one line per 2,000-image chunk, so a timeout still leaves a rate (issue 25: <= 120 s).
@@ -90,9 +87,11 @@ part compile 70 python3 benchmarks/throughput.py --npz "$DATA" --archs preact_re
     --methods pgd_at --variants bf16-cl:compile --compile-mode reduce-overhead --warmup 6 --repeats 3 \
     --out "$OUT/throughput_compile.jsonl"
 
-# Batch >= 512, where the step is compute-bound: cuDNN's own algorithm search (cudnn_benchmark) with the graph,
-# and torch.compile's fusion (default mode, no graph needed at this size), at 512, 1024 and 2048.
-part large 200 bash -c '
+# Batch >= 512, where the step is compute-bound: eager and graph, then cuDNN's own algorithm search
+# (cudnn_benchmark) with the graph, and torch.compile's fusion (default mode, no graph needed at this size).
+part large 260 bash -c '
+python3 benchmarks/throughput.py --npz "$0" --archs preact_resnet18 --batch-sizes 512 \
+    --variants fp32:eager bf16-cl:eager --warmup 4 --repeats 3 --steps 4 --out "$1/throughput_large.jsonl" &&
 python3 benchmarks/throughput.py --npz "$0" --archs preact_resnet18 --batch-sizes 512 1024 2048 \
     --variants bf16-cl:cuda_graph --warmup 4 --repeats 3 --steps 4 --out "$1/throughput_large.jsonl" &&
 python3 benchmarks/throughput.py --npz "$0" --archs preact_resnet18 --batch-sizes 512 1024 2048 \

@@ -197,7 +197,7 @@ def _mart_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: 
     if steps == 0 or eps == 0:
         return x
     # Stays under the caller's autocast: unlike the KL, the cross-entropy's gradient at x is not small, and bf16
-    # gives its sign as fp32 does in >= 99 % of pixels from the first step on (tests/test_objectives.py).
+    # gives fp32's sign in about 99 % of pixels at the first step as at every later one (docs/method.md).
     with torch.enable_grad():
         return _ascend(lambda x_adv: F.cross_entropy(model(x_adv).float(), y, reduction="sum"), x,
                        _gaussian_start(x, generator), eps, alpha, steps, norm)

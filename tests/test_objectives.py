@@ -169,8 +169,7 @@ BF16_OBJECTIVES = ("pgd_at", "trades", "mart", "fast_at")
 @pytest.fixture(scope="module")
 def bf16_problem():
     """small_cnn (seed 0) trained 60 SGD steps on CIFAR-shaped images with a smooth per-class pattern, so that its
-    logits are confident (|f| up to ~10) and its input gradients far from zero; a batch of 64 images in
-    [0.1, 0.9], where no step of the attacks below reaches the pixel box (a sign then always shows in x')."""
+    logits are confident and its input gradients far from zero; and a batch of 64 of those images."""
     gen = torch.Generator().manual_seed(0)
     patterns = F.interpolate(torch.rand(10, 3, 4, 4, generator=gen), size=32, mode="bilinear")
     y = torch.randint(0, 10, (1024,), generator=gen)
