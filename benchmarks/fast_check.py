@@ -18,7 +18,8 @@ whole loss trajectory: over later steps the update's float rounding, passed thro
 visibly different attacks, so later steps agree only statistically. One JSON line per (method, pair).
 accuracy: deat.train.train on the npz for --epochs, fp32 eager vs bf16 + channels_last + CUDA graph, for each
 seed and method; one JSON line per run with the per-epoch robust and clean test accuracies.
-summary: short tables of every *.jsonl in a folder (throughput, numerics, accuracy) against the issue's targets.
+summary: short tables of every *.jsonl in a folder (throughput, numerics, accuracy, and the lines of
+benchmarks/bf16_check.py and benchmarks/autoattack_check.py) against the issues' targets.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from deat.config import TrainConfig
+from deat.config import METHODS, TrainConfig, outer_step_of
 from deat.data import Batches
 from deat.fast import CudaGraphStep
 from deat.models import build_model
@@ -63,7 +64,8 @@ PAIRS = (
 )
 FAST_OPTIONS = {"precision": "bf16", "channels_last": True, "cuda_graph": True}
 TARGETS = {"at_images_per_s_bs128": 4000, "at_images_per_s_bs512_plus": 7000, "deat_over_pgd_at": 1.01,
-           "batch_share": 0.02}
+           "batch_share": 0.02, "at_images_per_s_bs128_issue25": 6000, "autoattack_10k_s": 120}
+TARGETS_10K = 10_000  # images of the AutoAttack target
 
 
 def emit(line: dict, out: Path | None) -> None:
@@ -114,7 +116,7 @@ def run_path(method: str, path: str, init_state: dict, inputs: list, images: dic
     for t, (x, y) in enumerate(inputs, 1):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        before = deat_buffers(optimizer) if method == "deat" else None
+        before = deat_buffers(optimizer) if outer_step_of(method) == "deat" else None
         if t == FIRST_REPLAY:
             snapshots["before_first_replay"] = flat(model.parameters())
         loss, _ = step(x, y)
@@ -127,11 +129,11 @@ def run_path(method: str, path: str, init_state: dict, inputs: list, images: dic
             alternation.append(changed == (t % 2 == 1, t % 2 == 0))
         scheduler.step()
     states = [optimizer.state[p] for p in model.parameters()]
-    buffers = [s["momentum_buffer"] for s in states] if method == "pgd_at" else (
+    buffers = [s["momentum_buffer"] for s in states] if outer_step_of(method) == "sgd" else (
         [s["odd_momentum"] for s in states] + [s["even_momentum"] for s in states])
     return {"losses": losses, "params": flat(model.parameters()), "buffers": flat(buffers),
             "step_counts": sorted({s.get("step") for s in states}, key=str), "generator": attack_gen.get_state(),
-            "alternation_ok": all(alternation) if method == "deat" else None, **snapshots}
+            "alternation_ok": all(alternation) if outer_step_of(method) == "deat" else None, **snapshots}
 
 
 def compare(a: dict, b: dict, init: torch.Tensor) -> dict:
@@ -255,6 +257,9 @@ def summary(args) -> int:
         for label, picked, key, target, higher in (
                 ("bs 128 img/s >= 4000", [m for m in measured if m["batch_size"] == 128 and m["method"] == "pgd_at"],
                  "at_images_per_s", TARGETS["at_images_per_s_bs128"], True),
+                ("bs 128 img/s >= 6000 (#25)", [m for m in measured if m["batch_size"] == 128
+                                                and m["method"] == "pgd_at"],
+                 "at_images_per_s", TARGETS["at_images_per_s_bs128_issue25"], True),
                 ("bs >= 512 img/s >= 7000", [m for m in measured if m["batch_size"] >= 512 and m["method"] == "pgd_at"],
                  "at_images_per_s", TARGETS["at_images_per_s_bs512_plus"], True),
                 ("DEAT / PGD-AT <= 1.01", [m for m in measured if m["method"] == "deat" and m["deat_over_pgd_at"]],
@@ -276,6 +281,8 @@ def summary(args) -> int:
               f"{line['first_replay_update_rel']:.1e}  trajectory {line['max_loss_rel']:.1e} "
               f"{line['update_rel_diff']:.1e} exact {line['generator_state_equal']}/{line['step_counts_equal']}/"
               f"{line['alternation_ok']}  {'PASS' if line['pass'] else 'FAIL'}")
+    summarise_bf16(lines)
+    summarise_autoattack(lines)
     runs = [line for line in lines if line.get("check") == "accuracy"]
     if runs:
         print("accuracy (last-epoch robust test accuracy, PGD-10; mean ± sd over seeds):")
@@ -298,6 +305,39 @@ def summary(args) -> int:
     return 0
 
 
+def summarise_bf16(lines: list[dict]) -> None:
+    """benchmarks/bf16_check.py's lines: each objective's attack under each precision against IEEE fp32."""
+    checks = [line for line in lines if line.get("check") == "bf16"]
+    if checks:
+        print(f"bf16 fidelity ({checks[0]['arch']}, {checks[0]['data']}, batch {checks[0]['batch_size']}; against "
+              f"IEEE fp32; pass: agreement >= 0.99 and |loss rel| <= 0.02):")
+    for line in checks:
+        verdict = {True: "PASS", False: "FAIL", None: ""}[line["pass"]]
+        print(f"  {line['objective']:7} {line['precision']:12} first-step sign agreement "
+              f"{line['first_step_agreement']:.4f}  attack loss {line['attack_loss_rel']:+.4f}  "
+              f"attack {line['attack_ms']:.1f} ms  {verdict}")
+
+
+def summarise_autoattack(lines: list[dict]) -> None:
+    """benchmarks/autoattack_check.py's lines; from its chunks alone when a time limit cut the run short."""
+    chunks = [line for line in lines if line.get("check") == "autoattack_chunk"]
+    final = [line for line in lines if line.get("check") == "autoattack"]
+    for line in final:
+        if "error" in line:
+            print(f"autoattack: {line['error']}")
+            continue
+        verdict = "" if line["met"] is None else ("met" if line["met"] else "MISSED")
+        print(f"autoattack standard ({line['arch']}, {line['data']}; {line['checkpoint']}): {line['wall_s']:.1f} s, "
+              f"{line['images_per_s']:.1f} images/s, clean {line['clean_acc']:.3f}, AA {line['aa_acc']:.3f}; "
+              f"per attack {line['per_attack_s']}; target <= {line['target_s']} s for 10k: {verdict}")
+    if chunks and not [line for line in final if "error" not in line]:
+        last = chunks[-1]
+        rate = last["images_done"] / last["seconds_so_far"]
+        print(f"autoattack standard: cut short after {last['images_done']} images in {last['seconds_so_far']:.1f} s "
+              f"({rate:.1f} images/s; 10k images would take about {TARGETS_10K / rate:.0f} s: "
+              f"{'MISSED' if TARGETS_10K / rate > TARGETS['autoattack_10k_s'] else 'met'} by extrapolation)")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -306,7 +346,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--npz", help="data (deat.data npz); numerics falls back to synthetic images")
         command.add_argument("--arch", default="preact_resnet18", help="architecture (default preact_resnet18)")
-        command.add_argument("--methods", nargs="+", default=["pgd_at", "deat"], choices=["pgd_at", "deat"])
+        command.add_argument("--methods", nargs="+", default=["pgd_at", "deat"], choices=METHODS,
+                             help="methods (deat.config.METHODS; default pgd_at deat)")
         command.add_argument("--batch-size", type=int, default=128)
         command.add_argument("--seed", type=int, default=0)
         command.add_argument("--out", type=Path, help="also append the JSON lines to this file")

@@ -8,6 +8,14 @@ mode during training; the caller sets that) and never write into parameter .grad
 torch.autograd.grad w.r.t. the input only). The step loop has fixed shapes, no .item() and no branching on
 tensor values, so it runs under bf16 autocast and can be captured in a CUDA graph.
 
+Inputs: the public functions (`pgd`, `clean_accuracy`, `robust_mask`, `robust_accuracy`, and the training
+objectives' attacks in deat.objectives) refuse pixels outside [0, 1] with a ValueError naming the function and
+the range found (`check_pixel_range`: one aminmax and one host sync, before any attack step), rather than
+clipping them: clean and robust accuracy then always see the same images. The training path
+(deat.objectives.inner_attack, which deat.fast captures in a CUDA graph) calls the unchecked `_pgd`, as a check
+there would sync the host every step and cannot run under capture; its batches come from deat.data.Batches,
+uint8 / 255 by construction.
+
 Random start (one draw per restart, from `generator`, in this order):
 - ℓ∞: δ ~ Uniform[-ε, ε] elementwise.
 - ℓ2: δ = ε·u·v with v a Gaussian vector normalised to unit ℓ2 norm (a uniform direction; drawn first) and
@@ -28,7 +36,7 @@ NORMS = ("linf", "l2")
 _TINY = 1e-12
 
 
-def _check_attack_args(x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int, norm: str,
+def _check_attack_args(x: torch.Tensor, y: torch.Tensor | None, eps: float, alpha: float, steps: int, norm: str,
                        random_start: bool, restarts: int, generator: torch.Generator | None) -> None:
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -44,10 +52,23 @@ def _check_attack_args(x: torch.Tensor, y: torch.Tensor, eps: float, alpha: floa
         raise ValueError("restarts > 1 needs random_start=True: without a random start every restart is identical")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor with pixels in [0, 1], got dtype {x.dtype}")
-    if y.shape != x.shape[:1]:
+    if y is not None and y.shape != x.shape[:1]:
         raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
     if generator is not None and generator.device.type != x.device.type:
         raise ValueError(f"generator must be on x's device type {x.device.type!r}, got {generator.device.type!r}")
+
+
+def check_pixel_range(x: torch.Tensor, caller: str) -> None:
+    """Refuse x unless every value lies in [0, 1] (NaN included): a one-line ValueError naming `caller`.
+
+    One aminmax and one host sync; call it in eager entry points only, never inside a captured CUDA graph.
+    """
+    if x.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(x.detach())).tolist()
+    if not (low >= 0.0 and high <= 1.0):
+        raise ValueError(f"{caller}: pixels must be in [0, 1], found min {low:.6g} and max {high:.6g} "
+                         f"(scale images to [0, 1], e.g. uint8 / 255, before attacking)")
 
 
 def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
@@ -112,12 +133,19 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, al
     x: (B, C, H, W) floats in [0, 1]; y: (B,) class indices; eps, alpha: ball radius and step size in pixel units.
     Each step ascends by alpha along the sign of the gradient (ℓ∞) or the per-example unit-norm gradient (ℓ2),
     projects onto the ε-ball, then clips to [0, 1]. With restarts > 1 each example keeps the restart whose final
-    loss is highest, so adding restarts never lowers an example's loss. steps == 0 or eps == 0 returns x clipped
-    to [0, 1] (K = 0: standard training). The random start is drawn from `generator` (on x's device) if given.
-    Returns a detached tensor shaped like x.
+    loss is highest, so adding restarts never lowers an example's loss. steps == 0 or eps == 0 returns x
+    (K = 0: standard training). The random start is drawn from `generator` (on x's device) if given.
+    Returns a detached tensor shaped like x. Raises ValueError for a bad argument or a pixel outside [0, 1].
     """
     _check_attack_args(x, y, eps, alpha, steps, norm, random_start, restarts, generator)
-    x = x.detach().clamp(0, 1)
+    check_pixel_range(x, "pgd")
+    return _pgd(model, x, y, eps, alpha, steps, norm, random_start, restarts, generator)
+
+
+def _pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
+         norm: str, random_start: bool, restarts: int, generator: torch.Generator | None) -> torch.Tensor:
+    """`pgd` without its checks: the training path's (no host sync, so it can be captured; x in [0, 1])."""
+    x = x.detach()
     if steps == 0 or eps == 0:
         return x
     # enable_grad: the attack needs input gradients even when the caller evaluates under torch.no_grad().
@@ -151,8 +179,10 @@ def _correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 
 
 def clean_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
-    """Fraction of x that model classifies correctly; x and y on model's device. Leaves the model mode alone."""
+    """Fraction of x ((N, C, H, W) pixels in [0, 1], else ValueError) that model classifies correctly; x and y on
+    model's device. Leaves the model mode alone."""
     _check_batch_size(batch_size)
+    check_pixel_range(x, "clean_accuracy")
     return _correct(model, x, y, batch_size).float().mean().item()
 
 
@@ -171,10 +201,18 @@ def robust_mask(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
     restarts=R is never above restarts=1. The iterates are exactly those of `pgd` (same random numbers), whose
     output (the last iterate) training uses unchanged. `on_batch(done, total)` is called after each batch with
     the examples attacked so far and the most there can be (N x restarts).
-    x and y on model's device. Leaves the model mode alone.
+    x ((N, C, H, W) pixels in [0, 1], else ValueError) and y on model's device. Leaves the model mode alone.
     """
     _check_batch_size(batch_size)
     _check_attack_args(x, y, eps, alpha, steps, norm, True, restarts, generator)
+    check_pixel_range(x, "robust_mask")
+    return _robust_mask(model, x, y, eps, alpha, steps, norm, restarts, batch_size, generator, on_batch)
+
+
+@torch.no_grad()
+def _robust_mask(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
+                 norm: str, restarts: int, batch_size: int, generator: torch.Generator | None,
+                 on_batch: Callable[[int, int], None] | None) -> torch.Tensor:
     robust = _correct(model, x, y, batch_size)
     done, total = 0, x.shape[0] * restarts
     if steps == 0 or eps == 0:
@@ -183,7 +221,7 @@ def robust_mask(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
         still_robust = robust.nonzero().squeeze(1)
         for i in range(0, still_robust.numel(), batch_size):
             index = still_robust[i:i + batch_size]
-            xb, yb = x[index].clamp(0, 1), y[index]
+            xb, yb = x[index], y[index]
             ever_wrong = torch.zeros_like(yb, dtype=torch.bool)
             with torch.enable_grad():
                 x_adv = _pgd_from(model, xb, yb, _random_start(xb, eps, norm, generator), eps, alpha, steps, norm,
@@ -199,4 +237,8 @@ def robust_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
                     steps: int, norm: str = "linf", restarts: int = 1, batch_size: int = 500,
                     generator: torch.Generator | None = None) -> float:
     """Fraction of x that `robust_mask` leaves robust: correctly classified at every iterate of every restart."""
-    return robust_mask(model, x, y, eps, alpha, steps, norm, restarts, batch_size, generator).float().mean().item()
+    _check_batch_size(batch_size)
+    _check_attack_args(x, y, eps, alpha, steps, norm, True, restarts, generator)
+    check_pixel_range(x, "robust_accuracy")
+    return _robust_mask(model, x, y, eps, alpha, steps, norm, restarts, batch_size, generator,
+                        None).float().mean().item()

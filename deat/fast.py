@@ -33,6 +33,11 @@ What a captured step must get right, and how `CudaGraphStep` does it:
   draw from the same state, and `attack_gen.get_state()` stays exact for checkpoints.
 - Gradients: zeroed in place inside the graph (`zero_grad(set_to_none=False)` semantics), so the `.grad`
   tensors the graph writes keep their addresses; they were created by the eager warm-up steps.
+- Precision: under bf16 the TRADES attack's first step runs in IEEE fp32 (`objectives.full_precision`). Its
+  switches (autocast, cuDNN/cuBLAS TF32) are host-side state read at kernel launch, so the capture records the
+  fp32 kernels and every replay computes what the eager step computes.
+- No host syncs: the public attacks' input check (one aminmax and a sync) stays out of the captured step, which
+  calls the unchecked attacks (`objectives.inner_attack`); its batches come from deat.data in [0, 1].
 - Warm-up: the first `eager_steps` iterations run the eager step on the capture stream (they are real training
   steps); they initialise cuDNN/cuBLAS handles and the optimizer state before the capture.
 

@@ -41,13 +41,13 @@ for every objective; AWP's perturb / restore runs eagerly (config validation ref
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .attacks import _ascent_direction, _project, pgd
+from .attacks import _ascent_direction, _check_attack_args, _pgd, _project, check_pixel_range
 from .config import TrainConfig, objective_of
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -124,39 +124,103 @@ def _gaussian_start(x: torch.Tensor, generator: torch.Generator | None) -> torch
     return x + TRADES_START_STD * noise
 
 
+@contextlib.contextmanager
+def full_precision(device: torch.device) -> Iterator[None]:
+    """IEEE float32 inside: autocast off for `device.type` and, on CUDA, TF32 off for cuDNN convolutions and
+    cuBLAS matmuls (TF32 keeps 11 significant bits, bf16 8). The flags are restored on exit.
+
+    Host-side switches only (no sync): a CUDA graph captured inside records the fp32 kernels, so the replayed
+    step computes what the eager step computes. docs/method.md ("Precision of the attacks") gives the rule.
+    """
+    with torch.autocast(device.type, enabled=False):
+        if device.type != "cuda":
+            yield
+            return
+        cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+        try:  # the legacy flags, unless the process has set the per-operator ones (then the legacy getter raises)
+            saved, legacy = (cudnn.allow_tf32, matmul.allow_tf32), True
+        except RuntimeError:
+            saved, legacy = (cudnn.conv.fp32_precision, matmul.fp32_precision), False
+        if legacy:
+            cudnn.allow_tf32 = matmul.allow_tf32 = False
+        else:
+            cudnn.conv.fp32_precision = matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            if legacy:
+                cudnn.allow_tf32, matmul.allow_tf32 = saved
+            else:
+                cudnn.conv.fp32_precision, matmul.fp32_precision = saved
+
+
+def _trades_attack(model: torch.nn.Module, x: torch.Tensor, eps: float, alpha: float, steps: int, norm: str,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """`trades_attack` without its checks (the training path's: no host sync, so deat.fast can capture it)."""
+    x = x.detach()
+    if steps == 0 or eps == 0:
+        return x
+    with torch.enable_grad():
+        # The clean logits and the first step in fp32 whatever the caller's autocast: at x + 0.001·N the KL's
+        # gradient is proportional to f(x') − f(x), a logit change far below bf16's (and TF32's) rounding of the
+        # logits, so under bf16 its sign is mostly noise. From the second step on, x' − x is about alpha and bf16
+        # gives the fp32 sign as often as for the cross-entropy attacks (docs/method.md has the measurements).
+        with full_precision(x.device):
+            with torch.no_grad():
+                clean_logits = model(x).float()
+
+            def objective(x_adv: torch.Tensor) -> torch.Tensor:
+                return kl_per_example(clean_logits, model(x_adv)).sum()
+
+            x_adv = _ascend(objective, x, _gaussian_start(x, generator), eps, alpha, 1, norm)
+        return _ascend(objective, x, x_adv, eps, alpha, steps - 1, norm)
+
+
 def trades_attack(model: torch.nn.Module, x: torch.Tensor, eps: float, alpha: float, steps: int, norm: str = "linf",
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """TRADES' inner max: x' maximising Σ_batch KL(p(x) ‖ p(x')) in the ε-ball ∩ [0, 1], by `steps` steps of size
     alpha (sign for ℓ∞, unit-norm gradient for ℓ2) from x + 0.001·N(0, 1). Labels are not used. steps == 0 or
-    eps == 0 returns x. Returns a detached tensor shaped like x; leaves the model's mode alone."""
-    x = x.detach().clamp(0, 1)
+    eps == 0 returns x. Returns a detached tensor shaped like x; leaves the model's mode alone.
+
+    x: (B, C, H, W) pixels in [0, 1]. Under bf16 autocast the clean logits and the first step run in fp32
+    (`full_precision`), the later steps under the caller's autocast. Raises ValueError for a bad argument or a
+    pixel outside [0, 1].
+    """
+    _check_attack_args(x, None, eps, alpha, steps, norm, True, 1, generator)
+    check_pixel_range(x, "trades_attack")
+    return _trades_attack(model, x, eps, alpha, steps, norm, generator)
+
+
+def _mart_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
+                 norm: str, generator: torch.Generator | None) -> torch.Tensor:
+    x = x.detach()
     if steps == 0 or eps == 0:
         return x
+    # Stays under the caller's autocast: unlike the KL, the cross-entropy's gradient at x is not small, and bf16
+    # gives fp32's sign in about 99 % of pixels at the first step as at every later one (docs/method.md).
     with torch.enable_grad():
-        with torch.no_grad():
-            clean_logits = model(x)
-        return _ascend(lambda x_adv: kl_per_example(clean_logits, model(x_adv)).sum(), x,
+        return _ascend(lambda x_adv: F.cross_entropy(model(x_adv).float(), y, reduction="sum"), x,
                        _gaussian_start(x, generator), eps, alpha, steps, norm)
 
 
 def mart_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
                 norm: str = "linf", generator: torch.Generator | None = None) -> torch.Tensor:
     """MART's inner max: PGD on the summed cross-entropy from x + 0.001·N(0, 1) (not attacks.pgd's uniform start).
-    Same conventions as `trades_attack`."""
-    x = x.detach().clamp(0, 1)
-    if steps == 0 or eps == 0:
-        return x
-    with torch.enable_grad():
-        return _ascend(lambda x_adv: F.cross_entropy(model(x_adv).float(), y, reduction="sum"), x,
-                       _gaussian_start(x, generator), eps, alpha, steps, norm)
+    Same conventions and errors as `trades_attack`; y: (B,) class indices. Runs under the caller's autocast."""
+    _check_attack_args(x, y, eps, alpha, steps, norm, True, 1, generator)
+    check_pixel_range(x, "mart_attack")
+    return _mart_attack(model, x, y, eps, alpha, steps, norm, generator)
 
 
 def fgsm_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
                 norm: str = "linf", random_start: bool = True,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Fast AT's inner max (Wong et al. 2020): one PGD step of size alpha (1.25·ε there) from a uniform random start,
-    i.e. FGSM with random initialisation, projected onto the ε-ball and [0, 1]."""
-    return pgd(model, x, y, eps, alpha, 1, norm, random_start, generator=generator)
+    i.e. FGSM with random initialisation, projected onto the ε-ball and [0, 1]. Errors as `attacks.pgd`'s, named
+    after this function."""
+    _check_attack_args(x, y, eps, alpha, 1, norm, random_start, 1, generator)
+    check_pixel_range(x, "fgsm_attack")
+    return _pgd(model, x, y, eps, alpha, 1, norm, random_start, 1, generator)
 
 
 def inner_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
@@ -171,15 +235,17 @@ def inner_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: 
     if cfg.attack_bn_eval:
         model.eval()
     with autocast(cfg, x.device):
+        # The unchecked attacks: no host sync here (deat.fast captures this); the config was validated and
+        # deat.data.Batches yields pixels in [0, 1].
         if objective == "pgd_at":
-            x_adv = pgd(model, x, y, cfg.eps, cfg.pgd_step_size, cfg.pgd_steps, cfg.norm, cfg.random_start,
-                        generator=attack_gen)
+            x_adv = _pgd(model, x, y, cfg.eps, cfg.pgd_step_size, cfg.pgd_steps, cfg.norm, cfg.random_start, 1,
+                         attack_gen)
         elif objective == "trades":
-            x_adv = trades_attack(model, x, cfg.eps, cfg.pgd_step_size, cfg.pgd_steps, cfg.norm, attack_gen)
+            x_adv = _trades_attack(model, x, cfg.eps, cfg.pgd_step_size, cfg.pgd_steps, cfg.norm, attack_gen)
         elif objective == "mart":
-            x_adv = mart_attack(model, x, y, cfg.eps, cfg.pgd_step_size, cfg.pgd_steps, cfg.norm, attack_gen)
+            x_adv = _mart_attack(model, x, y, cfg.eps, cfg.pgd_step_size, cfg.pgd_steps, cfg.norm, attack_gen)
         else:
-            x_adv = fgsm_attack(model, x, y, cfg.eps, cfg.fgsm_step_size, cfg.norm, cfg.random_start, attack_gen)
+            x_adv = _pgd(model, x, y, cfg.eps, cfg.fgsm_step_size, 1, cfg.norm, cfg.random_start, 1, attack_gen)
     model.train()
     return x_adv
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deat.attacks import clean_accuracy, pgd, robust_accuracy, robust_mask
+from deat.objectives import fgsm_attack, mart_attack, trades_attack
 
 SHAPE = (1, 4, 4)  # (C, H, W) of the toy images
 DIM = 16
@@ -97,10 +98,10 @@ def test_random_start_spread(norm):
 
 
 @pytest.mark.parametrize("eps, steps", [(0.0, 10), (0.1, 0)])
-def test_no_attack_returns_clipped_input(eps, steps):
-    x = _images(8, seed=7, low=-0.2, high=1.2)
+def test_no_attack_returns_the_input(eps, steps):
+    x = _images(8, seed=7)
     y = torch.zeros(8, dtype=torch.long)
-    torch.testing.assert_close(pgd(_mlp(), x, y, eps=eps, alpha=0.01, steps=steps), x.clamp(0, 1), rtol=0, atol=0)
+    torch.testing.assert_close(pgd(_mlp(), x, y, eps=eps, alpha=0.01, steps=steps), x, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- against analytic and plain references
@@ -340,3 +341,43 @@ def test_accuracy_argument_errors():
         robust_accuracy(model, x, y, eps=0.1, alpha=0.01, steps=1, batch_size=0)
     with pytest.raises(ValueError, match="norm must be one of"):
         robust_accuracy(model, x, y, eps=0.1, alpha=0.01, steps=1, norm="l1")
+
+
+class _Uncallable(nn.Module):
+    """A model that fails the test if any forward pass runs: the input check comes before compute."""
+
+    def forward(self, x):
+        raise AssertionError("the model ran before the input was checked")
+
+
+# Every public attack and accuracy function, called on x with one epsilon-ball's worth of arguments.
+_PUBLIC = {
+    "pgd": lambda m, x, y: pgd(m, x, y, eps=0.1, alpha=0.01, steps=1),
+    "trades_attack": lambda m, x, y: trades_attack(m, x, eps=0.1, alpha=0.01, steps=1),
+    "mart_attack": lambda m, x, y: mart_attack(m, x, y, eps=0.1, alpha=0.01, steps=1),
+    "fgsm_attack": lambda m, x, y: fgsm_attack(m, x, y, eps=0.1, alpha=0.125),
+    "clean_accuracy": lambda m, x, y: clean_accuracy(m, x, y),
+    "robust_mask": lambda m, x, y: robust_mask(m, x, y, eps=0.1, alpha=0.01, steps=1),
+    "robust_accuracy": lambda m, x, y: robust_accuracy(m, x, y, eps=0.1, alpha=0.01, steps=1),
+}
+
+
+@pytest.mark.parametrize("name", _PUBLIC)
+@pytest.mark.parametrize("low, high, found", [
+    (-0.25, 0.5, "found min -0.25 and max 0.5"),
+    (0.0, 255.0, "found min 0 and max 255"),  # uint8 pixels converted to float but not scaled
+    (float("nan"), 0.5, "found min nan"),
+])
+def test_public_attacks_and_accuracies_refuse_pixels_outside_the_unit_box(name, low, high, found):
+    x = _images(4, seed=40, low=0.2, high=0.4)
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = low, high
+    with pytest.raises(ValueError, match=rf"^{name}: pixels must be in \[0, 1\], {found}") as error:
+        _PUBLIC[name](_Uncallable(), x, torch.zeros(4, dtype=torch.long))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", _PUBLIC)
+def test_public_attacks_and_accuracies_take_the_box_edges(name):
+    x = _images(4, seed=41)
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = 0.0, 1.0
+    _PUBLIC[name](_mlp(), x, torch.zeros(4, dtype=torch.long))  # no error: 0 and 1 are pixels

@@ -7,6 +7,7 @@ exactly as it does, and feed DEAT's two buffers alternately.
 """
 
 import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,7 +22,9 @@ from deat.config import TrainConfig, outer_step_of
 from deat.fast import CudaGraphStep, GraphSafeUpdate, build_train_step
 from deat.models import build_model
 from deat.optim import DEAT, build_optimizer, build_scheduler
+import deat.objectives as deat_objectives
 from deat.objectives import adversarial_step
+from deat.objectives import full_precision as real_full_precision
 from deat.train import check_same_run, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +80,30 @@ def test_build_train_step_on_cpu_is_the_eager_step_itself():
                                 k2=0.8, decoupled_weight_decay=True)
     step = build_train_step(model, optimizer, TrainConfig(cuda_graph=True), torch.Generator(), log=lambda m: None)
     assert isinstance(step, functools.partial) and step.func is adversarial_step
+
+
+@pytest.mark.parametrize("method", ["pgd_at", "trades", "mart", "fast_at"])
+def test_the_training_step_never_runs_the_host_syncing_pixel_check(method, monkeypatch):
+    """The public attacks check x in [0, 1] with one aminmax and a host sync, which cannot run in a captured
+    graph; the step deat.fast captures (objectives.adversarial_forward) must take the unchecked path."""
+    import deat.attacks
+    import deat.objectives
+
+    def refuse(x, caller):
+        raise AssertionError(f"{caller} checked its input inside the training step")
+
+    monkeypatch.setattr(deat.attacks, "check_pixel_range", refuse)
+    monkeypatch.setattr(deat.objectives, "check_pixel_range", refuse)
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, in_channels=3, width=8)
+    optimizer = build_optimizer(method, model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, k1=1.0,
+                                k2=0.8, decoupled_weight_decay=True)
+    cfg = TrainConfig(method=method, dataset="cifar10", pgd_steps=2).resolved()
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    loss, _ = adversarial_step(model, optimizer, x, y, cfg, torch.Generator().manual_seed(1))
+    assert torch.isfinite(loss)
+    with pytest.raises(AssertionError, match="pgd checked its input"):  # the patch does reach the public path
+        deat.attacks.pgd(model, x, y, 0.1, 0.01, 1)
 
 
 def test_cuda_graph_and_compile_together_or_an_unknown_compile_mode_are_refused():
@@ -263,3 +290,49 @@ def test_cudnn_benchmark_does_not_change_a_runs_identity(tmp_path):
     check_same_run(saved, TrainConfig(cudnn_benchmark=True).resolved().to_dict(), tmp_path / "metrics.json")
     with pytest.raises(ValueError, match="precision: checkpoint 'fp32' vs now 'bf16'"):
         check_same_run(saved, TrainConfig(precision="bf16").resolved().to_dict(), tmp_path / "metrics.json")
+
+
+# ------------------------------------------------------------------------------ the GPU check's other scripts
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module, so that its main() runs in this process (no second torch import)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bf16_and_autoattack_checks_run_on_the_cpu_and_the_summary_reads_them(tmp_path, capsys):
+    bf16_check, autoattack_check = load_benchmark("bf16_check"), load_benchmark("autoattack_check")
+    out = tmp_path / "out"
+    assert bf16_check.main(["--quick", "--device", "cpu", "--train-steps", "10", "--batch-size", "16",
+                            "--objectives", "trades", "--out", str(out / "bf16.jsonl")]) == 0
+    lines = {line["precision"]: line for line in map(json.loads, (out / "bf16.jsonl").read_text().splitlines())}
+    assert list(lines) == ["reference", "fp32", "bf16", "bf16_unfixed"]
+    assert lines["reference"]["first_step_agreement"] == 1.0 and lines["reference"]["attack_loss_rel"] == 0.0
+    # TRADES' first step runs in fp32 under bf16 now (exactly the reference's), and did not before the fix.
+    assert lines["bf16"]["first_step_agreement"] == 1.0 and lines["bf16"]["pass"] is True
+    assert lines["bf16_unfixed"]["first_step_agreement"] < 0.9 and lines["bf16_unfixed"]["pass"] is None
+    assert deat_objectives.full_precision is real_full_precision  # the script put the fix back
+
+    assert autoattack_check.main(["--quick", "--device", "cpu", "--out", str(out / "autoattack.jsonl")]) == 0
+    *chunks, final = map(json.loads, (out / "autoattack.jsonl").read_text().splitlines())
+    assert [c["images_done"] for c in chunks] == [8, 16] and all(c["check"] == "autoattack_chunk" for c in chunks)
+    assert final["check"] == "autoattack" and final["complete"] and final["n_images"] == 16
+    assert final["wall_s"] == pytest.approx(sum(c["seconds"] for c in chunks), abs=0.02)
+    assert final["images_per_s"] == pytest.approx(16 / final["wall_s"], rel=0.05)
+    assert list(final["per_attack_s"]) == ["apgd-ce", "apgd-t", "fab-t", "square"] and final["met"] is None
+
+    fast_check = load_benchmark("fast_check")
+    capsys.readouterr()
+    assert fast_check.main(["summary", str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert "bf16 fidelity (small_cnn" in summary and "trades  bf16_unfixed" in summary and "PASS" in summary
+    assert "autoattack standard (small_cnn" in summary and "target <= 120 s for 10k" in summary
+
+
+def test_gpu_check_script_is_valid_bash_and_refuses_an_unknown_command():
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    done = subprocess.run(["bash", str(script), "run"], cwd=REPO, capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "usage:" in done.stderr

@@ -1,5 +1,9 @@
-"""GPU leasing: concurrent jobs, each a real process holding a real flock, get distinct cards."""
+"""GPU leasing: concurrent jobs, each a real process holding a real flock, get distinct cards; and, on a CUDA
+device (skipped without one), every method's GPU path: bf16 and fp32 training attacks against IEEE fp32, the
+captured bf16 step of every objective against the eager one, and the input check of the public attacks."""
 
+import contextlib
+import functools
 import os
 import re
 import signal
@@ -12,8 +16,16 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
+import deat.objectives
+from deat.attacks import pgd
+from deat.config import TrainConfig, outer_step_of
+from deat.fast import CudaGraphStep
 from deat.gpu import FAKE_GPU_COUNT_VAR, lease_gpu, visible_gpus
+from deat.models import build_model
+from deat.optim import build_optimizer, build_scheduler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 10  # upper bound for any one wait; a passing test takes a fraction of a second per wait
@@ -257,3 +269,126 @@ def test_importing_the_module_leaves_torch_unimported():
     # Leasing must run before CUDA initialises, so deat.gpu may not pull in torch (not even through deat/__init__).
     check = "import sys, deat.gpu; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], env=subprocess_env()).returncode == 0
+
+
+# ------------------------------------------------------------------------------ CUDA: every method on the GPU
+# Issue 25's checks that need a card; benchmarks/gpu_check.sh runs them (`-k cuda`). Without CUDA they skip.
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device (benchmarks/gpu_check.sh runs these on one)")
+
+
+@pytest.fixture(scope="module")
+def cuda_problem():
+    """small_cnn trained 60 SGD steps (IEEE fp32) on CIFAR-shaped images with a smooth per-class pattern, on CUDA,
+    and a batch of 64 images in [0.1, 0.9]: tests/test_objectives.py's bf16 problem on the GPU."""
+    device = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    patterns = F.interpolate(torch.rand(10, 3, 4, 4, generator=gen), size=32, mode="bilinear")
+    y = torch.randint(0, 10, (1024,), generator=gen)
+    x = 0.1 + 0.8 * (0.4 * patterns[y] + 0.6 * torch.rand(1024, 3, 32, 32, generator=gen))
+    x, y = x.to(device), y.to(device)
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, in_channels=3).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with deat.objectives.full_precision(device):
+        for step in range(60):
+            batch = slice(64 * (step % 16), 64 * (step % 16 + 1))
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+    return model.eval(), x[:64], y[:64]
+
+
+def cuda_attack(model, x, y, objective, steps, precision):
+    """The training attack as `precision` trains it ("reference": IEEE fp32, no autocast, TF32 off)."""
+    cfg = TrainConfig(method=objective, dataset="cifar10", pgd_steps=steps, attack_bn_eval=True,
+                      precision="fp32" if precision == "reference" else precision).resolved()
+    context = deat.objectives.full_precision(x.device) if precision == "reference" else contextlib.nullcontext()
+    with context:
+        x_adv = deat.objectives.inner_attack(model, x, y, cfg, torch.Generator(device=x.device).manual_seed(11))
+    model.eval()
+    return x_adv
+
+
+def cuda_fidelity(model, x, y, objective, precision):
+    """(first-step sign agreement with IEEE fp32, relative difference of the attack loss after PGD-10)."""
+    first = (cuda_attack(model, x, y, objective, 1, precision) ==
+             cuda_attack(model, x, y, objective, 1, "reference")).float().mean().item()
+    losses = []
+    for p in (precision, "reference"):
+        x_adv = cuda_attack(model, x, y, objective, 10, p)
+        with torch.no_grad(), deat.objectives.full_precision(x.device):
+            losses.append(deat.objectives.kl_per_example(model(x), model(x_adv)).mean().item()
+                          if objective in ("trades", "mart") else F.cross_entropy(model(x_adv), y).item())
+    return first, losses[0] / losses[1] - 1
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("objective", ["pgd_at", "trades", "mart", "fast_at"])
+def test_cuda_training_attacks_take_the_ieee_fp32_steps_and_reach_its_loss(cuda_problem, objective, precision):
+    # fp32 on CUDA lets cuDNN use TF32 (10 mantissa bits) by default: TRADES' first step is then in IEEE fp32 too.
+    agreement, loss_rel = cuda_fidelity(*cuda_problem, objective, precision)
+    print(f"{objective} {precision}: first-step agreement {agreement:.4f}, attack loss {loss_rel:+.4f}")
+    assert agreement >= 0.99
+    assert abs(loss_rel) <= 0.02
+
+
+@needs_cuda
+def test_cuda_trades_attack_without_its_fp32_first_step_takes_random_signs(cuda_problem, monkeypatch):
+    monkeypatch.setattr(deat.objectives, "full_precision", lambda device: contextlib.nullcontext())
+    agreement, _ = cuda_fidelity(*cuda_problem, "trades", "bf16")
+    assert agreement < 0.9  # the fault of issue 25, so the test above can fail
+
+
+def bf16_graph_steps(method: str, graph: bool, steps: int = 4, batch_size: int = 32):
+    """`steps` PGD-3 iterations of small_cnn in bf16 + channels_last on fixed random batches, cosine lr."""
+    device = torch.device("cuda")
+    cfg = TrainConfig(arch="small_cnn", method=method, batch_size=batch_size, pgd_steps=3, dataset="cifar10",
+                      precision="bf16", channels_last=True, cuda_graph=graph).resolved()
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, in_channels=3).to(device).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(method, model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, k1=1.0,
+                                k2=0.8, decoupled_weight_decay=True)
+    scheduler = build_scheduler(optimizer, "cosine", epochs=1, iters_per_epoch=steps)
+    attack_gen = torch.Generator(device=device).manual_seed(1)
+    step = (CudaGraphStep(model, optimizer, cfg, attack_gen, eager_steps=1) if graph else
+            functools.partial(deat.objectives.adversarial_step, model, optimizer, cfg=cfg, attack_gen=attack_gen))
+    data = torch.Generator(device=device).manual_seed(2)
+    losses = []
+    for _ in range(steps):
+        x = torch.rand(batch_size, 3, 32, 32, device=device, generator=data)
+        y = torch.randint(0, 10, (batch_size,), device=device, generator=data)
+        loss, _ = step(x.contiguous(memory_format=torch.channels_last), y)
+        losses.append(loss.item())
+        scheduler.step()
+    return losses, attack_gen.get_state(), optimizer
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["trades", "mart", "fast_at", "trades_deat"])
+def test_cuda_graph_captures_the_bf16_step_of_every_objective_as_eager_runs_it(method, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    eager_losses, eager_gen, eager_optimizer = bf16_graph_steps(method, graph=False)
+    losses, gen, optimizer = bf16_graph_steps(method, graph=True)
+    assert losses[0] == eager_losses[0]  # step 1 runs eagerly on both paths
+    # Step 2 is the first replay, from the same weights: the captured kernels (TRADES' fp32 first step included)
+    # compute what the eager step computes; later steps drift apart only as PGD's sign() amplifies rounding.
+    assert losses[1] == pytest.approx(eager_losses[1], rel=1e-4)
+    assert losses == pytest.approx(eager_losses, rel=5e-2)
+    assert torch.equal(gen, eager_gen)
+    if outer_step_of(method) == "deat":
+        assert [s["step"] for s in optimizer.state.values()] == [s["step"] for s in eager_optimizer.state.values()]
+
+
+@needs_cuda
+def test_cuda_public_attacks_refuse_pixels_outside_the_unit_box():
+    model = build_model("small_cnn", 10, in_channels=3).cuda().eval()
+    x = torch.rand(4, 3, 32, 32, device="cuda")
+    y = torch.zeros(4, dtype=torch.long, device="cuda")
+    x[0, 0, 0, 0] = 1.5
+    with pytest.raises(ValueError, match=r"^pgd: pixels must be in \[0, 1\], found min .* and max 1\.5"):
+        pgd(model, x, y, 0.03, 0.01, 2, generator=torch.Generator(device="cuda").manual_seed(0))
+    x_adv = pgd(model, x.clamp(0, 1), y, 0.03, 0.01, 2, generator=torch.Generator(device="cuda").manual_seed(0))
+    assert x_adv.min() >= 0 and x_adv.max() <= 1

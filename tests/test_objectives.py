@@ -3,6 +3,7 @@ AWP's per-layer perturbation, fast AT as one PGD step of 1.25·ε, every method'
 committed PGD-AT / DEAT runs, which the new options must not change."""
 
 import ast
+import contextlib
 import copy
 import hashlib
 import json
@@ -17,8 +18,8 @@ import yaml
 from deat.config import (METHODS, OBJECTIVES, TrainConfig, objective_of, outer_step_of, run_identity,
                          unused_options)
 from deat.models import build_model
-from deat.objectives import (adversarial_step, awp_layers, awp_perturbation, boosted_cross_entropy, inner_attack,
-                             kl_per_example, mart_attack, mart_loss, trades_attack, trades_loss)
+from deat.objectives import (adversarial_step, awp_layers, awp_perturbation, boosted_cross_entropy, full_precision,
+                             inner_attack, kl_per_example, mart_attack, mart_loss, trades_attack, trades_loss)
 from deat.optim import DEAT, build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,6 +159,111 @@ def test_no_attack_steps_is_standard_training_for_the_pgd_style_objectives(metho
     model, x, y = linear_problem()
     cfg = TrainConfig(method=method, dataset="cifar10", pgd_steps=0).resolved()
     assert torch.equal(inner_attack(model, x, y, cfg, torch.Generator().manual_seed(0)), x)
+
+
+# ------------------------------------------------------------------------------- bf16 fidelity of every attack
+
+BF16_OBJECTIVES = ("pgd_at", "trades", "mart", "fast_at")
+
+
+@pytest.fixture(scope="module")
+def bf16_problem():
+    """small_cnn (seed 0) trained 60 SGD steps on CIFAR-shaped images with a smooth per-class pattern, so that its
+    logits are confident and its input gradients far from zero; and a batch of 64 of those images."""
+    gen = torch.Generator().manual_seed(0)
+    patterns = F.interpolate(torch.rand(10, 3, 4, 4, generator=gen), size=32, mode="bilinear")
+    y = torch.randint(0, 10, (1024,), generator=gen)
+    x = 0.1 + 0.8 * (0.4 * patterns[y] + 0.6 * torch.rand(1024, 3, 32, 32, generator=gen))
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, in_channels=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(60):
+        batch = slice(64 * (step % 16), 64 * (step % 16 + 1))
+        optimizer.zero_grad()
+        F.cross_entropy(model(x[batch]), y[batch]).backward()
+        optimizer.step()
+    return model.eval(), x[:64], y[:64]
+
+
+class Float64(torch.nn.Module):
+    def forward(self, x):
+        return x.double()
+
+
+def attack_under(precision, model, x, y, objective, steps):
+    """inner_attack (the training path) of `objective` with `steps` PGD steps, the attack generator seeded 11:
+    in fp32, under CPU bf16 autocast (as training's precision: bf16 runs it on CUDA), or in float64."""
+    cfg = TrainConfig(method=objective, dataset="cifar10", pgd_steps=steps, attack_bn_eval=True).resolved()
+    if precision == "float64":  # the model in float64 on the same fp32 images, so the random starts are equal
+        model = torch.nn.Sequential(Float64(), copy.deepcopy(model).double())
+    context = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with context:
+        x_adv = inner_attack(model, x, y, cfg, torch.Generator().manual_seed(11))
+    model.eval()  # inner_attack leaves the model in train mode
+    return x_adv
+
+
+def attack_loss(model, x, x_adv, y, objective):
+    """The attack's own objective at x', in fp32: mean KL(p(x) ‖ p(x')) for TRADES and MART, mean CE for the others."""
+    with torch.no_grad():
+        if objective in ("trades", "mart"):
+            return kl_per_example(model(x), model(x_adv)).mean().item()
+        return F.cross_entropy(model(x_adv), y).item()
+
+
+def bf16_fidelity(model, x, y, objective):
+    """(sign agreement of the first step, bf16 vs fp32; the same for fp32 vs float64; relative difference of the
+    attack loss after the full attack, bf16 vs fp32). Equal random starts, so x' differs exactly where a sign does."""
+    first = {p: attack_under(p, model, x, y, objective, 1) for p in ("fp32", "bf16", "float64")}
+    steps = 10  # PGD-10, the training attack (fast AT: its one step)
+    full = {p: attack_loss(model, x, attack_under(p, model, x, y, objective, steps), y, objective)
+            for p in ("fp32", "bf16")}
+    return ((first["bf16"] == first["fp32"]).float().mean().item(),
+            (first["fp32"] == first["float64"]).float().mean().item(), full["bf16"] / full["fp32"] - 1)
+
+
+@pytest.mark.parametrize("objective", BF16_OBJECTIVES)
+def test_every_training_attack_under_bf16_autocast_takes_the_fp32_steps_and_reaches_the_fp32_loss(
+        bf16_problem, objective):
+    model, x, y = bf16_problem
+    bf16_agreement, fp32_agreement, loss_rel = bf16_fidelity(model, x, y, objective)
+    print(f"{objective}: first-step sign agreement bf16/fp32 {bf16_agreement:.4f}, fp32/float64 "
+          f"{fp32_agreement:.5f}; attack loss bf16 vs fp32 {loss_rel:+.4f}")
+    assert fp32_agreement >= 0.999  # fp32 is a fair reference
+    assert bf16_agreement >= 0.99
+    assert abs(loss_rel) <= 0.02
+
+
+def test_without_its_fp32_first_step_the_trades_attack_under_bf16_takes_random_signs(bf16_problem, monkeypatch):
+    """The fault the test above guards against: at x + 0.001·N bf16 rounds the KL's gradient away (issue 25)."""
+    import deat.objectives
+
+    model, x, y = bf16_problem
+    monkeypatch.setattr(deat.objectives, "full_precision", lambda device: contextlib.nullcontext())
+    bf16_agreement, _, loss_rel = bf16_fidelity(model, x, y, "trades")
+    print(f"trades without full_precision: first-step sign agreement {bf16_agreement:.4f}, KL {loss_rel:+.4f}")
+    assert bf16_agreement < 0.9
+
+
+def test_full_precision_turns_autocast_off_and_tf32_off_on_cuda_and_restores_both():
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    legacy = (cudnn.allow_tf32, matmul.allow_tf32)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with full_precision(torch.device("cpu")):
+                assert not torch.is_autocast_enabled("cpu")
+            assert torch.is_autocast_enabled("cpu")
+        # The TF32 switches are host-side flags, so their handling shows without a GPU (CUDA autocast does not).
+        with full_precision(torch.device("cuda")):
+            assert (cudnn.allow_tf32, matmul.allow_tf32) == (False, False)
+        assert (cudnn.allow_tf32, matmul.allow_tf32) == legacy
+        # A process that set the per-operator flags (torch >= 2.9), where the legacy getters raise.
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision = "tf32", "ieee", "tf32"
+        with full_precision(torch.device("cuda")):
+            assert (cudnn.conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+        assert (cudnn.conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = legacy  # the legacy setters reset the per-operator flags
 
 
 # ---------------------------------------------------------------------------------------------------- AWP
