@@ -75,7 +75,7 @@ METHOD_OPTIONS = {
 
 # Options added after runs were published, with the value that computes what those runs computed: at that value
 # the option is left out of the run identity, so the runs keep their directories (the hash of their identity).
-LATER_OPTIONS_OFF = {"awp_gamma": 0.0, "ema_tau": 0.0, "co_early_stop": False}
+LATER_OPTIONS_OFF = {"awp_gamma": 0.0, "ema_tau": 0.0, "co_early_stop": False, "probe_every": 0}
 
 
 def unused_options(config: dict[str, Any]) -> tuple[str, ...]:
@@ -95,6 +95,8 @@ def run_identity(config: dict[str, Any]) -> dict[str, Any]:
     skip |= {key for key, off in LATER_OPTIONS_OFF.items() if full[key] == off}
     if not full["co_early_stop"]:  # then co_drop only decides which epochs are reported as collapsed
         skip.add("co_drop")
+    if not full["probe_every"]:  # probes off: their size is nothing the run computes
+        skip.add("probe_batches")
     return {key: full[key] for key in defaults if key not in skip}
 
 
@@ -148,6 +150,11 @@ class TrainConfig:
     co_drop: float = _opt(0.2, "catastrophic overfitting: warn when validation PGD accuracy falls more than this below "
                                "its best so far (Wong et al. 2020's 0.2)")
     co_early_stop: bool = _opt(False, "stop at a catastrophic-overfitting collapse and publish the epoch before it")
+    # --- mechanism probes (deat/probes.py): gradient noise, diffusion (alpha/b) tr(Sigma), update noise
+    probe_every: int = _opt(0, "measure gradient and update noise every this many epochs on a fixed probe set of "
+                               "training images (0 = off); the run trains bit for bit as without")
+    probe_batches: int = _opt(8, "probes: minibatches M of the run's batch size (>= 2); the probe set is M x batch_size "
+                                 "training images")
     # --- per-epoch evaluation (the paper's per-epoch curve)
     eval_pgd_steps: int = _opt(10, "PGD steps for the per-epoch validation and test accuracy (step 2.5*eps/steps)")
     eval_examples: int | None = _opt(None, "test images evaluated each epoch (null: all); a fixed subset")
@@ -221,6 +228,8 @@ class TrainConfig:
         check(0 < self.co_drop < 1, "co_drop", "a number in (0, 1), in accuracy units")
         check(not self.co_early_stop or self.val_size != 0, "co_early_stop",
               "false when val_size is 0 (the guard watches the validation split)")
+        check(self.probe_every >= 0, "probe_every", "an integer >= 0 (0 = off)")
+        check(self.probe_batches >= 2, "probe_batches", "an integer >= 2 (a covariance needs two minibatches)")
         check(self.eval_pgd_steps >= 1, "eval_pgd_steps", "an integer >= 1")
         check(self.eval_examples is None or self.eval_examples >= 1, "eval_examples", "null or an integer >= 1")
         check(self.val_size is None or self.val_size >= 0, "val_size", "null or an integer >= 0")

@@ -72,6 +72,8 @@ class _SavedState:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  generators: list[torch.Generator]) -> None:
         self.model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # The gradient tensors themselves, and their values: a captured step keeps writing into the same ones.
+        self.grads = [(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
         self.optimizer = copy.deepcopy(optimizer.state_dict())
         self.generators = [(g, g.get_state()) for g in generators]
         self.cpu_rng = torch.get_rng_state()
@@ -81,6 +83,10 @@ class _SavedState:
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         for key, value in model.state_dict().items():
             value.copy_(self.model[key])
+        for param, grad, values in self.grads:
+            param.grad = grad
+            if grad is not None:
+                grad.copy_(values)
         saved = self.optimizer["state"]
         params = [p for group in optimizer.param_groups for p in group["params"]]
         for index, param in enumerate(params):

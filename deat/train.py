@@ -36,6 +36,7 @@ from .objectives import adversarial_step, attacks_in_training, autocast
 from .optim import build_optimizer, build_scheduler
 from .averaging import WeightAverage
 from .guards import is_collapse
+from .probes import PROBE_SEED, gradient_noise, probe_set, probe_steps, update_noise
 from .runtime import RunLogger, environment, peak_memory_mb, reset_peak_memory, resolve_device
 
 EVAL_SEED = 0  # per-epoch evaluation uses the same attack starts every epoch, so curves are comparable
@@ -178,6 +179,7 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
                       augment=augment_policy(cfg.augment, data), generator=data_gen)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.epochs, len(batches), cfg.milestones, cfg.gamma)
     average = WeightAverage(model, cfg.ema_tau, cfg.epochs * len(batches)) if cfg.ema_tau > 0 else None
+    probes = probe_set(len(data.train_y), cfg.probe_batches, cfg.batch_size, cfg.seed) if cfg.probe_every else None
     n_test = len(data.test_y)
     test_index = torch.randperm(n_test, generator=torch.Generator().manual_seed(EVAL_SEED))[:cfg.eval_examples]
     test_index = test_index.sort().values.to(device)
@@ -242,6 +244,9 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
         record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         record.update(train_one_epoch(model, optimizer, scheduler, batches, cfg, attack_gen, epoch, log, step,
                                       average))
+        if probes is not None and epoch % cfg.probe_every == 0:
+            record.update(_probe(model, optimizer, data, probes, cfg, epoch, metrics["effective_step"],
+                                 [data_gen, attack_gen]))
         record.update(evaluate_epoch(model, data, test_index, cfg))
         if average is not None:
             record.update({f"ema_{k}": v for k, v in evaluate_epoch(average.averaged(model), data, test_index,
@@ -309,6 +314,22 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
         f"last test PGD {_pct(metrics['last']['test_pgd_acc'])}, {_hms(metrics['wall_time_s'])} in all"
         + (f" over {len(metrics['attempts'])} attempts" if len(metrics["attempts"]) > 1 else ""))
     return metrics
+
+
+def _probe(model, optimizer, data, probes: torch.Tensor, cfg: TrainConfig, epoch: int, effective: float,
+           generators: list[torch.Generator]) -> dict[str, float]:
+    """The mechanism probes of deat/probes.py at the current weights, as `probe_*` keys of the epoch's record."""
+    started = time.perf_counter()
+    probe_gen = torch.Generator(device=data.train_x.device).manual_seed(cfg.seed + PROBE_SEED + epoch)
+    minibatches = [(data.train_x[i].float() / 255, data.train_y[i]) for i in probes.to(data.train_x.device)]
+    step = functools.partial(adversarial_step, model, optimizer, cfg=cfg, attack_gen=probe_gen)
+    grads, updates = probe_steps(model, optimizer, minibatches, step, generators)
+    found = {**gradient_noise(grads, cfg.batch_size, len(data.train_y)), **update_noise(updates)}
+    lr = found["lr"] = optimizer.param_groups[0]["lr"]  # the lr of the probe's steps: the epoch's last
+    found["diffusion"] = lr / cfg.batch_size * found["grad_trace_sigma"]
+    found["diffusion_effective"] = effective * lr / cfg.lr / cfg.batch_size * found["grad_trace_sigma"]
+    found["time_s"] = time.perf_counter() - started
+    return {f"probe_{k}": v for k, v in found.items()}
 
 
 def _track_average(metrics: dict[str, Any], record: dict[str, Any], running: Path, config: dict[str, Any],
