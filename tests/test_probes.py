@@ -122,3 +122,49 @@ def test_a_run_with_probes_trains_bit_for_bit_like_one_without(tmp_path):
     for record in probed["epochs"]:
         assert record["probe_grad_trace_sigma"] > 0 and record["probe_update_trace_cov"] > 0
         assert record["probe_diffusion"] == pytest.approx(record["probe_lr"] / 256 * record["probe_grad_trace_sigma"])
+
+
+# ------------------------------------------------------------------------------------------------- flatness
+
+class _Quadratic(torch.nn.Module):
+    """Two "layers" and a bias; robust loss ½‖θ − θ*‖² over the weights (no data, no attack)."""
+
+    def __init__(self, at_optimum: bool):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.target = {"a.weight": torch.randn(4, 3, generator=g, dtype=torch.float64),
+                       "b.weight": torch.randn(2, 4, 1, 1, generator=g, dtype=torch.float64)}
+        self.a = torch.nn.Linear(3, 4).double()
+        self.b = torch.nn.Conv2d(4, 2, 1, bias=False).double()
+        with torch.no_grad():
+            for name, target in self.target.items():
+                self.get_parameter(name).copy_(target if at_optimum else target + 0.3)
+
+    def loss(self):
+        return sum(0.5 * ((self.get_parameter(n) - t) ** 2).sum() for n, t in self.target.items())
+
+
+def test_flatness_curves_match_the_closed_forms_of_a_quadratic():
+    from deat.flatness import flatness_curves
+
+    gammas = (0.0, 0.01, 0.1, 0.5)
+    model = _Quadratic(at_optimum=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    curves = flatness_curves(model, model.loss, gammas, directions=4)
+    norm_sq = sum((model.get_parameter(n) ** 2).sum().item() for n in model.target)  # the bias is not perturbed
+    assert curves["random_rise"] == pytest.approx([0.5 * g * g * norm_sq for g in gammas], rel=1e-9, abs=1e-12)
+    assert curves["random_rise"][0] == 0.0 and curves["worst_rise"] == pytest.approx([0.0] * 4, abs=1e-12)
+    assert_same_tensors(before, model.state_dict(), "weights after the curves")
+
+    model = _Quadratic(at_optimum=False)  # gradient 0.3 everywhere: the worst case per layer in closed form
+    curves = flatness_curves(model, model.loss, gammas)
+    expected = []
+    for g in gammas:
+        rise = 0.0
+        for name in model.target:
+            w = model.get_parameter(name).detach()
+            w_norm, g_norm = w.norm().item(), 0.3 * w.numel() ** 0.5
+            rise += g * w_norm * g_norm + 0.5 * (g * w_norm) ** 2
+        expected.append(rise)
+    assert curves["worst_rise"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert all(w >= r for w, r in zip(curves["worst_rise"], curves["random_rise"]))  # the worst is the worst
