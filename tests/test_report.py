@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from deat.report import figures, loading, protocol, render, statistics as report_stats, paper_tables, study_tables
+from deat.report import (figures, loading, paper_tables, power, protocol, render, statistics as report_stats,
+                         step_tables, study_tables)
 from deat.report.cli import get_args_parser, main as report_main
 from deat.report.loading import CHECKPOINTS, load_runs
 from deat.report.protocol import protocol_markdown
@@ -265,7 +266,7 @@ def test_pooled_paired_test_is_the_papers_ttest_rel(full_report):
     pooled = rows[(rows["α"] == "pooled (paper's test)") & (rows.checkpoint == "best")
                   & (rows.metric == "PGD-10 robust")].iloc[0]
     # Hand computation: DEAT gains 1.2, 1.4, 1.6 points at the three α, 4 pairs each: mean +1.40.
-    assert (pooled.pairs, pooled["mean Δ (pp)"], pooled.t) == ("12", "+1.40", f"{expected.statistic:.2f}")
+    assert (pooled.n, pooled["mean Δ (pp)"], pooled.t) == ("12", "+1.40", f"{expected.statistic:.2f}")
     per_alpha = rows[(rows.checkpoint == "best") & (rows.metric == "PGD-10 robust")]["mean Δ (pp)"].tolist()[:3]
     assert per_alpha == ["+1.20", "+1.40", "+1.60"]
 
@@ -333,11 +334,13 @@ def test_pooled_test_is_undefined_when_every_difference_is_equal(tmp_path):
     values = {(method, lr, 0): 0.4 + lr + (0.01 if method == "deat" else 0.0)
               for method in ("pgd_at", "deat") for lr in (0.01, 0.02, 0.03, 0.05)}
     table, summary = paper_tables.paired_table(load_runs(grid_study(tmp_path, values))[0])
-    pooled = next(row for row in table.rows if row[3] == "pooled (paper's test)")
-    assert pooled[4:] == ["4", "+1.00", "", "—", "—"]
+    pooled = dict(zip(table.columns, next(row for row in table.rows if row[3] == "pooled (paper's test)")))
+    # Every Δ +1.00: sd 0, the interval shrinks to the mean, t, p and the MDE are undefined, and so is a verdict.
+    assert [pooled[c] for c in ("n", "mean Δ (pp)", "sd (pp)", "95% CI (pp)", "MDE 80% (pp)", "t", "p", "verdict")] \
+        == ["4", "+1.00", "0.00", "[+1.00, +1.00]", "—", "—", "—", "inconclusive at this size"]
     assert next(r for r in summary if r["test"] == "pooled_paired")["t"] is None
     # One pair per α: no interval.
-    assert table.rows[0][6] == "—"
+    assert dict(zip(table.columns, table.rows[0]))["95% CI (pp)"] == "—"
 
 
 def _check_latex(text: str) -> None:
@@ -405,7 +408,7 @@ def test_equal_effective_step_pairs_and_the_empty_case(full_report, tmp_path):
         manifest["runs"].append({"arch": ARCH, "method": method, "lr": lr, "batch_size": 64, "seed": 0,
                                  "dir": str(run_dir)})
     runs, _ = load_runs(manifest)
-    table, summary = study_tables.equal_step_table(runs)
+    table, summary = step_tables.equal_step_table(runs)
     assert len(table.rows) == 1 and summary[0]["lr_deat"] == pytest.approx(0.01 * math.sqrt(5) * 1.005)
     pgd, deat = best_pgd10("pgd_at", 0.01, 64, 0), best_pgd10("deat", 0.02, 64, 0)
     first = table.columns.index("PGD-AT best")
@@ -435,7 +438,7 @@ def test_equal_step_pairs_say_whether_the_weight_decay_is_matched_too(tmp_path):
                                  "dir": str(run_dir), **sweep})
     runs, _ = load_runs(manifest)
     assert runs.effective_decay.tolist() == pytest.approx([5.0e-5, 1.118e-4, 0.2236 / math.sqrt(5) * 5e-4])
-    table, summary = study_tables.equal_step_table(runs)
+    table, summary = step_tables.equal_step_table(runs)
     cells = [dict(zip(table.columns, row)) for row in table.rows]
     assert [(c["decay PGD-AT"], c["decay DEAT"], c["matched"]) for c in cells] == [
         ("5.00e-5", "1.12e-4", "step only"), ("5.00e-5", "5.00e-5", "step + decay")]
@@ -468,16 +471,18 @@ def matched_pairs_study(tmp_path: Path, pgd_steps: int) -> dict:
 
 def test_matched_pairs_get_a_mean_delta_with_its_interval_over_seeds(tmp_path):
     runs, _ = load_runs(matched_pairs_study(tmp_path, pgd_steps=5))
-    table, summary = study_tables.equal_step_table(runs)
+    table, summary = step_tables.equal_step_table(runs)
     assert [row[table.columns.index("matched")] for row in table.rows] == ["step + decay"] * 3
     deltas = [0.01, -0.02, 0.04]
     interval = stats.ttest_1samp(deltas, 0.0).confidence_interval(0.95)
-    mean_record = next(record for record in summary if "mean_delta_best" in record)
-    assert mean_record["n_pairs_best"] == 3 and mean_record["mean_delta_best"] == pytest.approx(0.01)
-    assert (mean_record["ci_low_best"], mean_record["ci_high_best"]) == pytest.approx((interval.low, interval.high))
-    note = next(note for note in table.notes if note.startswith("Mean Δ over the seeds"))
-    assert (f"PGD-AT α=0.01 vs DEAT α=0.2236 (step + decay): Δ best +1.00 (95% CI "
-            f"{100 * interval.low:+.2f} to {100 * interval.high:+.2f}, 3 seeds)") in note
+    mean_record = next(r for r in summary if r["kind"] == "mean_over_seeds" and r["checkpoint"] == "best")
+    assert mean_record["n_seeds"] == 3 and mean_record["mean_delta_acc"] == pytest.approx(0.01)
+    assert (mean_record["ci_low"], mean_record["ci_high"]) == pytest.approx((interval.low, interval.high))
+    means = step_tables.equal_step_mean_table(runs)
+    row = dict(zip(means.columns, next(r for r in means.rows if r[means.columns.index("checkpoint")] == "best")))
+    assert (row["α PGD-AT"], row["α DEAT"], row["n"], row["mean Δ (pp)"]) == ("0.01", "0.2236", "3 seeds", "+1.00")
+    assert row["95% CI (pp)"] == f"[{100 * interval.low:+.2f}, {100 * interval.high:+.2f}]"
+    assert row["sd (pp)"] == f"{100 * np.std(deltas, ddof=1):.2f}" and row["df"] == "2"
 
 
 def test_a_swept_decay_pairs_within_each_variant_not_across(tmp_path):
@@ -494,12 +499,12 @@ def test_a_swept_decay_pairs_within_each_variant_not_across(tmp_path):
         run["sweep"] = {"decoupled_weight_decay": False}
     manifest["runs"] = ([{**run, "sweep": {"decoupled_weight_decay": flag}} for flag in (False, True)
                          for run in sgd_runs] + coupled + decoupled)
-    table, summary = study_tables.equal_step_table(load_runs(manifest)[0])
+    table, summary = step_tables.equal_step_table(load_runs(manifest)[0])
     cells = [dict(zip(table.columns, row)) for row in table.rows]
     assert len(cells) == 6  # 3 seeds × 2 variants, not 3 × 2 × 2
     assert {(c["variant"], c["matched"]) for c in cells} == {("decoupled_weight_decay=False", "step + decay"),
                                                              ("decoupled_weight_decay=True", "step only")}
-    means = [r for r in summary if r["kind"] == "mean_over_seeds"]
+    means = [r for r in summary if r["kind"] == "mean_over_seeds" and r["checkpoint"] == "best"]
     assert sorted((r["variant"], r["decay_matched"]) for r in means) == [
         ("decoupled_weight_decay=False", True), ("decoupled_weight_decay=True", False)]
 
@@ -523,7 +528,7 @@ def test_a_run_shared_by_sweep_variants_is_not_counted_twice_in_the_tests(tmp_pa
     assert table.columns[0] == "variant"
     pooled = [dict(zip(table.columns, row)) for row in table.rows if row[table.columns.index("α")].startswith("pooled")]
     assert {row["variant"] for row in pooled} == {"decoupled_weight_decay=False", "decoupled_weight_decay=True"}
-    assert {row["pairs"] for row in pooled} == {str(len(LRS) * len(BATCH_SIZES) * len(SEEDS))}  # 12, not 24
+    assert {row["n"] for row in pooled} == {str(len(LRS) * len(BATCH_SIZES) * len(SEEDS))}  # 12, not 24
     assert {record["variant"] for record in summary} == {"decoupled_weight_decay=False", "decoupled_weight_decay=True"}
     anova, _ = paper_tables.anova_table(frame)
     assert anova.columns[0] == "variant" and "per sweep variant" in " ".join(anova.notes).lower()
@@ -532,11 +537,12 @@ def test_a_run_shared_by_sweep_variants_is_not_counted_twice_in_the_tests(tmp_pa
 def test_matched_pairs_of_standard_training_compare_clean_accuracy(tmp_path):
     # Without an attack the robust accuracy is near 0 for both methods; the study's question is clean accuracy.
     runs, _ = load_runs(matched_pairs_study(tmp_path, pgd_steps=0))
-    table, summary = study_tables.equal_step_table(runs)
+    table, summary = step_tables.equal_step_table(runs)
     assert "clean test accuracy" in table.caption and "PGD-10" not in table.caption
     first = dict(zip(table.columns, table.rows[0]))
     assert (first["SGD-momentum best"], first["DEAT best"], first["Δ best"]) == ("50.00", "47.00", "-3.00")
-    assert next(r for r in summary if "mean_delta_best" in r)["mean_delta_best"] == pytest.approx(-0.04)
+    assert next(r for r in summary if r["kind"] == "mean_over_seeds" and r["checkpoint"] == "best")[
+        "mean_delta_acc"] == pytest.approx(-0.04)
 
 
 def test_effective_decay_formula_for_runs_that_did_not_record_it():
@@ -631,7 +637,8 @@ def test_paper_reference_study_shows_the_paper_numbers(tmp_path):
     assert rows["0.01"]["DEAT ours − paper"] == f"{100 * ours - 45.07:+.2f}" == "-2.67"
     # One batch size: no α × b heatmap and no α/b figure, each skipped with a note.
     skipped = json.loads((tmp_path / "tables" / "summary.json").read_text())["skipped"]
-    assert [note.split(":")[0] for note in skipped] == ["heatmap_lr_batch", "robust_acc_vs_lr_over_b"]
+    assert [note.split(":")[0] for note in skipped] == ["equal_effective_step_mean", "heatmap_lr_batch",
+                                                        "robust_acc_vs_lr_over_b"]
     assert {p.name for p in written if p.parent.name == "figures"} == {
         "robust_acc_vs_lr.png", "robust_acc_vs_lr.pdf", "robust_acc_per_epoch.png", "robust_acc_per_epoch.pdf"}
 
@@ -804,14 +811,57 @@ def test_heatmap_panels_share_one_colour_scale_and_figures_say_what_they_plot(fu
     figures.figure_accuracy_per_epoch(runs, epochs, head, tmp_path, [])
     from matplotlib.collections import QuadMesh
 
-    meshes = [c for axis in drawn["heatmap_lr_batch"].axes for c in axis.collections if isinstance(c, QuadMesh)]
-    assert len(meshes) >= 2 and len({mesh.get_clim() for mesh in meshes}) == 1  # panels and the one colour bar
-    low, high = meshes[0].get_clim()
+    figure = drawn["heatmap_lr_batch"]
+    panels = [axis for axis in figure.axes if axis.get_title()]
+    accuracy = [m for axis in panels if "Δ" not in axis.get_title() for m in axis.collections
+                if isinstance(m, QuadMesh)]
+    delta = [m for axis in panels if "Δ" in axis.get_title() for m in axis.collections if isinstance(m, QuadMesh)]
+    assert len(accuracy) == 2 and len({mesh.get_clim() for mesh in accuracy}) == 1  # one scale for both methods
+    low, high = accuracy[0].get_clim()
     assert (low, high) == (pytest.approx(40.2), pytest.approx(100 * statistics.mean(
-        best_pgd10("deat", 0.1, 128, s) for s in SEEDS)))
+        best_pgd10("deat", 0.1, 128, s) for s in SEEDS)))  # wider than ±2 binomial sds: the cells' own range
+    # Δ = DEAT − PGD-AT is 1.2 to 1.6 points: its diverging scale is centred at 0 and symmetric, at least ±2
+    # binomial sds of a Δ of two 2-seed means at 500 test images (the cells' mean accuracy p).
+    p = np.mean([best_pgd10(m, lr, b, s) for m in ("pgd_at", "deat") for lr in LRS for b in BATCH_SIZES
+                 for s in SEEDS])
+    reach = 2 * math.sqrt(2) * 100 * math.sqrt(p * (1 - p) / (500 * 2))
+    assert len(delta) == 1 and delta[0].get_clim() == (pytest.approx(-reach), pytest.approx(reach))
+    title = figure._suptitle.get_text()
+    assert f"one colour scale {low:.1f}–{high:.1f} %" in title and "binomial sd of a cell" in title
+    assert "Δ centred at 0, symmetric" in title
     assert "best checkpoint" in drawn["robust_acc_vs_lr"]._suptitle.get_text()
     assert "band: ±1 sd over seeds" in drawn["robust_acc_vs_lr"]._suptitle.get_text()
     assert "band: ±1 sd over seeds" in drawn["robust_acc_per_epoch"]._suptitle.get_text()
+
+
+def test_a_flat_heatmap_spans_the_noise_and_masked_cells_carry_the_dagger(tmp_path, monkeypatch):
+    """small_lr_bs's case: cells within the noise get a colour range of at least ±2 binomial sds of a cell, not
+    their own 0.4-point spread; a cell whose run flagged gradient masking shows † as in the tables."""
+    manifest = make_study(tmp_path)
+    manifest["runs"] = [run for run in manifest["runs"] if run["method"] == "pgd_at"]
+    for run in manifest["runs"]:
+        path = tmp_path / run["eval"]
+        evaluation = json.loads(path.read_text())
+        evaluation["checkpoints"]["best"]["pgd10_acc"] = 0.25 + 0.002 * run["seed"]  # flat: 25.0 and 25.2
+        if (run["lr"], run["batch_size"], run["seed"]) == (0.02, 64, 1):
+            evaluation["checkpoints"]["best"]["masking_flags"] = ["zero input gradients at 5 of 50 examples"]
+        path.write_text(json.dumps(evaluation))
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda figure, _, stem: drawn.setdefault(stem, figure) and [])
+    runs, _ = load_runs(manifest, tmp_path)
+    figures.figure_heatmap(runs, figures.headline(manifest["protocol"]), tmp_path, [])
+    from matplotlib.collections import QuadMesh
+
+    figure = drawn["heatmap_lr_batch"]
+    (axis,) = [axis for axis in figure.axes if axis.get_title()]
+    (mesh,) = [m for m in axis.collections if isinstance(m, QuadMesh)]
+    sd = 100 * math.sqrt(0.251 * 0.749 / (500 * 2))  # a 2-seed mean at 500 test images
+    assert mesh.get_clim() == (pytest.approx(25.1 - 2 * sd), pytest.approx(25.1 + 2 * sd))
+    assert f"±{sd:.1f} points (500 test images, 2 seeds)" in figure._suptitle.get_text()
+    texts = sorted(text.get_text() for text in axis.texts)
+    assert texts.count("25.1†") == 1 and texts.count("25.1") == len(LRS) * len(BATCH_SIZES) - 1
+    assert "† gradient-masking flag" in figure._suptitle.get_text()
+    assert figures.noise_sd(25.1, 500, 2) == pytest.approx(sd)
 
 
 def test_a_second_report_run_writes_identical_files(tmp_path):

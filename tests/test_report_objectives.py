@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from deat.report import loading, paper_tables, study_tables
+from deat.report import loading, paper_tables, step_tables, study_tables
 from deat.report.loading import load_runs
 from deat.report.study import build_report
 
@@ -111,7 +111,7 @@ def test_paired_table_per_objective_at_equal_alpha(family):
     # Pooled over the 4 TRADES pairs: Δ = −1, +1, +3, +5 pp: mean 2, sd √(20/3), t = 2 / (sd/2).
     pooled = by["TRADES", "pooled (paper's test)"]
     t = 2 / (math.sqrt(20 / 3) / 2)
-    assert pooled["pairs"] == "4" and pooled["mean Δ (pp)"] == "+2.00" and pooled["t"] == f"{t:.2f}"
+    assert pooled["n"] == "4" and pooled["mean Δ (pp)"] == "+2.00" and pooled["t"] == f"{t:.2f}"
     assert pooled["p"] == f"{2 * stats.t.sf(t, df=3):.3f}"
     # DEAT − PGD-AT, the paper's pair, in the same table: α = 0.01: +1, +2 → +1.50.
     assert by["PGD-AT", "0.01"]["mean Δ (pp)"] == "+1.50"
@@ -217,7 +217,7 @@ def test_one_objective_study_keeps_the_papers_tables_and_has_no_objectives_table
 def test_one_alpha_study_like_at_family_says_what_it_cannot_show(tmp_path):
     """at_family's design: every method at one α; equal α pairs exist, matched effective steps do not."""
     runs = load_runs(make_study(tmp_path, lrs=[0.2236]), tmp_path)[0]
-    equal, summary = study_tables.equal_step_table(runs)
+    equal, summary = step_tables.equal_step_table(runs)
     assert equal.rows == [] and summary == []
     assert equal.empty_message.startswith("No DEAT/SGD-momentum pair of one objective")
     paired, _ = paper_tables.paired_table(runs)
