@@ -41,13 +41,13 @@ def best_setting_table(runs: pd.DataFrame, best: list[dict]) -> Table:
                      format_percent(record["val_acc"]), format_percent(record["test_acc"]), picked,
                      "; ".join(verdicts) or MISSING])
     chosen = best[0]["chosen_on"].split(": ", 1)[-1] if best else "the validation accuracy"
-    notes = [f"Best setting: chosen on validation, never on the test images it reports: per method the grid point "
+    notes = [(f"Best setting: chosen on validation, never on the test images it reports: per method the grid point "
              f"with the highest validation accuracy of the checkpoint training kept ({chosen}; ties to the first "
              "in grid order). Test acc: the "
              "evaluation's headline accuracy of the best checkpoint at that point (eval.json, seed mean). Test would "
              "pick: the point the test accuracy itself would have chosen, shown to make the winner's curse visible; "
              "nothing else in the report is chosen on it. At this α / step: the equal-α test (table4_paired_ttest) "
-             "and the equal-step pairings (equal_effective_step_mean) at an SGD-momentum method's chosen α."]
+             "and the equal-step pairings (equal_effective_step_mean) at an SGD-momentum method's chosen α.")]
     return Table("best_setting", "Each method's best setting, chosen on the validation split", columns, rows, notes,
                  empty_message="No run has a validation accuracy in its metrics.json.")
 
