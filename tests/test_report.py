@@ -504,7 +504,8 @@ def test_a_swept_decay_pairs_within_each_variant_not_across(tmp_path):
     assert len(cells) == 6  # 3 seeds × 2 variants, not 3 × 2 × 2
     assert {(c["variant"], c["matched"]) for c in cells} == {("decoupled_weight_decay=False", "step + decay"),
                                                              ("decoupled_weight_decay=True", "step only")}
-    means = [r for r in summary if r["kind"] == "mean_over_seeds" and r["checkpoint"] == "best"]
+    means = [r for r in summary if r["kind"] == "mean_over_seeds" and r["checkpoint"] == "best"
+             and r["metric"] == "pgd10_acc"]
     assert sorted((r["variant"], r["decay_matched"]) for r in means) == [
         ("decoupled_weight_decay=False", True), ("decoupled_weight_decay=True", False)]
 
@@ -827,7 +828,7 @@ def test_heatmap_panels_share_one_colour_scale_and_figures_say_what_they_plot(fu
     reach = 2 * math.sqrt(2) * 100 * math.sqrt(p * (1 - p) / (500 * 2))
     assert len(delta) == 1 and delta[0].get_clim() == (pytest.approx(-reach), pytest.approx(reach))
     title = figure._suptitle.get_text()
-    assert f"one colour scale {low:.1f}–{high:.1f} %" in title and "binomial sd of a cell" in title
+    assert f"one colour scale {low:.1f}–{high:.1f} %" in title and "binomial sds of a cell mean" in title
     assert "Δ centred at 0, symmetric" in title
     assert "best checkpoint" in drawn["robust_acc_vs_lr"]._suptitle.get_text()
     assert "band: ±1 sd over seeds" in drawn["robust_acc_vs_lr"]._suptitle.get_text()
@@ -857,7 +858,8 @@ def test_a_flat_heatmap_spans_the_noise_and_masked_cells_carry_the_dagger(tmp_pa
     (mesh,) = [m for m in axis.collections if isinstance(m, QuadMesh)]
     sd = 100 * math.sqrt(0.251 * 0.749 / (500 * 2))  # a 2-seed mean at 500 test images
     assert mesh.get_clim() == (pytest.approx(25.1 - 2 * sd), pytest.approx(25.1 + 2 * sd))
-    assert f"±{sd:.1f} points (500 test images, 2 seeds)" in figure._suptitle.get_text()
+    assert (f"at least ±2 binomial sds of a cell mean (1 sd = {sd:.1f} points at 500 test images, 2 seeds)"
+            in figure._suptitle.get_text())
     texts = sorted(text.get_text() for text in axis.texts)
     assert texts.count("25.1†") == 1 and texts.count("25.1") == len(LRS) * len(BATCH_SIZES) - 1
     assert "† gradient-masking flag" in figure._suptitle.get_text()

@@ -126,7 +126,8 @@ def equal_step_tests(runs: pd.DataFrame, pairs: list[dict], metric: str) -> list
         sgd, deat = pair["sgd"], pair["deat"]
         key = (pair["objective"], pair["baseline"], pair["treatment"], deat.variant, sgd.arch, sgd.batch_size,
                pair["decay_matched"], sgd.lr, deat.lr)
-        group = groups.setdefault(key, {checkpoint: [] for checkpoint in CHECKPOINTS})
+        group = groups.setdefault(key, {**{checkpoint: [] for checkpoint in CHECKPOINTS}, "pairs": []})
+        group["pairs"].append(pair)
         for checkpoint in CHECKPOINTS:
             column = f"eval_{checkpoint}_{metric}"
             value = getattr(deat, column) - getattr(sgd, column)
@@ -139,11 +140,12 @@ def equal_step_tests(runs: pd.DataFrame, pairs: list[dict], metric: str) -> list
         base = {**comparison_record(all_pairs, baseline, treatment), "metric": metric, "arch": arch,
                 "batch_size": batch_size, **({"variant": variant} if with_variant else {}),
                 "decay_matched": decay_matched, "_objective": objective, "_baseline": baseline,
-                "_treatment": treatment, "_head": objective_cell(all_pairs, objective)}
+                "_treatment": treatment, "_head": objective_cell(all_pairs, objective), "_pairs": group["pairs"]}
         for checkpoint in CHECKPOINTS:
             values = group[checkpoint]
             if values:
-                pairing_means.setdefault(key[:7] + (checkpoint,), []).append((lr_sgd, lr_deat, sum(values) / len(values)))
+                pairing_means.setdefault(key[:7] + (checkpoint,), []).append(
+                    (lr_sgd, lr_deat, sum(values) / len(values), group["pairs"]))
             if len(values) < 2:  # one seed (or one evaluated pair): equal_effective_step's rows say it all
                 continue
             records.append(_record({**base, "kind": "mean_over_seeds", "checkpoint": checkpoint,
@@ -159,7 +161,8 @@ def equal_step_tests(runs: pd.DataFrame, pairs: list[dict], metric: str) -> list
                                 "n_pairings": len(means), f"lrs_{baseline}": [m[0] for m in means],
                                 f"lrs_{treatment}": [m[1] for m in means], "_objective": objective,
                                 "_baseline": baseline, "_treatment": treatment,
-                                "_head": objective_cell(all_pairs, objective)},
+                                "_head": objective_cell(all_pairs, objective),
+                                "_pairs": [pair for m in means for pair in m[3]]},
                                [m[2] for m in means], ("step_as_unit", metric) + key))
     return records
 
@@ -170,7 +173,10 @@ def all_tests(runs: pd.DataFrame) -> Comparisons:
     result.equal_alpha, unlike = equal_alpha_tests(runs)
     result.step_pairs, step_unlike = equal_step_pairs(runs)
     result.unlike = unlike + step_unlike
-    result.equal_step = equal_step_tests(runs, result.step_pairs, result.step_metric)
+    # The equal-step means of every accuracy the study evaluated, its headline (the pairs' metric) first.
+    metrics = [result.step_metric] + [m for m in headline_metrics(runs) if m != result.step_metric]
+    result.equal_step = [record for metric in metrics
+                         for record in equal_step_tests(runs, result.step_pairs, metric)]
     tests = result.equal_alpha + result.equal_step
     for metric in ordered(record["metric"] for record in tests):
         members = [record for record in tests if record["metric"] == metric]

@@ -175,8 +175,8 @@ def _noise(runs: pd.DataFrame, values: pd.Series) -> tuple[float, str]:
     n_examples = runs.eval_n_examples.dropna().median() if "eval_n_examples" in runs else float("nan")
     seeds = float(runs.groupby(["arch", "method", "variant", "lr", "batch_size"]).seed.nunique().median())
     sd = noise_sd(float(values.mean()), n_examples, seeds)
-    words = "" if pd.isna(sd) else (f"binomial sd of a cell ±{sd:.1f} points ({int(n_examples)} test images, "
-                                    f"{seeds:g} seed{'' if seeds == 1 else 's'})")
+    words = "" if pd.isna(sd) else (f"1 sd = {sd:.1f} points at {int(n_examples)} test images, {seeds:g} "
+                                    f"seed{'' if seeds == 1 else 's'}")
     return sd, words
 
 
@@ -242,10 +242,11 @@ def figure_heatmap(runs: pd.DataFrame, head: Headline, figures_dir: Path, skippe
             axis.set(title=f"{arch} Δ {label_of(runs, treatment)} − {label_of(runs, baseline)}", xlabel="α",
                      ylabel="b")
     title = f"{head.axis.removesuffix(' (%)')}, best checkpoint, seed mean; one colour scale " \
-        f"{scale['vmin']:.1f}–{scale['vmax']:.1f} %" + (f" (at least ±{NOISE_SDS} {noise_words})" if noise_words
-                                                         else "")
+        f"{scale['vmin']:.1f}–{scale['vmax']:.1f} %" + (f", at least ±{NOISE_SDS} binomial sds of a cell mean "
+                                                         f"({noise_words})" if noise_words else "")
     if pairs:
-        title += "; Δ centred at 0, symmetric" + (f", at least ±{NOISE_SDS} binomial sds of a Δ" if noise_words else "")
+        title += "; Δ centred at 0, symmetric" + (f", at least ±{NOISE_SDS} binomial sds of a Δ (√2 × a cell's)"
+                                                  if noise_words else "")
     if masked:
         title += f"; {MASKED} gradient-masking flag"
     figure.suptitle(title, fontsize=9)
@@ -286,8 +287,8 @@ def figure_sweep_heatmap(runs: pd.DataFrame, head: Headline, figures_dir: Path, 
         axis.set(title=f"{arch} {label_of(runs, method)} α={data.lr.iloc[0]:g}", xlabel=axes_names[1],
                  ylabel=axes_names[0])
     title = f"{head.axis.removesuffix(' (%)')}, best checkpoint, seed mean; colour scale " \
-        f"{scale['vmin']:.1f}–{scale['vmax']:.1f} %" + (f" (at least ±{NOISE_SDS} {noise_words})" if noise_words
-                                                         else "")
+        f"{scale['vmin']:.1f}–{scale['vmax']:.1f} %" + (f", at least ±{NOISE_SDS} binomial sds of a cell mean "
+                                                         f"({noise_words})" if noise_words else "")
     figure.suptitle(title + (f"; {MASKED} gradient-masking flag" if len(flagged_runs) else ""), fontsize=9)
     figure.tight_layout()
     return _save(figure, figures_dir, "heatmap_sweep")

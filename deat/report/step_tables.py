@@ -103,6 +103,12 @@ def equal_step_table(runs: pd.DataFrame, tests: comparisons.Comparisons | None =
     return Table("equal_effective_step", caption, columns, rows, notes, empty_message=empty), summary
 
 
+def _masked(runs: pd.DataFrame, record: dict) -> bool:
+    """Whether a run of one of the record's pairs flagged gradient masking at its checkpoint."""
+    return any(getattr(pair[side], f"eval_{record['checkpoint']}_masking")
+               for pair in record["_pairs"] for side in ("sgd", "deat"))
+
+
 def equal_step_mean_table(runs: pd.DataFrame, tests: comparisons.Comparisons | None = None) -> Table:
     """Per equal-step pairing with ≥ 2 seeds: the mean Δ over its seeds, and per group of pairings (same
     objective, variant, arch, b and decay matching) the mean over the per-pairing means with the step as the
@@ -113,9 +119,11 @@ def equal_step_mean_table(runs: pd.DataFrame, tests: comparisons.Comparisons | N
     base, treat = _names(runs, pairs)
     with_variant = varies_variant(runs)
     columns = objective_column(pairs) + ["arch", "b"] + (["variant"] if with_variant else []) + [
-        "matched", f"α {base}", f"α {treat}", "checkpoint"] + COMPARISON_COLUMNS
+        "matched", f"α {base}", f"α {treat}", "metric", "checkpoint"] + COMPARISON_COLUMNS
     rows = []
-    for record in sorted(tests.equal_step, key=lambda r: (r["kind"] == "step_as_unit", r["checkpoint"] != "best")):
+    order = {metric: i for i, metric in enumerate(dict.fromkeys(r["metric"] for r in tests.equal_step))}
+    for record in sorted(tests.equal_step, key=lambda r: (order[r["metric"]], r["kind"] == "step_as_unit",
+                                                          r["checkpoint"] != "best")):
         baseline, treatment = record["_baseline"], record["_treatment"]
         head = record["_head"] + [record["arch"], str(record["batch_size"])] + (
             [record["variant"]] if with_variant else []) + [MATCHED_WORDS[record["decay_matched"]]]
@@ -126,15 +134,20 @@ def equal_step_mean_table(runs: pd.DataFrame, tests: comparisons.Comparisons | N
             alphas = [", ".join(f"{lr:g}" for lr in record[f"lrs_{baseline}"]) + " (step as the unit)",
                       ", ".join(f"{lr:g}" for lr in record[f"lrs_{treatment}"])]
             n_text = f"{record['n']} steps"
-        rows.append(head + alphas + [record["checkpoint"]] + comparison_cells(record, n_text))
+        flag = MASKED if record["metric"] != "clean_acc" and _masked(runs, record) else ""
+        rows.append(head + alphas + [metric_words(record["metric"], runs).replace(" test accuracy", "") + flag,
+                                     record["checkpoint"]] + comparison_cells(record, n_text))
     words = metric_words(metric, runs)
     delta = outer_step_words() if len(pairs) > 1 else f"{treat} − {base}"
-    notes = [(f"Δ = {delta} of {words} (pp), per seed of a pairing (the pairs of equal_effective_step). Per pairing: "
+    notes = [(f"Δ = {delta} (pp) of each accuracy the evaluation measured ({words} is the one the pairs table shows), "
+              "per seed of a pairing (the pairs of equal_effective_step). Per pairing: "
              "the mean over its seeds. Step as the unit: a t-interval over the per-pairing means of the pairings "
              "that share objective, arch, b, variant and decay matching (n = the steps; each pairing's mean over "
              "the seeds it has).")]
+    in_pairs = runs.loc[sorted({p[k].Index for p in tests.step_pairs for k in ("sgd", "deat")})]
+    notes += evaluation_notes(in_pairs, with_skipped=False)
     notes += comparison_notes(runs, tests, "equal_effective_step")
     caption = (f"{treat} vs {base} at equal effective step: mean Δ per pairing over seeds and with the step as the "
-               f"unit, {words}")
+               "unit")
     return Table("equal_effective_step_mean", caption, columns, rows, notes,
                  empty_message="No equal-step pairing has 2 or more evaluated seeds.")
