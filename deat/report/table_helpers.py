@@ -228,6 +228,8 @@ def comparison_cells(record: dict, n_text: str) -> list[str]:
 def comparison_notes(runs: pd.DataFrame, comparisons, table: str) -> list[str]:
     """Footnotes every comparison table shares: what n, sd, the interval, the MDE and the verdict are, which
     family the Holm adjustment runs over, and the matches left out as not like-for-like."""
+    pairs = pairs_of(runs)
+    delta = delta_words(runs, *pairs[0][1:]) if len(pairs) == 1 else outer_step_words()  # none: the generic words
     families = "; ".join(
         f"{metric_words(metric, runs).replace(' test accuracy', '')}: {family['size']} tests ("
         + " and ".join(family["tables"]) + ")" for metric, family in comparisons.families.items())
@@ -237,7 +239,8 @@ def comparison_notes(runs: pd.DataFrame, comparisons, table: str) -> list[str]:
         f"reaching past ±100 points also names its df; MDE 80%: the smallest true mean Δ a two-sided paired t-test "
         f"at 5 % detects with 80 % power at this n (statsmodels TTestPower.solve_power for the effect size, times "
         f"the sd); excludes +1.2: whether the interval leaves out the paper's claimed gain of DEAT over PGD-AT "
-        f"(+{100 * PAPER_EFFECT:g} points, Table 4 of Sun et al. 2023). {MISSING}: fewer than 2 differences, or "
+        f"(+{100 * PAPER_EFFECT:g} points of robust accuracy, Table 4 of Sun et al. 2023; the same yardstick for "
+        f"every metric). {MISSING}: fewer than 2 differences, or "
         "an sd of 0 (every difference equal at the evaluation's resolution: the interval shrinks to the mean, t is "
         "undefined and the verdict is \"inconclusive at this size\")."),
         ("verdict: \"DEAT better\" / \"DEAT worse\" (DEAT's outer step against SGD-momentum under one objective) only "
@@ -245,7 +248,7 @@ def comparison_notes(runs: pd.DataFrame, comparisons, table: str) -> list[str]:
         f"contains 0 and excludes +{100 * PAPER_EFFECT:g}; otherwise \"inconclusive at this size\". Verdicts read the "
         "unadjusted interval."),
         "p Holm: p adjusted by Holm's method (statsmodels multipletests, method \"holm\") within one family per "
-        "metric: every test this study's tables report for DEAT − SGD-momentum on that metric, both checkpoints, "
+        f"metric: every test this study's tables report for {delta} on that metric, both checkpoints, "
         "every objective and sweep variant: Table 4's per-α, α-as-the-unit and pooled tests and the equal-step "
         "pairings' tests (per pairing, and with the step as the unit) where the study compares that metric at "
         "equal step; a test shown twice (the pooled test at a single α is that α's test) counts once. "
