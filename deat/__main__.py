@@ -1,4 +1,4 @@
-"""Command line: `python -m deat {train,evaluate,report,prepare,mlflow-init,mlflow-study} --help`."""
+"""Command line: `python -m deat {train,evaluate,report,plan,prepare,mlflow-init,mlflow-study} --help`."""
 
 from __future__ import annotations
 
@@ -190,6 +190,18 @@ def _report_parent() -> tuple[argparse.ArgumentParser, str]:
     return parent, parent.description
 
 
+def _plan_parent() -> tuple[argparse.ArgumentParser, str]:
+    from . import plan
+
+    return plan.get_args_parser(add_help=False), plan.__doc__
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from . import plan
+
+    return plan.main(args)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser. Only `command`'s own options are built (`None`: none), so that `python -m deat --help`
     imports neither torch nor pandas; each subcommand's module is imported when that subcommand is asked for."""
@@ -198,12 +210,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     # name: (one-line help, builder of its options and description, what it runs)
     heavy = {"train": ("train one run", _train_parent, _train),
              "evaluate": ("PGD / AutoAttack evaluation of a run's best.pt and last.pt", _evaluate_parent, _evaluate),
-             "report": ("tables, statistics and figures from results/", _report_parent, _report)}
+             "report": ("tables, statistics and figures from results/", _report_parent, _report),
+             "plan": ("seeds a comparison needs from a pilot study, and a study's cost before it runs", _plan_parent,
+                      _plan)}
     for name, (summary, options, run) in heavy.items():
         parent, description = options() if name == command else (None, None)
         p = commands.add_parser(name, help=summary, parents=[parent] if parent else [], description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-        if parent and name != "report":
+        if parent and name not in ("report", "plan"):
             _add_job_arguments(p)
         p.set_defaults(func=run)
     p = commands.add_parser("prepare", help="load (download once) a dataset and write its sizes and checksums")
@@ -244,7 +258,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _command(argv: list[str]) -> str | None:
     """The subcommand named on the command line (the first word that is one), else None."""
-    return next((word for word in argv if word in ("train", "evaluate", "report")), None)
+    return next((word for word in argv if word in ("train", "evaluate", "report", "plan")), None)
 
 
 def main(argv: list[str] | None = None) -> int:

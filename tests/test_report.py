@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from deat.report import figures, loading, protocol, render, statistics as report_stats, paper_tables, study_tables
+from deat.report import (figures, loading, paper_tables, power, protocol, render, statistics as report_stats,
+                         step_tables, study_tables)
 from deat.report.cli import get_args_parser, main as report_main
 from deat.report.loading import CHECKPOINTS, load_runs
 from deat.report.protocol import protocol_markdown
@@ -265,7 +266,7 @@ def test_pooled_paired_test_is_the_papers_ttest_rel(full_report):
     pooled = rows[(rows["α"] == "pooled (paper's test)") & (rows.checkpoint == "best")
                   & (rows.metric == "PGD-10 robust")].iloc[0]
     # Hand computation: DEAT gains 1.2, 1.4, 1.6 points at the three α, 4 pairs each: mean +1.40.
-    assert (pooled.pairs, pooled["mean Δ (pp)"], pooled.t) == ("12", "+1.40", f"{expected.statistic:.2f}")
+    assert (pooled.n, pooled["mean Δ (pp)"], pooled.t) == ("12", "+1.40", f"{expected.statistic:.2f}")
     per_alpha = rows[(rows.checkpoint == "best") & (rows.metric == "PGD-10 robust")]["mean Δ (pp)"].tolist()[:3]
     assert per_alpha == ["+1.20", "+1.40", "+1.60"]
 
@@ -333,11 +334,13 @@ def test_pooled_test_is_undefined_when_every_difference_is_equal(tmp_path):
     values = {(method, lr, 0): 0.4 + lr + (0.01 if method == "deat" else 0.0)
               for method in ("pgd_at", "deat") for lr in (0.01, 0.02, 0.03, 0.05)}
     table, summary = paper_tables.paired_table(load_runs(grid_study(tmp_path, values))[0])
-    pooled = next(row for row in table.rows if row[3] == "pooled (paper's test)")
-    assert pooled[4:] == ["4", "+1.00", "", "—", "—"]
+    pooled = dict(zip(table.columns, next(row for row in table.rows if row[3] == "pooled (paper's test)")))
+    # Every Δ +1.00: sd 0, the interval shrinks to the mean, t, p and the MDE are undefined, and so is a verdict.
+    assert [pooled[c] for c in ("n", "mean Δ (pp)", "sd (pp)", "95% CI (pp)", "MDE 80% (pp)", "t", "p", "verdict")] \
+        == ["4", "+1.00", "0.00", "[+1.00, +1.00]", "—", "—", "—", "inconclusive at this size"]
     assert next(r for r in summary if r["test"] == "pooled_paired")["t"] is None
     # One pair per α: no interval.
-    assert table.rows[0][6] == "—"
+    assert dict(zip(table.columns, table.rows[0]))["95% CI (pp)"] == "—"
 
 
 def _check_latex(text: str) -> None:
@@ -405,7 +408,7 @@ def test_equal_effective_step_pairs_and_the_empty_case(full_report, tmp_path):
         manifest["runs"].append({"arch": ARCH, "method": method, "lr": lr, "batch_size": 64, "seed": 0,
                                  "dir": str(run_dir)})
     runs, _ = load_runs(manifest)
-    table, summary = study_tables.equal_step_table(runs)
+    table, summary = step_tables.equal_step_table(runs)
     assert len(table.rows) == 1 and summary[0]["lr_deat"] == pytest.approx(0.01 * math.sqrt(5) * 1.005)
     pgd, deat = best_pgd10("pgd_at", 0.01, 64, 0), best_pgd10("deat", 0.02, 64, 0)
     first = table.columns.index("PGD-AT best")
@@ -435,7 +438,7 @@ def test_equal_step_pairs_say_whether_the_weight_decay_is_matched_too(tmp_path):
                                  "dir": str(run_dir), **sweep})
     runs, _ = load_runs(manifest)
     assert runs.effective_decay.tolist() == pytest.approx([5.0e-5, 1.118e-4, 0.2236 / math.sqrt(5) * 5e-4])
-    table, summary = study_tables.equal_step_table(runs)
+    table, summary = step_tables.equal_step_table(runs)
     cells = [dict(zip(table.columns, row)) for row in table.rows]
     assert [(c["decay PGD-AT"], c["decay DEAT"], c["matched"]) for c in cells] == [
         ("5.00e-5", "1.12e-4", "step only"), ("5.00e-5", "5.00e-5", "step + decay")]
@@ -468,16 +471,18 @@ def matched_pairs_study(tmp_path: Path, pgd_steps: int) -> dict:
 
 def test_matched_pairs_get_a_mean_delta_with_its_interval_over_seeds(tmp_path):
     runs, _ = load_runs(matched_pairs_study(tmp_path, pgd_steps=5))
-    table, summary = study_tables.equal_step_table(runs)
+    table, summary = step_tables.equal_step_table(runs)
     assert [row[table.columns.index("matched")] for row in table.rows] == ["step + decay"] * 3
     deltas = [0.01, -0.02, 0.04]
     interval = stats.ttest_1samp(deltas, 0.0).confidence_interval(0.95)
-    mean_record = next(record for record in summary if "mean_delta_best" in record)
-    assert mean_record["n_pairs_best"] == 3 and mean_record["mean_delta_best"] == pytest.approx(0.01)
-    assert (mean_record["ci_low_best"], mean_record["ci_high_best"]) == pytest.approx((interval.low, interval.high))
-    note = next(note for note in table.notes if note.startswith("Mean Δ over the seeds"))
-    assert (f"PGD-AT α=0.01 vs DEAT α=0.2236 (step + decay): Δ best +1.00 (95% CI "
-            f"{100 * interval.low:+.2f} to {100 * interval.high:+.2f}, 3 seeds)") in note
+    mean_record = next(r for r in summary if r["kind"] == "mean_over_seeds" and r["checkpoint"] == "best")
+    assert mean_record["n_seeds"] == 3 and mean_record["mean_delta_acc"] == pytest.approx(0.01)
+    assert (mean_record["ci_low"], mean_record["ci_high"]) == pytest.approx((interval.low, interval.high))
+    means = step_tables.equal_step_mean_table(runs)
+    row = dict(zip(means.columns, next(r for r in means.rows if r[means.columns.index("checkpoint")] == "best")))
+    assert (row["α PGD-AT"], row["α DEAT"], row["n"], row["mean Δ (pp)"]) == ("0.01", "0.2236", "3 seeds", "+1.00")
+    assert row["95% CI (pp)"] == f"[{100 * interval.low:+.2f}, {100 * interval.high:+.2f}]"
+    assert row["sd (pp)"] == f"{100 * np.std(deltas, ddof=1):.2f}" and row["df"] == "2"
 
 
 def test_a_swept_decay_pairs_within_each_variant_not_across(tmp_path):
@@ -494,12 +499,13 @@ def test_a_swept_decay_pairs_within_each_variant_not_across(tmp_path):
         run["sweep"] = {"decoupled_weight_decay": False}
     manifest["runs"] = ([{**run, "sweep": {"decoupled_weight_decay": flag}} for flag in (False, True)
                          for run in sgd_runs] + coupled + decoupled)
-    table, summary = study_tables.equal_step_table(load_runs(manifest)[0])
+    table, summary = step_tables.equal_step_table(load_runs(manifest)[0])
     cells = [dict(zip(table.columns, row)) for row in table.rows]
     assert len(cells) == 6  # 3 seeds × 2 variants, not 3 × 2 × 2
     assert {(c["variant"], c["matched"]) for c in cells} == {("decoupled_weight_decay=False", "step + decay"),
                                                              ("decoupled_weight_decay=True", "step only")}
-    means = [r for r in summary if r["kind"] == "mean_over_seeds"]
+    means = [r for r in summary if r["kind"] == "mean_over_seeds" and r["checkpoint"] == "best"
+             and r["metric"] == "pgd10_acc"]
     assert sorted((r["variant"], r["decay_matched"]) for r in means) == [
         ("decoupled_weight_decay=False", True), ("decoupled_weight_decay=True", False)]
 
@@ -523,7 +529,7 @@ def test_a_run_shared_by_sweep_variants_is_not_counted_twice_in_the_tests(tmp_pa
     assert table.columns[0] == "variant"
     pooled = [dict(zip(table.columns, row)) for row in table.rows if row[table.columns.index("α")].startswith("pooled")]
     assert {row["variant"] for row in pooled} == {"decoupled_weight_decay=False", "decoupled_weight_decay=True"}
-    assert {row["pairs"] for row in pooled} == {str(len(LRS) * len(BATCH_SIZES) * len(SEEDS))}  # 12, not 24
+    assert {row["n"] for row in pooled} == {str(len(LRS) * len(BATCH_SIZES) * len(SEEDS))}  # 12, not 24
     assert {record["variant"] for record in summary} == {"decoupled_weight_decay=False", "decoupled_weight_decay=True"}
     anova, _ = paper_tables.anova_table(frame)
     assert anova.columns[0] == "variant" and "per sweep variant" in " ".join(anova.notes).lower()
@@ -532,11 +538,12 @@ def test_a_run_shared_by_sweep_variants_is_not_counted_twice_in_the_tests(tmp_pa
 def test_matched_pairs_of_standard_training_compare_clean_accuracy(tmp_path):
     # Without an attack the robust accuracy is near 0 for both methods; the study's question is clean accuracy.
     runs, _ = load_runs(matched_pairs_study(tmp_path, pgd_steps=0))
-    table, summary = study_tables.equal_step_table(runs)
+    table, summary = step_tables.equal_step_table(runs)
     assert "clean test accuracy" in table.caption and "PGD-10" not in table.caption
     first = dict(zip(table.columns, table.rows[0]))
     assert (first["SGD-momentum best"], first["DEAT best"], first["Δ best"]) == ("50.00", "47.00", "-3.00")
-    assert next(r for r in summary if "mean_delta_best" in r)["mean_delta_best"] == pytest.approx(-0.04)
+    assert next(r for r in summary if r["kind"] == "mean_over_seeds" and r["checkpoint"] == "best")[
+        "mean_delta_acc"] == pytest.approx(-0.04)
 
 
 def test_effective_decay_formula_for_runs_that_did_not_record_it():
@@ -631,7 +638,8 @@ def test_paper_reference_study_shows_the_paper_numbers(tmp_path):
     assert rows["0.01"]["DEAT ours − paper"] == f"{100 * ours - 45.07:+.2f}" == "-2.67"
     # One batch size: no α × b heatmap and no α/b figure, each skipped with a note.
     skipped = json.loads((tmp_path / "tables" / "summary.json").read_text())["skipped"]
-    assert [note.split(":")[0] for note in skipped] == ["heatmap_lr_batch", "robust_acc_vs_lr_over_b"]
+    assert [note.split(":")[0] for note in skipped] == ["equal_effective_step_mean", "heatmap_lr_batch",
+                                                        "robust_acc_vs_lr_over_b"]
     assert {p.name for p in written if p.parent.name == "figures"} == {
         "robust_acc_vs_lr.png", "robust_acc_vs_lr.pdf", "robust_acc_per_epoch.png", "robust_acc_per_epoch.pdf"}
 
@@ -804,14 +812,58 @@ def test_heatmap_panels_share_one_colour_scale_and_figures_say_what_they_plot(fu
     figures.figure_accuracy_per_epoch(runs, epochs, head, tmp_path, [])
     from matplotlib.collections import QuadMesh
 
-    meshes = [c for axis in drawn["heatmap_lr_batch"].axes for c in axis.collections if isinstance(c, QuadMesh)]
-    assert len(meshes) >= 2 and len({mesh.get_clim() for mesh in meshes}) == 1  # panels and the one colour bar
-    low, high = meshes[0].get_clim()
+    figure = drawn["heatmap_lr_batch"]
+    panels = [axis for axis in figure.axes if axis.get_title()]
+    accuracy = [m for axis in panels if "Δ" not in axis.get_title() for m in axis.collections
+                if isinstance(m, QuadMesh)]
+    delta = [m for axis in panels if "Δ" in axis.get_title() for m in axis.collections if isinstance(m, QuadMesh)]
+    assert len(accuracy) == 2 and len({mesh.get_clim() for mesh in accuracy}) == 1  # one scale for both methods
+    low, high = accuracy[0].get_clim()
     assert (low, high) == (pytest.approx(40.2), pytest.approx(100 * statistics.mean(
-        best_pgd10("deat", 0.1, 128, s) for s in SEEDS)))
+        best_pgd10("deat", 0.1, 128, s) for s in SEEDS)))  # wider than ±2 binomial sds: the cells' own range
+    # Δ = DEAT − PGD-AT is 1.2 to 1.6 points: its diverging scale is centred at 0 and symmetric, at least ±2
+    # binomial sds of a Δ of two 2-seed means at 500 test images (the cells' mean accuracy p).
+    p = np.mean([best_pgd10(m, lr, b, s) for m in ("pgd_at", "deat") for lr in LRS for b in BATCH_SIZES
+                 for s in SEEDS])
+    reach = 2 * math.sqrt(2) * 100 * math.sqrt(p * (1 - p) / (500 * 2))
+    assert len(delta) == 1 and delta[0].get_clim() == (pytest.approx(-reach), pytest.approx(reach))
+    title = figure._suptitle.get_text()
+    assert f"one colour scale {low:.1f}–{high:.1f} %" in title and "binomial sds of a cell mean" in title
+    assert "Δ centred at 0, symmetric" in title
     assert "best checkpoint" in drawn["robust_acc_vs_lr"]._suptitle.get_text()
     assert "band: ±1 sd over seeds" in drawn["robust_acc_vs_lr"]._suptitle.get_text()
     assert "band: ±1 sd over seeds" in drawn["robust_acc_per_epoch"]._suptitle.get_text()
+
+
+def test_a_flat_heatmap_spans_the_noise_and_masked_cells_carry_the_dagger(tmp_path, monkeypatch):
+    """small_lr_bs's case: cells within the noise get a colour range of at least ±2 binomial sds of a cell, not
+    their own 0.4-point spread; a cell whose run flagged gradient masking shows † as in the tables."""
+    manifest = make_study(tmp_path)
+    manifest["runs"] = [run for run in manifest["runs"] if run["method"] == "pgd_at"]
+    for run in manifest["runs"]:
+        path = tmp_path / run["eval"]
+        evaluation = json.loads(path.read_text())
+        evaluation["checkpoints"]["best"]["pgd10_acc"] = 0.25 + 0.002 * run["seed"]  # flat: 25.0 and 25.2
+        if (run["lr"], run["batch_size"], run["seed"]) == (0.02, 64, 1):
+            evaluation["checkpoints"]["best"]["masking_flags"] = ["zero input gradients at 5 of 50 examples"]
+        path.write_text(json.dumps(evaluation))
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda figure, _, stem: drawn.setdefault(stem, figure) and [])
+    runs, _ = load_runs(manifest, tmp_path)
+    figures.figure_heatmap(runs, figures.headline(manifest["protocol"]), tmp_path, [])
+    from matplotlib.collections import QuadMesh
+
+    figure = drawn["heatmap_lr_batch"]
+    (axis,) = [axis for axis in figure.axes if axis.get_title()]
+    (mesh,) = [m for m in axis.collections if isinstance(m, QuadMesh)]
+    sd = 100 * math.sqrt(0.251 * 0.749 / (500 * 2))  # a 2-seed mean at 500 test images
+    assert mesh.get_clim() == (pytest.approx(25.1 - 2 * sd), pytest.approx(25.1 + 2 * sd))
+    assert (f"at least ±2 binomial sds of a cell mean (1 sd = {sd:.1f} points at 500 test images, 2 seeds)"
+            in figure._suptitle.get_text())
+    texts = sorted(text.get_text() for text in axis.texts)
+    assert texts.count("25.1†") == 1 and texts.count("25.1") == len(LRS) * len(BATCH_SIZES) - 1
+    assert "† gradient-masking flag" in figure._suptitle.get_text()
+    assert figures.noise_sd(25.1, 500, 2) == pytest.approx(sd)
 
 
 def test_a_second_report_run_writes_identical_files(tmp_path):
@@ -845,3 +897,226 @@ def test_help_builds_without_torch_pandas_or_seaborn_and_says_what_it_does():
     assert "--out OUT run directory: metrics.json, best.pt, last.pt (required for train)" in train_help
     report_help = subcommand_help("report")
     assert "issue" not in report_help and "--results-dir" in report_help
+
+
+# ------------------------------------------------------------------------------------------------ issue 23 and 26:
+# what a design can see, like-for-like pairs, honest selection, designs the report must not over-fit
+
+
+def test_mde_is_statsmodels_power_solved_for_the_effect_and_matches_the_noncentral_t():
+    from statsmodels.stats.power import TTestPower
+
+    for n, sd in ((2, 0.02), (5, 0.015), (20, 0.02)):
+        mde = power.minimum_detectable_effect(n, sd)
+        if n > 2:  # statsmodels' power() itself returns NaN at n = 2 and d ≈ 11.5 (its solver does not)
+            assert TTestPower().power(effect_size=mde / sd, nobs=n, alpha=0.05, alternative="two-sided") == \
+                pytest.approx(0.80, abs=1e-6)
+        # By hand: a paired t-test rejects when |T| > t(0.975, n − 1); T is noncentral t with δ = (mde/sd)·√n.
+        df, crit, delta = n - 1, stats.t.ppf(0.975, n - 1), mde / sd * math.sqrt(n)
+        assert stats.nct.sf(crit, df, delta) + stats.nct.cdf(-crit, df, delta) == pytest.approx(0.80, abs=1e-6)
+    assert math.isnan(power.minimum_detectable_effect(1, 0.02)) and math.isnan(power.minimum_detectable_effect(5, 0))
+
+
+def test_holm_is_statsmodels_multipletests_over_the_defined_p_values():
+    from statsmodels.stats.multitest import multipletests
+
+    raw = [0.01, float("nan"), 0.04, 0.03, 0.5]
+    got = power.holm(raw)
+    expected = multipletests([0.01, 0.04, 0.03, 0.5], method="holm")[1]
+    assert math.isnan(got[1]) and list(got[[0, 2, 3, 4]]) == pytest.approx(list(expected))
+    # By hand: sorted 0.01, 0.03, 0.04, 0.5 times 4, 3, 2, 1, running maximum: 0.04, 0.09, 0.09, 0.5.
+    assert list(got[[0, 3, 2, 4]]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+
+
+@pytest.mark.parametrize("low, high, word", [
+    (0.001, 0.03, "DEAT better"), (-0.03, -0.001, "DEAT worse"),
+    (-0.03, 0.011, "no difference as large as the paper's"), (-0.005, 0.012, "inconclusive at this size"),
+    (-0.03, 0.05, "inconclusive at this size"), (float("nan"), float("nan"), "inconclusive at this size")])
+def test_verdict_words_follow_the_interval(low, high, word):
+    assert power.verdict(low, high) == word
+
+
+def test_table4_rows_show_n_sd_interval_mde_holm_and_the_verdict(tmp_path):
+    """The Δ-trend grid of the hand-computed test above: each row's sd, interval and MDE against scipy and
+    statsmodels, the Holm p over the family of the 5 tests (3 per α, α as the unit, pooled), the verdict words."""
+    from statsmodels.stats.multitest import multipletests
+    from statsmodels.stats.power import TTestPower
+
+    lrs, seeds = [0.01, 0.02, 0.05], [0, 1, 2]
+    deltas = {0.01: [-0.12, -0.10, -0.14], 0.02: [-0.05, -0.07, -0.04], 0.05: [0.03, 0.05, 0.02]}
+    values = {("pgd_at", lr, s): 0.4 + lr + 0.01 * s for lr in lrs for s in seeds}
+    values.update({("deat", lr, s): values[("pgd_at", lr, s)] + deltas[lr][s] for lr in lrs for s in seeds})
+    runs, _ = load_runs(grid_study(tmp_path, values))
+    table, summary = paper_tables.paired_table(runs)
+    samples = [deltas[lr] for lr in lrs] + [[np.mean(deltas[lr]) for lr in lrs], [d for lr in lrs for d in deltas[lr]]]
+    raw = [stats.ttest_1samp(sample, 0.0).pvalue for sample in samples]
+    holm = multipletests(raw, method="holm")[1]
+    rows = [dict(zip(table.columns, row)) for row in table.rows]
+    assert [row["α"] for row in rows] == ["0.01", "0.02", "0.05", "α as the unit", "pooled (paper's test)"]
+    for row, record, sample, p_holm in zip(rows, summary, samples, holm):
+        sample = np.array(sample)
+        sd, n = sample.std(ddof=1), len(sample)
+        interval = stats.ttest_1samp(sample, 0.0).confidence_interval(0.95)
+        mde = TTestPower().solve_power(effect_size=None, nobs=n, alpha=0.05, power=0.8) * sd
+        assert (record["sd"], record["ci_low"], record["ci_high"]) == pytest.approx((sd, interval.low, interval.high))
+        assert record["mde"] == pytest.approx(mde) and record["df"] == n - 1
+        assert record["p_holm"] == pytest.approx(p_holm) and record["family_size"] == 5
+        assert row["sd (pp)"] == f"{100 * sd:.2f}" and row["MDE 80% (pp)"] == f"{100 * mde:.2f}"
+        assert row["p Holm"] == report_stats_format_p(p_holm)
+        word = ("DEAT better" if interval.low > 0 else "DEAT worse" if interval.high < 0 else
+                "no difference as large as the paper's" if interval.high < 0.012 else "inconclusive at this size")
+        assert row["verdict"] == record["verdict"] == word
+        assert row["excludes +1.2"] == ("no" if interval.low <= 0.012 <= interval.high else "yes")
+    assert rows[0]["verdict"] == "DEAT worse" and rows[2]["verdict"] == "inconclusive at this size"
+    assert any("Families: PGD-10 robust: 5 tests (table4_paired_ttest)" in note for note in table.notes)
+
+
+def report_stats_format_p(p: float) -> str:
+    from deat.report.formatting import format_p
+
+    return format_p(p)
+
+
+def test_an_interval_wider_than_any_possible_difference_names_its_df(tmp_path):
+    # Two pairs, Δ +50 and −30 points: t(0.975, 1) = 12.71 times se 40 → about ±508 points around +10.
+    values = {("pgd_at", 0.01, 0): 0.30, ("pgd_at", 0.01, 1): 0.60, ("deat", 0.01, 0): 0.80, ("deat", 0.01, 1): 0.30}
+    table, _ = paper_tables.paired_table(load_runs(grid_study(tmp_path, values))[0])
+    cell = dict(zip(table.columns, table.rows[0]))["95% CI (pp)"]
+    half = stats.t.ppf(0.975, 1) * np.std([0.5, -0.3], ddof=1) / math.sqrt(2)
+    assert cell == f"[{100 * (0.1 - half):+.2f}, {100 * (0.1 + half):+.2f}] (df 1)"
+
+
+NEW_RULE = "an example is robust only if no iterate of any restart of any attack misclassifies it"
+
+
+def _set_settings(path: Path, **settings) -> None:
+    evaluation = json.loads(path.read_text())
+    evaluation["settings"] = {**evaluation.get("settings", {}), **settings}
+    path.write_text(json.dumps(evaluation))
+
+
+def test_pairs_are_like_for_like_and_an_unlike_pair_is_left_out_and_named(tmp_path):
+    """Issue 23.2: DEAT under the any-iterate rule against PGD-AT whose eval.json predates it (no robust_rule) is
+    not a pair; one that differs only in which random starts were drawn (seeding) is."""
+    values = {(m, lr, s): 0.40 + 0.01 * s + (0.01 if m == "deat" else 0.0) + (0.002 * s if m == "deat" else 0.0)
+              for m in ("pgd_at", "deat") for lr in (0.01, 0.02) for s in (0, 1, 2)}
+    manifest = grid_study(tmp_path, values)
+    for run in manifest["runs"]:
+        path = Path(run["dir"]) / "eval.json"
+        old = (run["method"], run["lr"], run["seed"]) == ("pgd_at", 0.01, 2)
+        _set_settings(path, n_examples=500, pgd_steps=20, **({} if old else {"robust_rule": NEW_RULE}),
+                      **({"seeding": "per example"} if run["seed"] == 1 and run["method"] == "deat" else {}))
+    runs, _ = load_runs(manifest)
+    table, summary = paper_tables.paired_table(runs)
+    by_alpha = {r["lr"]: r for r in summary if r["test"] == "per_alpha"}
+    assert (by_alpha[0.01]["n_pairs"], by_alpha[0.02]["n_pairs"]) == (2, 3)  # seed 2 at α 0.01 left out
+    assert next(r for r in summary if r["test"] == "pooled_paired")["n_pairs"] == 5
+    note = next(note for note in table.notes if note.startswith("Left out, not like-for-like"))
+    assert "a deat vs pgd_at α=0.01 b=128 seed 2 (last-iterate rule (older eval.json) vs any-iterate rule)" in note
+    assert "seed 1" not in note  # a different draw of random starts is the same rule
+    table2, _ = paper_tables.accuracy_table(runs, "pgd10_acc", "best")
+    delta = {row[0]: row[-1] for row in table2.rows}
+    assert delta["0.01"].endswith("§") and not delta["0.02"].endswith("§")
+    assert any(n.startswith("§ the two methods' evaluations") for n in table2.notes)
+
+
+def test_equal_step_pairs_leave_out_unlike_evaluations(tmp_path):
+    manifest = matched_pairs_study(tmp_path, pgd_steps=5)
+    for run in manifest["runs"]:
+        old = run["method"] == "pgd_at" and run["seed"] == 1
+        _set_settings(Path(run["dir"]) / "eval.json", **({} if old else {"robust_rule": NEW_RULE}))
+    runs, _ = load_runs(manifest)
+    table, summary = step_tables.equal_step_table(runs)
+    assert [row[table.columns.index("seed")] for row in table.rows] == ["0", "2"]
+    mean = next(r for r in summary if r["kind"] == "mean_over_seeds" and r["checkpoint"] == "best")
+    assert mean["n_seeds"] == 2 and mean["mean_delta_acc"] == pytest.approx((0.01 + 0.04) / 2)
+    assert any("pgd_at α=0.01 vs deat α=0.2236 b=64 seed 1 (last-iterate rule (older eval.json) vs any-iterate "
+               "rule)" in note for note in table.notes)
+
+
+def confounded_study(tmp_path: Path, lrs: dict, seeds=(0, 1, 2)) -> dict:
+    """Per-method learning rates, as overfit_cpu and the matched studies: {method: [α]}, one b."""
+    values = {(m, lr, s): 0.2 + 0.1 * lr / (1 + lr) + 0.003 * s * (1 + i) + 0.001 * (m == "deat")
+              for m, method_lrs in lrs.items() for i, lr in enumerate(method_lrs) for s in seeds}
+    manifest = grid_study(tmp_path, values)
+    manifest["protocol"] = {"pgd_steps": 3}
+    return manifest
+
+
+@pytest.mark.parametrize("lrs, why", [
+    ({"pgd_at": [0.05], "deat": [0.05, 1.118]}, "one α at which both methods ran (0.05)"),
+    ({"pgd_at": [0.01, 0.1], "deat": [0.2236, 2.236]}, "no α at which both methods ran"),
+])
+def test_a_confounded_design_fits_no_model_and_no_warning_reaches_the_user(tmp_path, lrs, why):
+    """Issue 26.3: the report chooses which model to fit; for a design where method and α are confounded it fits
+    none, says why, and no statsmodels warning (SingularMatrixWarning, ValueWarning, ...) escapes."""
+    import warnings
+
+    manifest = confounded_study(tmp_path, lrs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_report(manifest, tmp_path / "tables", tmp_path / "figures")
+    anova = (tmp_path / "tables" / "table4_anova.md").read_text(encoding="utf-8")
+    assert f"No model can be fitted: {why}" in anova
+    summary = json.loads((tmp_path / "tables" / "summary.json").read_text())
+    assert summary["table4_anova"] == []
+
+
+def test_the_anova_uses_the_alphas_both_methods_ran_and_names_the_others(tmp_path):
+    import statsmodels.formula.api as smf
+    from statsmodels.stats.anova import anova_lm
+
+    manifest = confounded_study(tmp_path, {"pgd_at": [0.01, 0.02, 0.05], "deat": [0.01, 0.02, 0.2236]})
+    runs, _ = load_runs(manifest)
+    table, summary = paper_tables.anova_table(runs)
+    shared = runs[runs.lr.isin([0.01, 0.02])].assign(y=lambda f: 100 * f.eval_best_pgd10_acc)
+    expected = anova_lm(smf.ols("y ~ C(method) * C(lr)", data=shared).fit(), typ=2)
+    got = {r["effect"]: r for r in summary if r["metric"] == "pgd10_acc" and r["checkpoint"] == "best"}
+    assert got["method × α"]["F"] == pytest.approx(expected.loc["C(method):C(lr)", "F"])
+    assert got["method"]["p"] == pytest.approx(expected.loc["C(method)", "PR(>F)"])
+    assert any("pgd_at α=0.05, deat α=0.2236" in note for note in table.notes)
+
+
+def test_a_study_without_a_pair_gets_only_the_tables_its_design_supports(tmp_path):
+    """Issue 26.8: only TRADES runs: no Table 4, ANOVA or equal-step files (not placeholders), each skipped with a
+    note in summary.json, and a placeholder an older report left behind is removed."""
+    values = {("trades", lr, s): 0.3 + lr + 0.01 * s for lr in (0.01, 0.1) for s in (0, 1)}
+    manifest = grid_study(tmp_path, values)
+    stale = tmp_path / "tables" / "table4_paired_ttest.md"
+    stale.parent.mkdir()
+    stale.write_text("Table 4 analogue: needs both DEAT and PGD-AT runs\n")
+    written = build_report(manifest, tmp_path / "tables", tmp_path / "figures")
+    names = {path.stem for path in written}
+    for name in ("table4_paired_ttest", "table4_anova", "equal_effective_step", "equal_effective_step_mean"):
+        assert name not in names and not (tmp_path / "tables" / f"{name}.md").exists()
+    assert "table2_pgd10_best" in names and "best_setting" in names
+    skipped = json.loads((tmp_path / "tables" / "summary.json").read_text())["skipped"]
+    assert "table4_paired_ttest: the study has no objective with both outer steps (e.g. PGD-AT and DEAT)" in skipped
+
+
+def test_the_best_setting_is_chosen_on_validation_not_on_the_test_images(tmp_path):
+    """Issue 23.2: PGD-AT's validation split prefers α 0.02, its test images α 0.01; the report names 0.02, its
+    test accuracy, what the test would have picked, and the equal-α comparison at 0.02."""
+    manifest = make_study(tmp_path)
+    for run in manifest["runs"]:
+        path = tmp_path / run["dir"] / "metrics.json"
+        metrics = json.loads(path.read_text())
+        val = {0.01: 0.30, 0.02: 0.35, 0.1: 0.32}[run["lr"]] + 0.001 * run["seed"]
+        metrics["best"]["val_pgd_acc"] = val + (0.01 if run["method"] == "deat" else 0.0)
+        path.write_text(json.dumps(metrics))
+        if run["method"] == "pgd_at":
+            evaluation = json.loads((tmp_path / run["eval"]).read_text())
+            evaluation["checkpoints"]["best"]["pgd10_acc"] = {0.01: 0.50, 0.02: 0.45, 0.1: 0.40}[run["lr"]]
+            (tmp_path / run["eval"]).write_text(json.dumps(evaluation))
+    build_report(manifest, tmp_path / "tables", tmp_path / "figures", runs_root=tmp_path)
+    best = {r["method"]: r for r in json.loads((tmp_path / "tables" / "summary.json").read_text())["best_setting"]}
+    pgd = best["pgd_at"]
+    assert (pgd["lr"], pgd["batch_size"]) == (0.02, 64)  # 0.35 at b = 64 and 128 alike: the first in grid order
+    assert pgd["val_acc"] == pytest.approx(0.3505) and pgd["test_acc"] == pytest.approx(0.45)
+    assert pgd["test_would_pick"]["lr"] == 0.01
+    assert pgd["chosen_on"] == "validation split: metrics.json best.val_pgd_acc, seed mean"
+    (at_alpha,) = [r for r in pgd["at_this_alpha"] if r["metric"] == "pgd10_acc"]
+    expected = statistics.mean(best_pgd10("deat", 0.02, b, s) - 0.45 for b in BATCH_SIZES for s in SEEDS)
+    assert at_alpha["mean"] == pytest.approx(expected)
+    text = (tmp_path / "tables" / "best_setting.md").read_text(encoding="utf-8")
+    assert "chosen on validation, never on the test images" in text

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from deat.report import loading, paper_tables, study_tables
+from deat.report import loading, paper_tables, step_tables, study_tables
 from deat.report.loading import load_runs
 from deat.report.study import build_report
 
@@ -111,7 +111,7 @@ def test_paired_table_per_objective_at_equal_alpha(family):
     # Pooled over the 4 TRADES pairs: Δ = −1, +1, +3, +5 pp: mean 2, sd √(20/3), t = 2 / (sd/2).
     pooled = by["TRADES", "pooled (paper's test)"]
     t = 2 / (math.sqrt(20 / 3) / 2)
-    assert pooled["pairs"] == "4" and pooled["mean Δ (pp)"] == "+2.00" and pooled["t"] == f"{t:.2f}"
+    assert pooled["n"] == "4" and pooled["mean Δ (pp)"] == "+2.00" and pooled["t"] == f"{t:.2f}"
     assert pooled["p"] == f"{2 * stats.t.sf(t, df=3):.3f}"
     # DEAT − PGD-AT, the paper's pair, in the same table: α = 0.01: +1, +2 → +1.50.
     assert by["PGD-AT", "0.01"]["mean Δ (pp)"] == "+1.50"
@@ -217,7 +217,7 @@ def test_one_objective_study_keeps_the_papers_tables_and_has_no_objectives_table
 def test_one_alpha_study_like_at_family_says_what_it_cannot_show(tmp_path):
     """at_family's design: every method at one α; equal α pairs exist, matched effective steps do not."""
     runs = load_runs(make_study(tmp_path, lrs=[0.2236]), tmp_path)[0]
-    equal, summary = study_tables.equal_step_table(runs)
+    equal, summary = step_tables.equal_step_table(runs)
     assert equal.rows == [] and summary == []
     assert equal.empty_message.startswith("No DEAT/SGD-momentum pair of one objective")
     paired, _ = paper_tables.paired_table(runs)
@@ -240,3 +240,26 @@ def test_runs_without_timings_are_left_out_of_the_cost_and_named(tmp_path):
     assert row["epoch time (s)"] == "14.0‡" and row["images/s"] == "300‡"  # seed 1 alone, fewer seeds than asked
     assert f"— cost: no per-epoch epoch_time_s / images_per_s in metrics.json for {ARCH} TRADES α=0.01 b=128 " \
            "seed 0 (older metrics.json)." in table.notes
+
+
+def test_summary_gives_the_range_of_the_headline_comparisons_over_objectives(family):
+    """at_family's at-a-glance range (issue 23.5): per metric and checkpoint the pooled equal-α Δ of each
+    objective, with its verdict, and their range. PGD-10 best, by hand: DEAT − PGD-AT +1, +2, +5, +4 → +3.00;
+    TRADES + DEAT − TRADES −1, +1, +3, +5 → +2.00."""
+    root, _, _ = family
+    headline = json.loads((root / "tables" / "summary.json").read_text())["headline"]
+    pooled = {r["comparison"]: r for r in headline["equal_alpha_pooled"]
+              if r["metric"] == "pgd10_acc" and r["checkpoint"] == "best"}
+    assert pooled["deat_minus_pgd_at"]["mean"] == pytest.approx(0.03)
+    assert pooled["trades_deat_minus_trades"]["mean"] == pytest.approx(0.02)
+    interval = stats.ttest_1samp([-0.01, 0.01, 0.03, 0.05], 0.0).confidence_interval(0.95)
+    assert (pooled["trades_deat_minus_trades"]["ci_low"], pooled["trades_deat_minus_trades"]["ci_high"]) == \
+        pytest.approx((interval.low, interval.high))
+    (span,) = [r for r in headline["equal_alpha_range"] if r["metric"] == "pgd10_acc" and r["checkpoint"] == "best"]
+    assert (span["min_mean_delta_acc"], span["max_mean_delta_acc"]) == (pytest.approx(0.02), pytest.approx(0.03))
+    assert span["n_comparisons"] == 2
+    families = json.loads((root / "tables" / "summary.json").read_text())["tests"]["families"]
+    # PGD-10: 2 objectives × 2 checkpoints × (2 per-α + α as the unit + pooled) = 16, and the equal-step means
+    # over 2 seeds (one pairing per objective and checkpoint): PGD-AT's +3, +2 at both checkpoints; TRADES' +2, +2
+    # have sd 0, no test. 18 tests.
+    assert families["pgd10_acc"] == {"size": 18, "tables": ["table4_paired_ttest", "equal_effective_step_mean"]}

@@ -11,14 +11,15 @@ or one study, from the repository root (run directories in a manifest are relati
 The package, in the order data flows through it:
 
 - ``loading``: a study manifest and its runs' JSON files → a pandas frame of runs and one of epochs.
-- ``statistics``: seed means, correlations with exact/permutation p-values, the paired test, Δ per α with a
-  confidence interval, the method × α ANOVA (scipy, statsmodels), for DEAT vs SGD-momentum under each objective.
-  Numbers only, no formatting.
+- ``statistics``: seed means, correlations with exact/permutation p-values, the like-for-like pairs of DEAT and
+  SGD-momentum under each objective, the method × α ANOVA where the design supports it (scipy, statsmodels);
+  ``power``: interval, MDE, verdict word, Holm, seeds for a target; ``comparisons``: every test the tables report,
+  Holm-adjusted per family; ``selection``: best settings chosen on validation, headline records. Numbers only.
 - ``formatting``: display labels and how a number is printed (percent, ±, markers).
 - ``protocol``: the study's protocol, written once per study to ``protocol.md``.
 - ``table_helpers``: what every table shares (labels, pairing, sweep-variant groups, footnotes); ``paper_tables``:
-  the paper's Tables 2-4 and the comparison with its numbers; ``study_tables``: equal effective step, objectives,
-  robust overfitting, sweep sensitivity. Each table is display strings with a one-line caption and footnotes.
+  the paper's Tables 2-4 and the comparison with its numbers; ``step_tables``: equal effective step and its means;
+  ``study_tables``: best setting, objectives, robust overfitting, sweep sensitivity. Each table is display strings with a one-line caption and footnotes.
 - ``render``: a table to Markdown, LaTeX and CSV through pandas' own writers.
 - ``figures``: seaborn figures.
 - ``study``: one study's tables, figures and ``summary.json``; ``cli``: the ``python -m deat report`` command.

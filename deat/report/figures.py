@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 
 from . import statistics
-from .formatting import ordered
+from .formatting import MASKED, ordered
 from .loading import label_of, methods_of
-from .table_helpers import varies_variant
+from .table_helpers import masked_points, masked_runs, pairs_of, varies_variant
 
 log = logging.getLogger(__name__)
 BAND = "band: ±1 sd over seeds"
@@ -100,6 +100,21 @@ def _middle(values) -> float:
     return ordered_values[len(ordered_values) // 2]
 
 
+PER_EPOCH_RULE = ("each method at the middle α of its own grid (the upper middle for an even count), the middle b "
+                  "and its first sweep variant: a fixed rule on the grid, not a choice by any accuracy")
+
+
+def per_epoch_points(runs: pd.DataFrame) -> list[dict]:
+    """The grid point the per-epoch figure shows for each method (PER_EPOCH_RULE), for the figure and for
+    summary.json."""
+    points = []
+    for method in methods_of(runs):
+        grid = runs[runs.method == method]
+        points.append({"method": method, "lr": float(_middle(grid.lr)), "batch_size": int(_middle(grid.batch_size)),
+                       "variant": grid.variant.iloc[0]})
+    return points
+
+
 def figure_accuracy_per_epoch(runs: pd.DataFrame, epochs: pd.DataFrame, head: Headline, figures_dir: Path,
                               skipped: list[str]) -> list[Path]:
     """Paper Fig. 5: training and test accuracy per epoch for each method, one panel per arch. Each method is
@@ -111,9 +126,8 @@ def figure_accuracy_per_epoch(runs: pd.DataFrame, epochs: pd.DataFrame, head: He
         skipped.append(f"{stem}: no metrics.json with epochs")
         return []
     selected = []
-    for method in methods_of(runs):
-        grid = runs[runs.method == method]
-        lr, batch_size, variant = _middle(grid.lr), _middle(grid.batch_size), grid.variant.iloc[0]
+    for point in per_epoch_points(runs):
+        method, lr, batch_size, variant = (point[k] for k in ("method", "lr", "batch_size", "variant"))
         rows = epochs[(epochs.method == method) & (epochs.lr == lr) & (epochs.batch_size == batch_size)
                       & (epochs.variant == variant)]
         label = f"{label_of(runs, method)} (α={lr:g}, b={batch_size}" + (f", {variant})" if variant else ")")
@@ -142,15 +156,55 @@ def figure_accuracy_per_epoch(runs: pd.DataFrame, epochs: pd.DataFrame, head: He
     return _save(grid.figure, figures_dir, stem)
 
 
-def _shared_scale(tables: list[pd.DataFrame]) -> dict:
-    """One colour scale for every panel of a figure: the same colour is the same accuracy."""
+NOISE_SDS = 2  # a heatmap's colour range spans at least ± this many binomial sds of one cell's mean
+
+
+def noise_sd(percent: float, n_examples: float, n_seeds: float) -> float:
+    """Binomial sd (points) of a seed-mean accuracy of ``percent`` % over ``n_seeds`` runs evaluated on
+    ``n_examples`` test images each, √(p(1 − p)/(n·k)): the size of a difference the test images alone make
+    (runs on the same images share part of it). NaN where n is unknown."""
+    if pd.isna(n_examples) or not n_examples > 0 or pd.isna(percent):
+        return float("nan")
+    p = min(max(percent / 100, 0.0), 1.0)
+    return 100 * (p * (1 - p) / (n_examples * max(n_seeds, 1))) ** 0.5
+
+
+def _noise(runs: pd.DataFrame, values: pd.Series) -> tuple[float, str]:
+    """The binomial sd of one heatmap cell's mean (at the cells' mean accuracy, the median evaluation size and
+    seeds per point) and its words for a title."""
+    n_examples = runs.eval_n_examples.dropna().median() if "eval_n_examples" in runs else float("nan")
+    seeds = float(runs.groupby(["arch", "method", "variant", "lr", "batch_size"]).seed.nunique().median())
+    sd = noise_sd(float(values.mean()), n_examples, seeds)
+    words = "" if pd.isna(sd) else (f"1 sd = {sd:.1f} points at {int(n_examples)} test images, {seeds:g} "
+                                    f"seed{'' if seeds == 1 else 's'}")
+    return sd, words
+
+
+def _shared_scale(tables: list[pd.DataFrame], sd: float = float("nan")) -> dict:
+    """One colour scale for every panel of a figure (the same colour is the same accuracy), spanning at least
+    ± NOISE_SDS binomial sds of one cell around the cells' midpoint, so that differences within the noise do not
+    fill the whole colour range."""
     values = pd.concat([t.stack() for t in tables])
-    return {"vmin": float(values.min()), "vmax": float(values.max())}
+    low, high = float(values.min()), float(values.max())
+    if not pd.isna(sd) and high - low < 2 * NOISE_SDS * sd:
+        middle = (low + high) / 2
+        low, high = middle - NOISE_SDS * sd, middle + NOISE_SDS * sd
+    return {"vmin": low, "vmax": high}
+
+
+def _annotations(table: pd.DataFrame, flagged: set) -> pd.DataFrame:
+    """Cell texts: the value to 1 decimal, with † where a run of the cell flagged gradient masking (as in the
+    tables)."""
+    return pd.DataFrame([[("" if pd.isna(v) else f"{v:.1f}") + (MASKED if (row, column) in flagged else "")
+                          for column, v in table.loc[row].items()] for row in table.index],
+                        index=table.index, columns=table.columns)
 
 
 def figure_heatmap(runs: pd.DataFrame, head: Headline, figures_dir: Path, skipped: list[str]) -> list[Path]:
     """Seed-mean accuracy (best checkpoint) over the α × b grid, one heatmap per arch (rows) and method
-    (columns), one colour scale for all."""
+    (columns), one colour scale for all that spans at least ±2 binomial sds of a cell (stated in the title), †
+    where a cell's runs flagged gradient masking; and per objective with both outer steps a Δ panel
+    (DEAT − SGD-momentum) on a diverging scale centred at 0, symmetric, at least ±2 binomial sds of a Δ."""
     if runs.lr.nunique() < 2 or runs.batch_size.nunique() < 2:
         skipped.append("heatmap_lr_batch: the study does not vary both α and b")
         return []
@@ -161,27 +215,49 @@ def figure_heatmap(runs: pd.DataFrame, head: Headline, figures_dir: Path, skippe
         skipped.append(f"heatmap_lr_batch: no run has a {head.metric} result")
         return []
     plt, sns = _pyplot()
-    archs, methods = ordered(runs.arch), methods_of(runs)
+    archs, methods, pairs = ordered(runs.arch), methods_of(runs), pairs_of(runs)
     means = statistics.seed_stats(runs, head.column())
     tables = {(arch, method): (100 * means[(means.arch == arch) & (means.method == method)]
                                .pivot(index="batch_size", columns="lr", values="mean")).sort_index(ascending=False)
               for arch in archs for method in methods}
-    scale = _shared_scale(list(tables.values()))
-    figure, axes = plt.subplots(len(archs), len(methods), figsize=(4.2 * len(methods), 3.2 * len(archs)),
-                                squeeze=False)
+    masked = {(arch, method, b, lr) for arch, method, _, lr, b in
+              (masked_points(runs, "best") if head.metric != "clean_acc" else set())}
+    sd, noise_words = _noise(runs, pd.concat([t.stack() for t in tables.values()]))
+    scale = _shared_scale(list(tables.values()), sd)
+    panels = len(methods) + len(pairs)
+    figure, axes = plt.subplots(len(archs), panels, figsize=(4.2 * panels, 3.2 * len(archs)), squeeze=False)
     for i, arch in enumerate(archs):
         for j, method in enumerate(methods):
-            sns.heatmap(tables[(arch, method)], annot=True, fmt=".1f", cmap="viridis", ax=axes[i][j], **scale,
+            table = tables[(arch, method)]
+            flagged = {(b, lr) for a, m, b, lr in masked if (a, m) == (arch, method)}
+            sns.heatmap(table, annot=_annotations(table, flagged), fmt="", cmap="viridis", ax=axes[i][j], **scale,
                         cbar=j == len(methods) - 1, cbar_kws={"label": head.axis})
             axes[i][j].set(title=f"{arch} {label_of(runs, method)}", xlabel="α", ylabel="b")
-    figure.suptitle(f"{head.axis.removesuffix(' (%)')}, best checkpoint, seed mean; one colour scale", fontsize=9)
+        for k, (_, baseline, treatment) in enumerate(pairs):
+            delta = tables[(arch, treatment)] - tables[(arch, baseline)]
+            reach = max(float(delta.abs().max().max()), 0.0 if pd.isna(sd) else NOISE_SDS * sd * 2 ** 0.5)
+            axis = axes[i][len(methods) + k]
+            sns.heatmap(delta, annot=True, fmt="+.1f", cmap="vlag", center=0, vmin=-reach, vmax=reach, ax=axis,
+                        cbar_kws={"label": "Δ (points)"})
+            axis.set(title=f"{arch} Δ {label_of(runs, treatment)} − {label_of(runs, baseline)}", xlabel="α",
+                     ylabel="b")
+    title = f"{head.axis.removesuffix(' (%)')}, best checkpoint, seed mean; one colour scale " \
+        f"{scale['vmin']:.1f}–{scale['vmax']:.1f} %" + (f", at least ±{NOISE_SDS} binomial sds of a cell mean "
+                                                         f"({noise_words})" if noise_words else "")
+    if pairs:
+        title += "; Δ centred at 0, symmetric" + (f", at least ±{NOISE_SDS} binomial sds of a Δ (√2 × a cell's)"
+                                                  if noise_words else "")
+    if masked:
+        title += f"; {MASKED} gradient-masking flag"
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     return _save(figure, figures_dir, "heatmap_lr_batch")
 
 
 def figure_sweep_heatmap(runs: pd.DataFrame, head: Headline, figures_dir: Path, skipped: list[str]) -> list[Path]:
     """Seed-mean accuracy (best checkpoint) over a two-axis sweep (e.g. k1 × k2), one heatmap per arch and
-    method, one colour scale for all."""
+    method, one colour scale for all spanning at least ±2 binomial sds of a cell (stated in the title), † where a
+    cell's runs flagged gradient masking."""
     axes_names = [c[len("sweep_"):] for c in runs.columns if c.startswith("sweep_")]
     if len(axes_names) != 2:
         skipped.append(f"heatmap_sweep: needs exactly two sweep axes, the study has {len(axes_names)}")
@@ -199,14 +275,21 @@ def figure_sweep_heatmap(runs: pd.DataFrame, head: Headline, figures_dir: Path, 
     tables = [data[(data.arch == arch) & (data.method == method)].pivot_table(
         index=row_key, columns=column_key, values="acc", aggfunc="mean").sort_index(ascending=False)
         for arch, method in panels]
-    scale = _shared_scale(tables)
+    flagged_runs = masked_runs(data, ["best"]) if head.metric != "clean_acc" else data.iloc[:0]
+    sd, noise_words = _noise(data, pd.concat([t.stack() for t in tables]))
+    scale = _shared_scale(tables, sd)
     figure, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), squeeze=False)
     for index, (axis, (arch, method), table) in enumerate(zip(axes[0], panels, tables)):
-        sns.heatmap(table, annot=True, fmt=".1f", cmap="viridis", ax=axis, **scale,
+        mine = flagged_runs[(flagged_runs.arch == arch) & (flagged_runs.method == method)]
+        flagged = set(zip(mine[row_key], mine[column_key]))
+        sns.heatmap(table, annot=_annotations(table, flagged), fmt="", cmap="viridis", ax=axis, **scale,
                     cbar=index == len(panels) - 1, cbar_kws={"label": head.axis})
         axis.set(title=f"{arch} {label_of(runs, method)} α={data.lr.iloc[0]:g}", xlabel=axes_names[1],
                  ylabel=axes_names[0])
-    figure.suptitle(f"{head.axis.removesuffix(' (%)')}, best checkpoint, seed mean", fontsize=9)
+    title = f"{head.axis.removesuffix(' (%)')}, best checkpoint, seed mean; colour scale " \
+        f"{scale['vmin']:.1f}–{scale['vmax']:.1f} %" + (f", at least ±{NOISE_SDS} binomial sds of a cell mean "
+                                                         f"({noise_words})" if noise_words else "")
+    figure.suptitle(title + (f"; {MASKED} gradient-masking flag" if len(flagged_runs) else ""), fontsize=9)
     figure.tight_layout()
     return _save(figure, figures_dir, "heatmap_sweep")
 

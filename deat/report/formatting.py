@@ -11,6 +11,7 @@ import pandas as pd
 MISSING = "—"
 PARTIAL = "‡"  # a mean over fewer seeds than the study asks
 MASKED = "†"  # a number from a checkpoint whose evaluation flagged gradient masking
+UNLIKE = "§"  # a difference between evaluations under a different robust-accuracy rule or protocol
 
 
 def run_label(row) -> str:

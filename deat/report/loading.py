@@ -37,6 +37,15 @@ OUTER_STEP_LABELS = {"sgd": "SGD-momentum", "deat": "DEAT"}
 # Without the attack (pgd_steps 0) PGD-AT's optimizer is plain SGD with momentum: that is what the runs are.
 STANDARD_TRAINING_LABELS = {"pgd_at": "SGD-momentum"}
 AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+# What makes two evaluations like-for-like (issue 23): the robust-accuracy rule and the attack settings. An
+# eval.json without settings.robust_rule predates the any-iterate rule (issue 13): it counted an example as broken
+# only at the last iterate. Which random starts were drawn (attack_seed, seeding, the evaluation batch size) and
+# derived records (aa_label, num_classes, ...) do not change the rule, so they are left out.
+OLD_ROBUST_RULE = "last iterate (eval.json without settings.robust_rule, before the any-iterate rule)"
+PROTOCOL_SETTINGS = {"robust_rule": OLD_ROBUST_RULE, "eps": None, "norm": None, "n_examples": None,
+                     "example_seed": None, "pgd10_steps": None, "pgd10_step_size": None, "pgd_steps": None,
+                     "pgd_restarts": None, "pgd_step_size": None, "autoattack": None, "autoattack_attacks": None,
+                     "precision": "fp32"}
 
 
 def method_label(method: str, protocol: dict | None = None) -> str:
@@ -70,6 +79,33 @@ def autoattack_label(settings: dict) -> str:
     if not attacks or sorted(attacks) == sorted(AUTOATTACK_STANDARD):
         return "AutoAttack (standard)"
     return " + ".join(attack.upper() for attack in attacks)
+
+
+def evaluation_protocol(evaluation: dict) -> str:
+    """The rule and attack settings of an eval.json as canonical JSON (PROTOCOL_SETTINGS, their defaults where an
+    older file lacks a key, plus the evaluated examples' hash); "" without an evaluation. Two runs pair only when
+    these agree."""
+    if not evaluation:
+        return ""
+    settings = evaluation.get("settings", {})
+    protocol = {key: settings.get(key, default) for key, default in PROTOCOL_SETTINGS.items()}
+    protocol["examples"] = evaluation.get("examples", {}).get("indices_sha256")
+    return json.dumps(protocol, sort_keys=True)
+
+
+def protocol_difference(first: str, second: str) -> str:
+    """What differs between two evaluation_protocol strings, in words: "robust_rule: 'an example is robust ...' vs
+    'last iterate ...'"; "" when they agree."""
+    a, b = json.loads(first or "{}"), json.loads(second or "{}")
+
+    def words(key, value):
+        if key == "robust_rule":
+            return "last-iterate rule (older eval.json)" if value == OLD_ROBUST_RULE else (
+                "any-iterate rule" if "no iterate" in str(value) else repr(value))
+        return f"{key} {value!r}"
+
+    return "; ".join(f"{words(key, a.get(key))} vs {words(key, b.get(key))}" for key in sorted(set(a) | set(b))
+                     if a.get(key) != b.get(key))
 
 
 def load_manifest(path: str | Path) -> dict:
@@ -189,6 +225,8 @@ def _run_record(run: dict, protocol: dict, runs_root: Path) -> tuple[dict, list[
     record.update({
         "metrics_best_epoch": _fraction(best.get("epoch")),
         "metrics_best_test_pgd_acc": _fraction(best.get("test_pgd_acc")),
+        "metrics_best_val_pgd_acc": _fraction(best.get("val_pgd_acc")),
+        "metrics_best_val_clean_acc": _fraction(best.get("val_clean_acc")),
         "metrics_last_test_pgd_acc": _fraction(last.get("test_pgd_acc")),
         "metrics_final_train_robust_acc": _fraction(final_epoch.get("train_robust_acc")),
         "metrics_final_test_pgd_acc": _fraction(final_epoch.get("test_pgd_acc")),
@@ -213,6 +251,10 @@ def _run_record(run: dict, protocol: dict, runs_root: Path) -> tuple[dict, list[
         "metrics_min_test_pgd_acc": _extreme(min, test_pgd),
         "metrics_max_test_pgd_acc": _extreme(max, test_pgd),
         "metrics_peak_epoch": _peak_epoch(metrics.get("epochs", []), test_pgd),
+        "eval_protocol": evaluation_protocol(evaluation),
+        "metrics_wall_time_s": _fraction(metrics.get("wall_time_s")),
+        "eval_wall_time_s": _fraction(evaluation.get("wall_time_s")),
+        "epochs_run": len(metrics.get("epochs", [])),
         "eval_pgd_label": (f"PGD-{settings['pgd_steps']}×{settings['pgd_restarts']}"
                            if "pgd_steps" in settings and "pgd_restarts" in settings else None),
     }
@@ -263,7 +305,9 @@ EPOCH_COLUMNS = ["arch", "method", "label", "variant", "lr", "batch_size", "seed
 # study's report rewrites none of its files; adding them to runs.csv is a deliberate change of its format.
 RUNS_CSV_LEAVES_OUT = ("objective", "outer_step", "awp_gamma", "device", "mean_epoch_time_s", "mean_images_per_s",
                        "metrics_min_test_pgd_acc", "metrics_max_test_pgd_acc", "eval_pgd_label", "eval_best_pgd_acc",
-                       "eval_last_pgd_acc", "metrics_peak_epoch")
+                       "eval_last_pgd_acc", "metrics_peak_epoch", "metrics_best_val_pgd_acc",
+                       "metrics_best_val_clean_acc", "eval_protocol", "metrics_wall_time_s", "eval_wall_time_s",
+                       "epochs_run")
 
 
 def load_runs(manifest: dict, runs_root: str | Path = ".") -> tuple[pd.DataFrame, pd.DataFrame]:

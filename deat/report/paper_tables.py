@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import statistics
-from .formatting import MASKED, MISSING, PARTIAL, format_delta, format_mean_std, format_p, json_value, ordered, records
+from . import comparisons, statistics
+from .formatting import (MASKED, MISSING, PARTIAL, UNLIKE, format_delta, format_mean_std, format_p, json_value, ordered,
+                         records)
 from .loading import CHECKPOINTS, EVAL_METRICS, POINT_KEYS, label_of, methods_of
 from .render import Table
-from .table_helpers import (VARIANT_NOTE, comparison_groups, curve_keys, delta_words, evaluation_notes, grid_rows,
-                            headline_metrics, masked_points, masked_runs, metric_words, missing_note, objective_label,
-                            outer_step_words, pairs_of, partial_note, seeds_words, varies_batch_size, varies_variant)
+from .table_helpers import (COMPARISON_COLUMNS, VARIANT_NOTE, comparison_cells, comparison_groups, comparison_notes,
+                            curve_keys, delta_words, evaluation_notes, grid_rows, headline_metrics, masked_points,
+                            masked_runs, metric_words, missing_note, objective_label, outer_step_words, pairs_of,
+                            partial_note, seeds_words, varies_batch_size, varies_variant)
 
 PAPER_TABLE2_CSV = Path(__file__).resolve().parent.parent / "paper_table2.csv"
 
@@ -27,6 +29,8 @@ def accuracy_table(runs: pd.DataFrame, metric: str, checkpoint: str) -> tuple[Ta
     point_stats = statistics.seed_stats(runs, column)
     lookup = {tuple(r[k] for k in POINT_KEYS): r for r in point_stats.to_dict("records")}
     masked = masked_points(runs, checkpoint) if metric != "clean_acc" else set()
+    protocols = (runs.groupby(POINT_KEYS, sort=False).eval_protocol.agg(lambda values: set(values) - {""})
+                 .to_dict() if "eval_protocol" in runs else {})
     archs, methods, varies_batch = ordered(runs.arch), methods_of(runs), varies_batch_size(runs)
     pairs = pairs_of(runs)
     delta_labels = ["Δ"] if len(pairs) == 1 else [f"Δ {objective_label(objective)}" for objective, _, _ in pairs]
@@ -52,7 +56,10 @@ def accuracy_table(runs: pd.DataFrame, metric: str, checkpoint: str) -> tuple[Ta
                 delta = float("nan") if before is None or after is None else after["mean"] - before["mean"]
                 partial = before is not None and after is not None and (
                     0 < before["n"] < before["n_expected"] or 0 < after["n"] < after["n_expected"])
-                cells.append(format_delta(delta) + (PARTIAL if partial and not pd.isna(delta) else ""))
+                unlike = len(protocols.get((arch, baseline, variant, lr, batch_size), set())
+                             | protocols.get((arch, treatment, variant, lr, batch_size), set())) > 1
+                cells.append(format_delta(delta) + (PARTIAL if partial and not pd.isna(delta) else "")
+                             + (UNLIKE if unlike and not pd.isna(delta) else ""))
                 deltas.append({"method": f"{treatment}_minus_{baseline}", "arch": arch, "variant": variant,
                                "lr": lr, "batch_size": batch_size, "delta_acc": delta})
         rows.append(cells)
@@ -61,6 +68,10 @@ def accuracy_table(runs: pd.DataFrame, metric: str, checkpoint: str) -> tuple[Ta
     notes += evaluation_notes(runs, [checkpoint], with_skipped=metric == "aa_acc") if metric != "clean_acc" else []
     if any("" in row for row in rows):
         notes.append("Blank: not a grid point of this study.")
+    if any(UNLIKE in cell for row in rows for cell in row):
+        notes.append(f"{UNLIKE} the two methods' evaluations at this point follow a different robust-accuracy rule or "
+                     "protocol (eval.json settings, e.g. an older file's last-iterate rule against the any-iterate "
+                     "rule): not like-for-like; table4_paired_ttest and equal_effective_step leave such pairs out.")
     if len(pairs) == 1:
         notes.append(f"Δ = {delta_words(runs, *pairs[0][1:])}, difference of the seed means (percentage points).")
     elif pairs:
@@ -101,7 +112,7 @@ def correlation_table(runs: pd.DataFrame, metric: str = "pgd10_acc") -> tuple[Ta
             y = present["mean"].to_numpy()
             for x_name, x in (("lr", present.lr.to_numpy()),
                               ("lr_over_batch", (present.lr / present.batch_size).to_numpy())):
-                for test, name in tests.items():
+                for test in tests:
                     statistic, p = statistics.correlation(x, y, test)
                     if pd.isna(statistic):
                         few = len(x) < statistics.MIN_CORRELATION_POINTS
@@ -138,61 +149,38 @@ def correlation_table(runs: pd.DataFrame, metric: str = "pgd10_acc") -> tuple[Ta
 
 
 
-def paired_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
+def paired_table(runs: pd.DataFrame, tests: comparisons.Comparisons | None = None) -> tuple[Table, list[dict]]:
     """Table 4 analogue: Δ = DEAT − PGD-AT per α with a 95 % confidence interval over the pairs at that α, the
-    t-test with α as the unit, and the paper's pooled paired t-test over all (α, b, seed) pairs, labelled so.
-    A study with several objectives run with both outer steps gets these rows per objective (Δ = TRADES + DEAT −
-    TRADES, ...), under an objective column."""
+    t-test with α as the unit, and the paper's pooled paired t-test over all (α, b, seed) pairs, labelled so; each
+    row with n, the paired sd, the interval, the MDE at 80 % power, whether the interval excludes the paper's
+    +1.2 points, raw and Holm-adjusted p and the verdict word (``comparisons``, ``power``). A study with several
+    objectives run with both outer steps gets these rows per objective (Δ = TRADES + DEAT − TRADES, ...), under
+    an objective column. ``tests``: the study's comparisons.all_tests (computed here when not given)."""
     pairs = pairs_of(runs)
-    if not pairs:
-        return Table("table4_paired_ttest", "Table 4 analogue: needs both DEAT and PGD-AT runs", ["arch"], [],
-                     empty_message="The study does not run both methods."), []
-    lead, per_variant, comparisons = comparison_groups(runs, pairs)
-    columns = lead + ["arch", "metric", "checkpoint", "α", "pairs", "mean Δ (pp)",
-                      f"{statistics.CONFIDENCE:.0%} CI (pp)", "t", "p"]
+    tests = tests or comparisons.all_tests(runs)
+    lead, per_variant, _ = comparison_groups(runs, pairs)
+    columns = lead + ["arch", "metric", "checkpoint", "α"] + COMPARISON_COLUMNS
     rows, summary = [], []
-    for baseline, treatment, subset, head, tag in comparisons:
-        paired = subset[subset.method.isin([baseline, treatment])]
-        for arch in ordered(subset.arch):
-            for metric in headline_metrics(runs):
-                for checkpoint in CHECKPOINTS:
-                    column = f"eval_{checkpoint}_{metric}"
-                    if subset[column].isna().all():
-                        continue
-                    matched, n_matches = statistics.matched_pairs(subset, column, arch, baseline, treatment)
-                    words = metric_words(metric, runs).replace(" test accuracy", "")
-                    flag = MASKED if metric != "clean_acc" and len(masked_runs(paired[paired.arch == arch],
-                                                                                [checkpoint])) else ""
-                    where = head + [arch, words + flag, checkpoint]
-                    key = {**tag, "arch": arch, "metric": metric, "checkpoint": checkpoint}
-                    per_alpha = statistics.delta_per_alpha(matched)
-                    for r in per_alpha.itertuples():
-                        interval = (MISSING if pd.isna(r.ci_low)
-                                    else f"[{100 * r.ci_low:+.2f}, {100 * r.ci_high:+.2f}]")
-                        rows.append(where + [f"{r.lr:g}", str(r.n_pairs), format_delta(r.mean_delta), interval,
-                                             "", ""])
-                        summary.append({**key, "test": "per_alpha", "lr": r.lr, "n_pairs": r.n_pairs,
-                                        "mean_delta_acc": json_value(r.mean_delta), "ci_low": json_value(r.ci_low),
-                                        "ci_high": json_value(r.ci_high)})
-                    t, p = statistics.alpha_as_unit_ttest(per_alpha)
-                    rows.append(where + ["α as the unit", f"{len(per_alpha)} α",
-                                         format_delta(per_alpha.mean_delta.mean() if len(per_alpha)
-                                                      else float("nan")),
-                                         "", MISSING if pd.isna(t) else f"{t:.2f}", format_p(p)])
-                    summary.append({**key, "test": "alpha_as_unit", "n_alphas": len(per_alpha), "t": json_value(t),
-                                    "p": json_value(p)})
-                    differences = statistics.paired_differences(matched).to_numpy()
-                    mean = differences.mean() if len(differences) else float("nan")
-                    t, p = statistics.pooled_paired_ttest(matched)
-                    pairs_text = f"{len(matched)}" + ("" if len(matched) == n_matches
-                                                      else f" of {n_matches}{PARTIAL}")
-                    rows.append(where + ["pooled (paper's test)", pairs_text, format_delta(mean), "",
-                                         MISSING if pd.isna(t) else f"{t:.2f}", format_p(p)])
-                    summary.append({**key, "test": "pooled_paired", "n_pairs": len(matched),
-                                    "n_pairs_expected": n_matches, "mean_delta_acc": json_value(mean),
-                                    "t": json_value(t), "p": json_value(p)})
+    for record in tests.equal_alpha:
+        baseline, treatment, arch, metric = record["_baseline"], record["_treatment"], record["arch"], record["metric"]
+        paired = runs[runs.method.isin([baseline, treatment]) & (runs.arch == arch)]
+        if "variant" in record:
+            paired = paired[paired.variant == record["variant"]]
+        words = metric_words(metric, runs).replace(" test accuracy", "")
+        flag = MASKED if metric != "clean_acc" and len(masked_runs(paired, [record["checkpoint"]])) else ""
+        where = record["_head"] + [arch, words + flag, record["checkpoint"]]
+        if record["test"] == "per_alpha":
+            label, n_text = f"{record['lr']:g}", str(record["n"])
+        elif record["test"] == "alpha_as_unit":
+            label, n_text = "α as the unit", f"{record['n']} α"
+        else:
+            label = "pooled (paper's test)"
+            n_text = f"{record['n']}" + ("" if record["n"] == record["n_pairs_expected"]
+                                         else f" of {record['n_pairs_expected']}{PARTIAL}")
+        rows.append(where + [label] + comparison_cells(record, n_text))
+        summary.append(comparisons.summary_record(record))
     notes = []
-    if any(PARTIAL in row[columns.index("pairs")] for row in rows):
+    if any(PARTIAL in row[columns.index("n")] for row in rows):
         notes.append(f"{PARTIAL} pairs with a run missing are left out (see the Table 2 footnotes for which).")
     notes += evaluation_notes(runs[runs.method.isin([m for _, *pair in pairs for m in pair])], with_skipped=False)
     if len(pairs) == 1:
@@ -202,61 +190,75 @@ def paired_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
         who = ("runs of one objective with DEAT's outer step and with SGD-momentum ("
                + "; ".join(f"{label_of(runs, t)} and {label_of(runs, b)}" for _, b, t in pairs) + ")")
         delta = outer_step_words()
-    notes.append(f"Pairs: {who} of the same arch, α, b and seed; Δ = {delta} in percentage points. Per α: mean Δ "
-                 f"with a {statistics.CONFIDENCE:.0%} t-interval over the pairs at that α ({MISSING}: fewer than 2 "
-                 "pairs). α as the unit: one-sample t-test of the per-α means against 0. Pooled (paper's test): "
-                 "scipy.stats.ttest_rel over every pair, as if the pairs were interchangeable; it overstates the "
-                 "evidence when Δ changes with α (see table4_anova).")
+    notes.append(f"Pairs: {who} of the same arch, α, b and seed whose evaluations are like-for-like; Δ = {delta} in "
+                 "percentage points. Per α: the pairs at that α. α as the unit: one-sample t-test of the per-α mean "
+                 "Δs against 0 (n = the α). Pooled (paper's test): every pair, as if the pairs were "
+                 "interchangeable (scipy.stats.ttest_rel's t and p); it overstates the evidence when Δ changes with "
+                 "α (see table4_anova).")
+    notes += comparison_notes(runs, tests, "table4_paired_ttest")
     if per_variant:
         notes.append(VARIANT_NOTE)
     caption = (f"Table 4 analogue: Δ = {delta_words(runs, *pairs[0][1:])}" if len(pairs) == 1 else
                f"Table 4 analogue per objective: Δ = {outer_step_words()}") + \
         " per α with a confidence interval, and paired t-tests"
     return Table("table4_paired_ttest", caption, columns, rows, notes,
-                 empty_message="No matched DEAT/PGD-AT pairs with results."), summary
+                 empty_message="No like-for-like pairs with results."), summary
 
 
 def anova_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
-    """Method × α two-way ANOVA (statsmodels) per arch, metric and checkpoint, with a one-line reading of which
-    effects the grid supports at the 5 % level; the methods are one objective's SGD-momentum and DEAT runs, per
-    objective the study runs with both (PGD-AT and DEAT in the paper's grid)."""
+    """Method × α two-way ANOVA (statsmodels) per arch, metric and checkpoint, fitted only where the design
+    supports it (statistics.method_by_alpha_anova), with a one-line reading of which effects the grid supports at
+    the 5 % level and, where no model is shown, why; the methods are one objective's SGD-momentum and DEAT runs,
+    per objective the study runs with both (PGD-AT and DEAT in the paper's grid)."""
     pairs = pairs_of(runs)
-    lead, per_variant, comparisons = comparison_groups(runs, pairs)
+    lead, per_variant, comparisons_ = comparison_groups(runs, pairs)
     columns = lead + ["arch", "metric", "checkpoint", "effect", "df", "F", "p"]
-    rows, summary, readings = [], [], []
-    for baseline, treatment, subset, head, tag in comparisons:
+    rows, summary, readings, not_shown, models, left_out = [], [], [], {}, {}, {}
+    for baseline, treatment, subset, head, tag in comparisons_:
         for arch in ordered(subset.arch):
             for metric in headline_metrics(runs):
                 for checkpoint in CHECKPOINTS:
                     column = f"eval_{checkpoint}_{metric}"
-                    effects = statistics.method_by_alpha_anova(subset[subset.arch == arch], column, baseline,
-                                                               treatment)
-                    if effects.empty:
+                    if subset.loc[subset.arch == arch, column].isna().all():
                         continue
+                    effects, design = statistics.method_by_alpha_anova(subset[subset.arch == arch], column,
+                                                                       baseline, treatment)
                     words = metric_words(metric, runs).replace(" test accuracy", "")
+                    where = " ".join(head + [f"{arch} {words} {checkpoint}"])
+                    for item in design["left_out"]:
+                        left_out.setdefault(item, []).append(where)
+                    if effects.empty:
+                        not_shown.setdefault(design["why_not"], []).append(where)
+                        continue
+                    models.setdefault(design["model"], []).append(where)
                     for e in effects.itertuples():
                         rows.append(head + [arch, words, checkpoint, e.effect, f"{e.df:g}",
                                             "" if pd.isna(e.F) else f"{e.F:.2f}", "" if e.effect == "residual"
                                             else format_p(e.p)])
                         summary.append({**tag, "arch": arch, "metric": metric, "checkpoint": checkpoint,
-                                        "effect": e.effect, "df": json_value(e.df), "F": json_value(e.F),
-                                        "p": json_value(e.p)})
+                                        "model": design["model"], "effect": e.effect, "df": json_value(e.df),
+                                        "F": json_value(e.F), "p": json_value(e.p)})
                     supported = [e.effect for e in effects.itertuples() if e.effect != "residual" and e.p < 0.05]
                     meaning = (" (Δ depends on α: read it per α, not as one pooled number)"
                                if "method × α" in supported else "")
-                    readings.append(" ".join(head + [f"{arch} {words} {checkpoint}: "])
-                                    + (("p < 0.05 for " + ", ".join(supported)) if supported
-                                       else "no effect at p < 0.05") + meaning + ".")
-    notes = ["Two-way ANOVA of accuracy (%) on method × α, with b and sweep variant as additive blocks where the "
-             "study varies them: statsmodels ols + anova_lm (type II). The method × α row appears only where "
-             "replicates (seeds or batch sizes) leave residual degrees of freedom for it; a significant interaction "
-             "means the difference between the methods depends on α, so a single pooled Δ does not summarise it."]
+                    readings.append(f"{where}: " + (("p < 0.05 for " + ", ".join(supported)) if supported
+                                                    else "no effect at p < 0.05") + meaning + ".")
+    notes = [("Two-way ANOVA of accuracy (%) on method × α, with b and sweep variant as additive blocks where the "
+             "study varies them: statsmodels ols + anova_lm (type II). A model is fitted only where the design "
+             "supports it, checked before fitting: the α values at which both methods ran (≥ 2 of them; with "
+             "per-method learning rates method and α are otherwise confounded), a design matrix of full rank and "
+             "residual degrees of freedom. The method × α row appears only where replicates (seeds or batch sizes) "
+             "leave residual degrees of freedom for it; a significant interaction means the difference between "
+             "the methods depends on α, so a single pooled Δ does not summarise it.")]
+    notes += [f"Model {model}: " + "; ".join(wheres) + "." for model, wheres in models.items() if len(models) > 1]
+    notes += [f"Not used: {item}: " + "; ".join(wheres) + "." for item, wheres in left_out.items()]
+    notes += [f"No model shown ({why}): " + "; ".join(wheres) + "." for why, wheres in not_shown.items()]
     notes += ["Reading: " + " ".join(readings)] if readings else []
     notes += [VARIANT_NOTE] if per_variant else []
     caption = "Table 4 analogue, model: which effects (method, α, method × α) the grid supports"
-    return Table("table4_anova", caption, columns, rows, notes,
-                 empty_message="The design cannot be fitted (needs both methods at ≥ 2 α and residual degrees of "
-                               "freedom)."), summary
+    empty = "No model can be fitted: " + "; ".join(not_shown) + "." if not_shown else \
+        "No model can be fitted (needs both methods at ≥ 2 shared α and residual degrees of freedom)."
+    return Table("table4_anova", caption, columns, rows, notes, empty_message=empty), summary
 
 
 

@@ -52,7 +52,7 @@ def to_markdown(table: Table) -> str:
 
 # After pandas' LaTeX escaping (specials such as _ % &): the few non-ASCII symbols the tables use, typeset.
 _LATEX_SYMBOLS = {
-    "±": r"$\pm$", "—": "---", "−": "$-$", "†": r"\textsuperscript{\dag}", "‡": r"\textsuperscript{\ddag}",
+    "±": r"$\pm$", "—": "---", "−": "$-$", "†": r"\textsuperscript{\dag}", "§": r"\textsuperscript{\S}", "‡": r"\textsuperscript{\ddag}",
     "ᵃ": r"\textsuperscript{a}", "ᵇ": r"\textsuperscript{b}", "Δ": r"$\Delta$", "α": r"$\alpha$", "ρ": r"$\rho$",
     "τ": r"$\tau$", "ε": r"$\varepsilon$", "√": r"$\surd$", "²": r"\textsuperscript{2}", "×": r"$\times$",
     "≈": r"$\approx$", "≥": r"$\geq$", "≤": r"$\leq$", "…": r"\ldots{}",

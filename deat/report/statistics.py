@@ -1,7 +1,8 @@
 """The report's statistics, as numbers (no formatting): seed means, correlations with exact or permutation
-p-values at small n, differences of DEAT's outer step from SGD-momentum under one objective (DEAT − PGD-AT, the
-paper's; TRADES + DEAT − TRADES, ...: pooled paired t-test, per α with a confidence interval) and the method × α
-two-way ANOVA. Everything comes from scipy.stats and statsmodels; accuracies are fractions.
+p-values at small n, the like-for-like pairs of DEAT's outer step and SGD-momentum under one objective (DEAT −
+PGD-AT, the paper's; TRADES + DEAT − TRADES, ...) and the method × α two-way ANOVA where the design supports it.
+The tests of the pairs (interval, MDE, Holm) are in ``power`` and ``comparisons``. Everything comes from
+scipy.stats and statsmodels; accuracies are fractions.
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .loading import BASELINE, POINT_KEYS, TREATMENT
+from .loading import BASELINE, POINT_KEYS, TREATMENT, protocol_difference
 
 MIN_CORRELATION_POINTS = 3
 # Up to 8 points all n! = 40,320 orderings are enumerated (an exact p); above, this many random orderings with a
 # fixed seed, so that a rerun prints the same p.
 PERMUTATIONS = 50_000
 PERMUTATION_SEED = 0
-CONFIDENCE = 0.95
 CORRELATIONS = ("pearson", "spearman", "kendall")
 
 
@@ -75,17 +75,48 @@ def kendall_tau_b(xs: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (dx * dy).sum(axis=(-1, -2)) / np.sqrt((dx != 0).sum(axis=(-1, -2)) * (dy != 0).sum())
 
 
+PAIR_KEYS = ["variant", "lr", "batch_size", "seed"]
+
+
+def _joined(runs: pd.DataFrame, columns: list[str], arch: str, baseline: str, treatment: str) -> pd.DataFrame:
+    """``columns`` of the baseline and treatment runs of one arch side by side, matched on PAIR_KEYS."""
+    subset = runs[runs.arch == arch]
+    sides = {method: subset[subset.method == method].set_index(PAIR_KEYS)[columns] for method in (baseline, treatment)}
+    return pd.concat(sides, axis=1, join="inner")
+
+
+def like_for_like(runs: pd.DataFrame) -> bool:
+    """Whether the runs frame records each evaluation's protocol (loading's eval_protocol); frames built by hand
+    without it pair as before."""
+    return "eval_protocol" in runs
+
+
 def matched_pairs(runs: pd.DataFrame, column: str, arch: str, baseline: str = BASELINE,
                   treatment: str = TREATMENT) -> tuple[pd.DataFrame, int]:
     """``treatment`` and ``baseline`` values of one arch (DEAT and PGD-AT unless named, e.g. "trades_deat" and
     "trades") matched on (variant, α, b, seed), both present (columns baseline, treatment in that order, index
-    variant, lr, batch_size, seed); and how many matches the grid has."""
-    subset = runs[runs.arch == arch]
-    keys = ["variant", "lr", "batch_size", "seed"]
-    before = subset[subset.method == baseline].set_index(keys)[column]
-    after = subset[subset.method == treatment].set_index(keys)[column]
-    matched = pd.concat({baseline: before, treatment: after}, axis=1, join="inner")
+    variant, lr, batch_size, seed); and how many matches the grid has. A match whose two evaluations follow a
+    different rule or protocol (loading.evaluation_protocol; see unlike_pairs) is not a pair: it is in neither."""
+    columns = [column] + (["eval_protocol"] if like_for_like(runs) else [])
+    joined = _joined(runs, columns, arch, baseline, treatment)
+    if like_for_like(runs):
+        before, after = joined[(baseline, "eval_protocol")], joined[(treatment, "eval_protocol")]
+        joined = joined[(before == after) | (before == "") | (after == "")]  # a missing evaluation is a missing value
+    matched = pd.concat({baseline: joined[(baseline, column)], treatment: joined[(treatment, column)]}, axis=1)
     return matched.dropna(), len(matched)
+
+
+def unlike_pairs(runs: pd.DataFrame, arch: str, baseline: str = BASELINE,
+                 treatment: str = TREATMENT) -> list[tuple[tuple, str]]:
+    """The (variant, α, b, seed) matches of one arch whose two evaluations differ in rule or protocol, each with
+    what differs (loading.protocol_difference): left out of every pair."""
+    if not like_for_like(runs):
+        return []
+    joined = _joined(runs, ["eval_protocol"], arch, baseline, treatment)
+    before, after = joined[(baseline, "eval_protocol")], joined[(treatment, "eval_protocol")]
+    unlike = joined[(before != after) & (before != "") & (after != "")]
+    return [(key, protocol_difference(row[(baseline, "eval_protocol")], row[(treatment, "eval_protocol")]))
+            for key, row in unlike.iterrows()]
 
 
 def paired_differences(matched: pd.DataFrame) -> pd.Series:
@@ -93,85 +124,84 @@ def paired_differences(matched: pd.DataFrame) -> pd.Series:
     return matched.iloc[:, 1] - matched.iloc[:, 0]
 
 
-def pooled_paired_ttest(matched: pd.DataFrame) -> tuple[float, float]:
-    """The paper's test: scipy.stats.ttest_rel(treatment, baseline) over all matched pairs taken as
-    interchangeable. NaN, NaN with fewer than 2 pairs or every difference equal (t undefined)."""
-    differences = paired_differences(matched).to_numpy()
-    if len(differences) < 2 or np.std(differences) <= 1e-12 * max(1.0, abs(differences.mean())):
-        return float("nan"), float("nan")
-    result = stats.ttest_rel(matched.iloc[:, 1], matched.iloc[:, 0])
-    return float(result.statistic), float(result.pvalue)
+ANOVA_NAMES = {"C(method)": "method", "C(lr)": "α", "C(method):C(lr)": "method × α", "C(batch_size)": "b",
+               "C(variant)": "variant", "Residual": "residual"}
 
 
-def mean_with_interval(values) -> tuple[float, float, float]:
-    """(mean, low, high): the mean of paired differences and its two-sided CONFIDENCE t-interval
-    (scipy.stats.ttest_1samp(...).confidence_interval); NaN bounds with fewer than 2 values, the mean as both
-    bounds when every value is equal (up to float rounding), NaN throughout for none."""
-    values = np.asarray(values, dtype=float)
-    if len(values) == 0:
-        return float("nan"), float("nan"), float("nan")
-    low = high = float("nan")
-    if len(values) >= 2:
-        if np.std(values, ddof=1) > 1e-12 * max(1.0, abs(values.mean())):
-            interval = stats.ttest_1samp(values, 0.0).confidence_interval(CONFIDENCE)
-            low, high = float(interval.low), float(interval.high)
-        else:
-            low = high = float(values.mean())
-    return float(values.mean()), low, high
+def _full_rank_model(formula: str, data: pd.DataFrame):
+    """statsmodels' ols model of ``formula`` when its design matrix has full column rank and leaves residual
+    degrees of freedom, else None: a rank-deficient design (a confounded term) has no unique estimates, and
+    fitting it is what makes statsmodels warn."""
+    import statsmodels.formula.api as smf
 
-
-def delta_per_alpha(matched: pd.DataFrame) -> pd.DataFrame:
-    """Per α: pairs, mean Δ = treatment − baseline (DEAT − PGD-AT) and its two-sided CONFIDENCE t-interval over
-    the pairs at that α (mean_with_interval); NaN bounds with fewer than 2 pairs."""
-    rows = []
-    for lr, group in paired_differences(matched).groupby(level="lr"):
-        mean, low, high = mean_with_interval(group.to_numpy())
-        rows.append({"lr": float(lr), "n_pairs": len(group), "mean_delta": mean, "ci_low": low, "ci_high": high})
-    return pd.DataFrame(rows, columns=["lr", "n_pairs", "mean_delta", "ci_low", "ci_high"])
-
-
-def alpha_as_unit_ttest(per_alpha: pd.DataFrame) -> tuple[float, float]:
-    """One-sample t-test of the per-α mean Δ against 0, α as the unit (ties the pairs of one α together)."""
-    means = per_alpha.mean_delta.dropna().to_numpy()
-    if len(means) < 2 or np.ptp(means) == 0:
-        return float("nan"), float("nan")
-    result = stats.ttest_1samp(means, 0.0)
-    return float(result.statistic), float(result.pvalue)
+    model = smf.ols(formula, data=data)
+    exog = np.asarray(model.exog)
+    rank = np.linalg.matrix_rank(exog)
+    return model if rank == exog.shape[1] and len(exog) - rank >= 1 else None
 
 
 def method_by_alpha_anova(runs: pd.DataFrame, column: str, baseline: str = BASELINE,
-                          treatment: str = TREATMENT) -> pd.DataFrame:
+                          treatment: str = TREATMENT) -> tuple[pd.DataFrame, dict]:
     """Two-way ANOVA of ``column`` on method × α (type II sums of squares, statsmodels ``ols`` + ``anova_lm``),
-    with batch size and sweep variant as additive blocks where the study varies them.
+    with batch size and sweep variant as additive blocks where the study varies them, fitted only where the
+    design supports it (issue 26).
 
-    Rows: the effects ("method", "α", "method × α", blocks, "residual") with columns df, F, p. The interaction
-    needs replicates (seeds or batch sizes) at each (method, α); without residual degrees of freedom for it the
-    additive model is fitted and the interaction row is absent. An empty frame when the design cannot be fitted
-    (one method, one α, or no residual degrees of freedom). The methods are ``baseline`` and ``treatment``
-    (PGD-AT and DEAT unless named)."""
-    import statsmodels.formula.api as smf
+    The design is checked before anything is fitted: only the α values at which both methods ran are used (with
+    per-method learning rates, method and α are otherwise confounded); with ≥ 2 such α the method × α model (the
+    interaction where replicates leave residual degrees of freedom for it, else the additive one), with one the
+    nothing (the method effect at that α is Table 4's paired test), with none nothing; blocks are dropped where they make the design rank-deficient.
+    Where the runs' evaluations follow different rules or protocols (loading.evaluation_protocol), only the
+    largest group is used. Returns the effects ("method", "α", "method × α", blocks, "residual"; columns df, F,
+    p; empty when nothing can be fitted) and the design: {"model": its words, "left_out": runs not used and why,
+    "why_not": why no model is shown, or ""}. The methods are ``baseline`` and ``treatment``."""
     from statsmodels.stats.anova import anova_lm
 
+    empty = pd.DataFrame(columns=["effect", "df", "F", "p"])
     data = runs[runs.method.isin([baseline, treatment])].dropna(subset=[column])
     data = data.assign(y=100 * data[column])  # percent: readable sums of squares, same F and p
-    if data.method.nunique() < 2 or data.lr.nunique() < 2:
-        return pd.DataFrame(columns=["effect", "df", "F", "p"])
+    design = {"model": "", "left_out": [], "why_not": ""}
+    one_protocol = ""
+    if like_for_like(data) and data.eval_protocol.nunique() > 1:
+        one_protocol = " under one evaluation protocol"
+        counts = data.eval_protocol.value_counts(sort=False)
+        keep = counts.idxmax()
+        design["left_out"].append(f"{int((data.eval_protocol != keep).sum())} runs evaluated under another rule or "
+                                  "protocol than the largest group (see table4_paired_ttest)")
+        data = data[data.eval_protocol == keep]
+    if data.method.nunique() < 2:
+        design["why_not"] = "the two methods have no results under one evaluation protocol"
+        return empty, design
+    alphas = {method: set(data.lr[data.method == method]) for method in (baseline, treatment)}
+    shared = sorted(alphas[baseline] & alphas[treatment])
+    unshared = data[~data.lr.isin(shared)]
+    if len(unshared):
+        design["left_out"].append("runs at an α the other method did not run (" + ", ".join(
+            f"{method} α={lr:g}" for method, lr in dict.fromkeys(zip(unshared.method, unshared.lr))) + ")")
+    data = data[data.lr.isin(shared)]
+    if not shared:
+        design["why_not"] = f"no α at which both methods ran{one_protocol}: method and α are confounded"
+        return empty, design
     blocks = [term for term, varies in (("C(batch_size)", data.batch_size.nunique() > 1),
                                         ("C(variant)", data.variant.nunique() > 1)) if varies]
-    names = {"C(method)": "method", "C(lr)": "α", "C(method):C(lr)": "method × α", "C(batch_size)": "b",
-             "C(variant)": "variant", "Residual": "residual"}
-    for interaction in (True, False):
-        terms = ["C(method) * C(lr)" if interaction else "C(method) + C(lr)"] + blocks
-        model = smf.ols("y ~ " + " + ".join(terms), data=data).fit()
-        if model.df_resid < 1:
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a perfect fit divides 0 by 0: p is NaN, shown as —
-            table = anova_lm(model, typ=2)
-        return pd.DataFrame({"effect": [names.get(term, term) for term in table.index],
-                             "df": table["df"].to_numpy(), "F": table["F"].to_numpy(),
-                             "p": table["PR(>F)"].to_numpy()})
-    return pd.DataFrame(columns=["effect", "df", "F", "p"])
+    if len(shared) == 1:
+        design["why_not"] = (f"one α at which both methods ran{one_protocol} ({shared[0]:g}): no α effect to model, and the "
+                             "method effect there is table4_paired_ttest's paired test")
+        return empty, design
+    for terms, words in (("C(method) * C(lr)", "method × α"),
+                         ("C(method) + C(lr)", "method + α (no replicates for the interaction)")):
+        for with_blocks in ((True, False) if blocks else (False,)):
+            model = _full_rank_model("y ~ " + " + ".join([terms] + (blocks if with_blocks else [])), data)
+            if model is None:
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a perfect fit divides 0 by 0: p is NaN, shown as —
+                table = anova_lm(model.fit(), typ=2)
+            design["model"] = words + ("" if with_blocks or not blocks else "; blocks left out (confounded)")
+            return pd.DataFrame({"effect": [ANOVA_NAMES.get(term, term) for term in table.index],
+                                 "df": table["df"].to_numpy(), "F": table["F"].to_numpy(),
+                                 "p": table["PR(>F)"].to_numpy()}), design
+    design["why_not"] = "no residual degrees of freedom"
+    return empty, design
 
 
 def oneway_anova(groups: list[np.ndarray]) -> tuple[float, float]:

@@ -7,12 +7,12 @@ import json
 import logging
 from pathlib import Path
 
-from . import figures, paper_tables, study_tables
+from . import comparisons, figures, paper_tables, selection, step_tables, study_tables
 from .formatting import run_label
 from .loading import CHECKPOINTS, EVAL_METRICS, RUNS_CSV_LEAVES_OUT, load_runs
 from .protocol import PROTOCOL_FILE, protocol_markdown
 from .render import write_table
-from .table_helpers import varies_variant
+from .table_helpers import has_delta, varies_variant
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,25 @@ def build_report(manifest: dict, tables_dir: str | Path, figures_dir: str | Path
                 skipped.append(f"table2_aa_{checkpoint}: aa_acc is null or absent in every run")
                 continue
             built[f"table2_{stem}_{checkpoint}"] = paper_tables.accuracy_table(runs, metric, checkpoint)
-    built["equal_effective_step"] = study_tables.equal_step_table(runs)
+    tests = comparisons.all_tests(runs)
+    paired = has_delta(runs)
+    no_pair = "the study has no objective with both outer steps (e.g. PGD-AT and DEAT)"
+    if paired:
+        built["equal_effective_step"] = step_tables.equal_step_table(runs, tests)
+        if tests.equal_step:
+            built["equal_effective_step_mean"] = step_tables.equal_step_mean_table(runs, tests), []
+        else:
+            skipped.append("equal_effective_step_mean: no equal-step pairing with 2 or more evaluated seeds")
+    else:
+        skipped += [f"{name}: {no_pair}" for name in ("equal_effective_step", "equal_effective_step_mean")]
     built["table3_correlation"] = paper_tables.correlation_table(runs, head.metric)
-    built["table4_paired_ttest"] = paper_tables.paired_table(runs)
-    built["table4_anova"] = paper_tables.anova_table(runs)
+    if paired:
+        built["table4_paired_ttest"] = paper_tables.paired_table(runs, tests)
+        built["table4_anova"] = paper_tables.anova_table(runs)
+    else:
+        skipped += [f"{name}: {no_pair}" for name in ("table4_paired_ttest", "table4_anova")]
+    best = selection.best_settings(runs, tests)
+    built["best_setting"] = study_tables.best_setting_table(runs, best), []
     built["robust_overfitting"] = study_tables.robust_overfitting_table(runs)
     if varies_variant(runs):
         built["sweep_sensitivity"] = study_tables.sweep_table(runs)
@@ -69,6 +84,11 @@ def build_report(manifest: dict, tables_dir: str | Path, figures_dir: str | Path
         written += figures.figure_sweep_heatmap(runs, head, figures_dir, skipped)
     for note in skipped:
         log.info("study %s: skipped %s", study, note)
+    # A table or figure this report skips is not left behind from an earlier report of the study.
+    for name in (note.split(":")[0] for note in skipped):
+        for folder, suffixes in ((tables_dir, (".md", ".tex", ".csv")), (figures_dir, (".png", ".pdf"))):
+            for suffix in suffixes:
+                (folder / f"{name}{suffix}").unlink(missing_ok=True)
 
     _, collapse = study_tables.catastrophic_overfitting(runs)  # per fast AT run; none in a study without fast AT
     summary = {
@@ -78,7 +98,16 @@ def build_report(manifest: dict, tables_dir: str | Path, figures_dir: str | Path
                  "with_eval": int((runs.eval_problem == "").sum()),
                  "missing": [f"{run_label(r)} ({'; '.join(p for p in (r.metrics_problem, r.eval_problem) if p)})"
                              for r in runs.itertuples() if r.metrics_problem or r.eval_problem]},
-        **{name: records for name, (_, records) in built.items()},
+        **{name: records for name, (_, records) in built.items()
+           if name not in ("equal_effective_step_mean", "best_setting")},
+        "tests": {"families": {metric: {"size": family["size"], "tables": family["tables"]}
+                               for metric, family in tests.families.items()},
+                  "left_out_not_like_for_like": [{key: item[key] for key in ("table", "what", "why")}
+                                                 for item in tests.unlike]},
+        "headline": selection.headline_records(runs, tests),
+        "best_setting": best,
+        "per_epoch_figure": {"rule": figures.PER_EPOCH_RULE, "points": figures.per_epoch_points(runs)}
+        if len(runs) else {},
         **({"catastrophic_overfitting": collapse} if collapse else {}),
         "skipped": skipped,
     }

@@ -1,140 +1,55 @@
-"""The tables this project adds to the paper's: DEAT against SGD-momentum at equal effective step, the objectives
-side by side (with fast AT's catastrophic overfitting), robust overfitting per run, and sensitivity to a study's
-sweep axes. Each builder returns ``(Table, list[dict])`` (see ``table_helpers``)."""
+"""The tables this project adds to the paper's (equal effective step: ``step_tables``): each method's best setting
+chosen on the validation split, the objectives side by side (with fast AT's catastrophic overfitting), robust
+overfitting per run, and sensitivity to a study's sweep axes. Each builder returns ``(Table, list[dict])`` (see
+``table_helpers``)."""
 
 from __future__ import annotations
-
-import math
 
 import pandas as pd
 
 from . import statistics
-from .formatting import (MASKED, MISSING, format_decay, format_delta, format_mean_std, format_p,
-                         format_percent, json_value, ordered, records, run_label)
-from .loading import (BASELINE, CHECKPOINTS, EVAL_METRICS, OUTER_STEP_LABELS, POINT_KEYS, TREATMENT,
-                      label_of, method_label, methods_of, study_aa_label, study_pgd_label)
+from .formatting import (MASKED, MISSING, format_decay, format_delta, format_mean_std, format_p, format_percent,
+                         json_value, ordered, records, run_label)
+from .loading import CHECKPOINTS, EVAL_METRICS, POINT_KEYS, label_of, methods_of, study_aa_label, study_pgd_label
 from .render import Table
-from .table_helpers import (DECAY_NOTE, EQUAL_STEP_RTOL, MATCHED_WORDS, ROBUST_COLUMN, comparison_record,
-                            decays_match, evaluation_notes, headline_metrics, masked_points, metric_words,
-                            missing_note, objective_cell, objective_column, outer_step_words, pairs_of, seeds_words,
-                            varies_batch_size, varies_variant)
+from .table_helpers import (ROBUST_COLUMN, evaluation_notes, headline_metrics, masked_points, metric_words,
+                            missing_note, seeds_words, varies_batch_size, varies_variant)
 
-# ------------------------------------------------------------------------------------------------ equal effective step
+# ------------------------------------------------------------------------------------------------ best setting
 
 
-def equal_step_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
-    """DEAT vs SGD-momentum at equal effective step (not equal α), per objective run with both outer steps (DEAT
-    vs PGD-AT in the paper's grid): runs of the same arch, b, seed and sweep variant whose effective steps agree
-    within 1 % relative, with each one's effective decay and whether the pair matches it too. Equal α is not an
-    equal step (SGD momentum 0.9: ≈10α; DEAT: ≈0.45α), nor an equal step an equal decay. The accuracy compared is
-    the study's headline: PGD-10 robust test accuracy, or clean test accuracy where training has no attack.
-
-    Returns the table and summary records: one per pair ("kind": "pair") and, for pairings with ≥ 2 seeds, the
-    mean Δ with its CONFIDENCE t-interval over seeds ("kind": "mean_over_seeds"), each naming its "metric"."""
-    pairs = pairs_of(runs)
-    metric = "clean_acc" if len(runs) and (runs.train_pgd_steps == 0).all() else "pgd10_acc"
-    words = metric_words(metric, runs)
-    present = set(runs.method)
-    if len(pairs) > 1:
-        base, treat = OUTER_STEP_LABELS["sgd"], OUTER_STEP_LABELS["deat"]
-    else:  # one pair, or none (the paper's names on an empty table)
-        _, baseline, treatment = (pairs or [("pgd_at", BASELINE, TREATMENT)])[0]
-        base = label_of(runs, baseline) if baseline in present else method_label(baseline)
-        treat = label_of(runs, treatment) if treatment in present else method_label(treatment)
+def best_setting_table(runs: pd.DataFrame, best: list[dict]) -> Table:
+    """Each method's best setting (selection.best_settings: chosen on the validation split, seed means), its test
+    accuracy, the setting the test accuracy would have picked, and for an SGD-momentum method the comparisons at
+    that α (equal α, equal step) with their verdicts. Its records are summary.json's best_setting."""
     with_variant = varies_variant(runs)
-    columns = objective_column(pairs) + ["arch", "b", "seed"] + (["variant"] if with_variant else []) + [
-        f"α {base}", f"α {treat}", "effective step", f"decay {base}", f"decay {treat}", "matched",
-        f"{base} best", f"{treat} best", "Δ best", f"{base} last", f"{treat} last", "Δ last"]
-    rows, summary, members, deltas = [], [], [], {}
-    for objective, baseline, treatment in pairs:
-        sgd_runs, deat_runs = runs[runs.method == baseline], runs[runs.method == treatment]
-        for sgd in sgd_runs.sort_values(["arch", "batch_size", "lr", "seed"]).itertuples():
-            same = ((deat_runs.arch == sgd.arch) & (deat_runs.batch_size == sgd.batch_size)
-                    & (deat_runs.seed == sgd.seed))
-            if sgd.variant:  # a swept study lists an SGD run its sweep does not change under every variant
-                same &= deat_runs.variant == sgd.variant
-            for deat in deat_runs[same].itertuples():
-                if not math.isclose(sgd.effective_step, deat.effective_step, rel_tol=EQUAL_STEP_RTOL):
-                    continue
-                members += [sgd.Index, deat.Index]
-                decay_matched = decays_match(sgd.effective_decay, deat.effective_decay)
-                cells = objective_cell(pairs, objective) + [sgd.arch, str(sgd.batch_size), str(sgd.seed)] + (
-                    [deat.variant] if with_variant else []) + [
-                    f"{sgd.lr:g}", f"{deat.lr:g}", f"{sgd.effective_step:.4g}", format_decay(sgd.effective_decay),
-                    format_decay(deat.effective_decay), MATCHED_WORDS[decay_matched]]
-                pairing = {"kind": "pair", **comparison_record(pairs, baseline, treatment), "metric": metric,
-                           "arch": sgd.arch, "batch_size": sgd.batch_size,
-                           **({"variant": deat.variant} if with_variant else {}),
-                           f"lr_{baseline}": sgd.lr, f"lr_{treatment}": deat.lr}
-                record = {**pairing, "seed": sgd.seed,
-                          f"effective_step_{baseline}": sgd.effective_step,
-                          f"effective_step_{treatment}": deat.effective_step,
-                          f"effective_decay_{baseline}": sgd.effective_decay,
-                          f"effective_decay_{treatment}": deat.effective_decay, "decay_matched": decay_matched}
-                group = deltas.setdefault((objective, baseline, treatment, deat.variant, sgd.lr, deat.lr,
-                                           sgd.arch, sgd.batch_size, decay_matched),
-                                          {"record": {**pairing, "decay_matched": decay_matched},
-                                           **{checkpoint: [] for checkpoint in CHECKPOINTS}})
-                for checkpoint in CHECKPOINTS:
-                    column = f"eval_{checkpoint}_{metric}"
-                    before, after = getattr(sgd, column), getattr(deat, column)
-                    masked = {run: metric != "clean_acc" and getattr(run, f"eval_{checkpoint}_masking")
-                              for run in (sgd, deat)}  # masking concerns robust accuracy only
-                    cells += [format_percent(before) + (MASKED if masked[sgd] else ""),
-                              format_percent(after) + (MASKED if masked[deat] else ""),
-                              format_delta(after - before)]
-                    record.update({f"{baseline}_{checkpoint}_acc": before, f"{treatment}_{checkpoint}_acc": after})
-                    group[checkpoint].append(after - before)
-                rows.append(cells)
-                summary.append({key: json_value(value) for key, value in record.items()})
-
-    interval_words = f"{statistics.CONFIDENCE:.0%} CI"
-    mean_notes = []
-    for (objective, baseline, treatment, variant, lr_sgd, lr_deat, arch, batch_size, decay_matched), group in \
-            deltas.items():
-        by_checkpoint = {c: [v for v in group[c] if not pd.isna(v)] for c in CHECKPOINTS}
-        if max(map(len, by_checkpoint.values())) < 2:  # one seed (or one evaluated pair): the rows say it all
-            continue
-        record, parts = {**group["record"], "kind": "mean_over_seeds"}, []
-        for checkpoint, values in by_checkpoint.items():
-            mean, low, high = statistics.mean_with_interval(values)
-            record.update({f"n_pairs_{checkpoint}": len(values), f"mean_delta_{checkpoint}": mean,
-                           f"ci_low_{checkpoint}": low, f"ci_high_{checkpoint}": high})
-            seeds = f"{len(values)} seed{'s' * (len(values) != 1)}"
-            parts.append(f"Δ {checkpoint} {format_delta(mean)} ("
-                         + (f"{interval_words} {format_delta(low)} to {format_delta(high)}, " if not pd.isna(low)
-                            else "") + f"{seeds})")
-        summary.append({key: json_value(value) for key, value in record.items()})
-        mean_notes.append(f"{arch} b={batch_size}{' ' + variant if variant else ''}, {label_of(runs, baseline)} "
-                          f"α={lr_sgd:g} vs {label_of(runs, treatment)} α={lr_deat:g} "
-                          f"({MATCHED_WORDS[decay_matched]}): " + "; ".join(parts) + ".")
-
-    notes = []
-    if rows:
-        in_pairs = runs.loc[sorted(set(members))]
-        notes += missing_note(in_pairs, [f"eval_{checkpoint}_{metric}" for checkpoint in CHECKPOINTS])
-        notes += evaluation_notes(in_pairs, with_skipped=False) if metric != "clean_acc" else []
-        notes.append(DECAY_NOTE)
-    if len(pairs) > 1:
-        notes.append("Effective step: step per unit gradient, lr/(1−m) for SGD with momentum m and "
-                     "lr/√((1+k1)²+k1²) for DEAT's outer step, whatever the objective (deat.effective, from each "
-                     f"run's settings); {words} (%) per run, Δ = {outer_step_words()} under the same "
-                     "objective (pp).")
-        caption = f"{treat} vs {base} per objective at equal effective step (within 1 %), {words} (%) per run"
-    else:
-        notes.append(f"Effective step: step per unit gradient, lr/(1−m) for {base} with SGD momentum m and "
-                     f"lr/√((1+k1)²+k1²) for {treat} (deat.effective, from each run's settings); {words} "
-                     f"(%) per run, Δ = {treat} − {base} (pp).")
-        caption = f"{treat} vs {base} at equal effective step (within 1 %), {words} (%) per run"
-    if with_variant:
-        notes.append("Pairs are formed within a sweep variant; a run the variant's setting does not change (PGD-AT "
-                     "under a DEAT-only setting) is the same run under every variant.")
-    if mean_notes:
-        notes.append(f"Mean Δ over the seeds of each pairing, with a {statistics.CONFIDENCE:.0%} t-interval over "
-                     "its per-seed Δ (scipy.stats.ttest_1samp): " + " ".join(mean_notes))
-    scope = "of one objective (same arch, b, seed)" if len(pairs) > 1 else "(same arch, b, seed)"
-    empty = f"No {treat}/{base} pair {scope} in this study has effective steps within 1 % of each other."
-    return Table("equal_effective_step", caption, columns, rows, notes, empty_message=empty), summary
+    columns = ["arch", "method", "α", "b"] + (["variant"] if with_variant else []) + [
+        "seeds", "validation acc (chosen on)", "test acc", "test would pick", "at this α / step (best checkpoint)"]
+    rows = []
+    for record in best:
+        pick = record["test_would_pick"]
+        picked = MISSING if pick is None else (f"α={pick['lr']:g} b={pick['batch_size']}"
+                                               + (f" {pick['variant']}" if pick["variant"] else "")
+                                               + f" ({format_percent(pick['test_acc'])})")
+        verdicts = [f"equal α, {metric_words(r['metric'], runs).replace(' test accuracy', '')}: Δ {format_delta(r['mean'])} ({r['verdict']})"
+                    for r in record.get("at_this_alpha", [])] + [
+            f"equal step with DEAT α={r['treatment_lr']:g}: Δ {format_delta(r['mean'])} ({r['verdict']})"
+            for r in record.get("at_this_step", [])]
+        rows.append([record["arch"], label_of(runs, record["method"]), f"{record['lr']:g}",
+                     str(record["batch_size"])] + ([record["variant"]] if with_variant else []) + [
+                     str(record["n_seeds"]),
+                     format_percent(record["val_acc"]), format_percent(record["test_acc"]), picked,
+                     "; ".join(verdicts) or MISSING])
+    chosen = best[0]["chosen_on"].split(": ", 1)[-1] if best else "the validation accuracy"
+    notes = [(f"Best setting: chosen on validation, never on the test images it reports: per method the grid point "
+             f"with the highest validation accuracy of the checkpoint training kept ({chosen}; ties to the first "
+             "in grid order). Test acc: the "
+             "evaluation's headline accuracy of the best checkpoint at that point (eval.json, seed mean). Test would "
+             "pick: the point the test accuracy itself would have chosen, shown to make the winner's curse visible; "
+             "nothing else in the report is chosen on it. At this α / step: the equal-α test (table4_paired_ttest) "
+             "and the equal-step pairings (equal_effective_step_mean) at an SGD-momentum method's chosen α.")]
+    return Table("best_setting", "Each method's best setting, chosen on the validation split", columns, rows, notes,
+                 empty_message="No run has a validation accuracy in its metrics.json.")
 
 
 # ------------------------------------------------------------------------------------------------ objectives

@@ -17,9 +17,10 @@ import math
 import numpy as np
 import pandas as pd
 
-from .formatting import (MASKED, MISSING, PARTIAL, ordered, point_label, run_label)
+from .formatting import MASKED, MISSING, PARTIAL, format_delta, format_p, ordered, point_label, run_label
 from .loading import (BASELINE, CHECKPOINTS, EVAL_METRICS, OBJECTIVE_LABELS, OUTER_STEP_LABELS, POINT_KEYS, TREATMENT,
                       label_of, methods_of, objective_pairs, study_aa_label)
+from .power import CONFIDENCE, PAPER_EFFECT, POSSIBLE_RANGE
 
 EQUAL_STEP_RTOL = 0.01  # "equal effective step": within 1 % relative (math.isclose semantics)
 ROBUST_COLUMN = "eval_best_pgd10_acc"  # the paper's Table 2 metric: PGD-10 robust test accuracy, best checkpoint
@@ -190,6 +191,74 @@ def evaluation_notes(runs: pd.DataFrame, checkpoints=CHECKPOINTS, with_skipped: 
 def masked_points(runs: pd.DataFrame, checkpoint: str) -> set[tuple]:
     return {tuple(getattr(r, k) for k in POINT_KEYS) for r in masked_runs(runs, [checkpoint]).itertuples()}
 
+
+
 def headline_metrics(runs: pd.DataFrame) -> list[str]:
     return [metric for metric in EVAL_METRICS
             if any(runs[f"eval_{c}_{metric}"].notna().any() for c in CHECKPOINTS)]
+
+
+# ------------------------------------------------------------------------------------------------ comparison rows
+
+COMPARISON_COLUMNS = ["n", "mean Δ (pp)", "sd (pp)", "95% CI (pp)", "MDE 80% (pp)", "excludes +1.2", "t", "df", "p",
+                      "p Holm", "verdict"]
+YES_NO = {True: "yes", False: "no", None: MISSING}
+
+
+def interval_text(low: float, high: float, df) -> str:
+    """"[-3.70, +3.00]"; one reaching past ±100 points (a difference of accuracies cannot) also names its df,
+    "[-155.08, +54.58] (df 1)": it says only that n is too small."""
+    if pd.isna(low) or pd.isna(high):
+        return MISSING
+    text = f"[{100 * low:+.2f}, {100 * high:+.2f}]"
+    return text + (f" (df {df})" if max(abs(low), abs(high)) > POSSIBLE_RANGE else "")
+
+
+def comparison_cells(record: dict, n_text: str) -> list[str]:
+    """The COMPARISON_COLUMNS cells of one test record (comparisons.all_tests), differences in points."""
+    def number(value, digits=2):
+        return MISSING if pd.isna(value) else f"{value:.{digits}f}"
+
+    return [n_text, format_delta(record["mean"]), number(100 * record["sd"]),
+            interval_text(record["ci_low"], record["ci_high"], record["df"]), number(100 * record["mde"]),
+            YES_NO[record["excludes_paper"]], number(record["t"]), MISSING if record["df"] is None else str(record["df"]),
+            format_p(record["p"]), format_p(record.get("p_holm", float("nan"))), record["verdict"]]
+
+
+def comparison_notes(runs: pd.DataFrame, comparisons, table: str) -> list[str]:
+    """Footnotes every comparison table shares: what n, sd, the interval, the MDE and the verdict are, which
+    family the Holm adjustment runs over, and the matches left out as not like-for-like."""
+    pairs = pairs_of(runs)
+    delta = delta_words(runs, *pairs[0][1:]) if len(pairs) == 1 else outer_step_words()  # none: the generic words
+    families = "; ".join(
+        f"{metric_words(metric, runs).replace(' test accuracy', '')}: {family['size']} tests ("
+        + " and ".join(family["tables"]) + ")" for metric, family in comparisons.families.items())
+    notes = [
+        (f"n: the paired differences the row's test uses (pairs of runs, α means, seeds or pairings); sd: their sample "
+        f"sd (pp); {CONFIDENCE:.0%} CI: two-sided t-interval with df = n − 1 (scipy.stats.ttest_1samp), an interval "
+        f"reaching past ±100 points also names its df; MDE 80%: the smallest true mean Δ a two-sided paired t-test "
+        f"at 5 % detects with 80 % power at this n (statsmodels TTestPower.solve_power for the effect size, times "
+        f"the sd); excludes +1.2: whether the interval leaves out the paper's claimed gain of DEAT over PGD-AT "
+        f"(+{100 * PAPER_EFFECT:g} points of robust accuracy, Table 4 of Sun et al. 2023; the same yardstick for "
+        f"every metric). {MISSING}: fewer than 2 differences, or "
+        "an sd of 0 (every difference equal at the evaluation's resolution: the interval shrinks to the mean, t is "
+        "undefined and the verdict is \"inconclusive at this size\")."),
+        ("verdict: \"DEAT better\" / \"DEAT worse\" (DEAT's outer step against SGD-momentum under one objective) only "
+        f"where the {CONFIDENCE:.0%} interval excludes 0; \"no difference as large as the paper's\" only where it "
+        f"contains 0 and excludes +{100 * PAPER_EFFECT:g}; otherwise \"inconclusive at this size\". Verdicts read the "
+        "unadjusted interval."),
+        "p Holm: p adjusted by Holm's method (statsmodels multipletests, method \"holm\") within one family per "
+        f"metric: every test this study's tables report for {delta} on that metric, both checkpoints, "
+        "every objective and sweep variant: Table 4's per-α, α-as-the-unit and pooled tests and the equal-step "
+        "pairings' tests (per pairing, and with the step as the unit) where the study compares that metric at "
+        "equal step; a test shown twice (the pooled test at a single α is that α's test) counts once. "
+        + (f"Families: {families}." if families else "")]
+    unlike = [item for item in comparisons.unlike if item["table"] == table]
+    if unlike:
+        grouped: dict[str, list[str]] = {}
+        for item in unlike:
+            grouped.setdefault(item["why"], []).append(item["what"])
+        notes.append("Left out, not like-for-like (the two runs' evaluations follow a different robust-accuracy rule "
+                     "or protocol, eval.json settings; a different draw of random starts alone would not count): "
+                     + "; ".join(f"{', '.join(whats)} ({why})" for why, whats in grouped.items()) + ".")
+    return notes
