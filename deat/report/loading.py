@@ -269,15 +269,58 @@ def _run_record(run: dict, protocol: dict, runs_root: Path) -> tuple[dict, list[
         record[f"eval_{checkpoint}_skipped"] = "; ".join(f"{attack} ({why})" for attack, why in
                                                         (result.get("skipped_attacks") or {}).items())
     record.update(extras)
+    record.update(_later_columns(metrics, evaluation, sweep, protocol))
 
     identity = {key: record[key] for key in ("arch", "method", "label", "variant", "lr", "batch_size", "seed")}
     epoch_rows = [{**identity, "epoch": entry["epoch"], "train_robust_acc": _fraction(entry.get("train_robust_acc")),
                    "test_pgd_acc": _fraction(entry.get("test_pgd_acc")),
                    "test_clean_acc": _fraction(entry.get("test_clean_acc")),
                    "epoch_time_s": _fraction(entry.get("epoch_time_s")),
-                   "images_per_s": _fraction(entry.get("images_per_s"))}
+                   "images_per_s": _fraction(entry.get("images_per_s")),
+                   **{key: _fraction(entry.get(key)) for key in LATER_EPOCH_COLUMNS}}
                   for entry in metrics.get("epochs", [])]
     return record, epoch_rows
+
+
+# Per-epoch values of issues 21 and 22, NaN where a run has none: the averaged model's accuracies, the validation
+# curve the collapse rule reads, and the probes.
+LATER_EPOCH_COLUMNS = ["val_pgd_acc", "ema_test_pgd_acc", "ema_val_pgd_acc", "probe_lr", "probe_grad_trace_sigma",
+                       "probe_grad_norm_sq", "probe_b_simple", "probe_diffusion", "probe_diffusion_effective",
+                       "probe_update_trace_cov", "probe_update_mean_norm", "probe_time_s"]
+# The averaged model's checkpoints (ema_tau > 0): evaluated like best and last, named so in every table.
+EMA_CHECKPOINTS = ("best_ema", "last_ema")
+CHECKPOINT_LABELS = {"best": "best", "last": "last", "best_ema": "best (EMA)", "last_ema": "last (EMA)"}
+
+
+def _later_columns(metrics: dict, evaluation: dict, sweep: dict, protocol: dict) -> dict:
+    """Columns of issues 21, 22 and 24 (weight averaging, collapses, probes, the robust gap, flatness, peak memory):
+    NaN or empty for runs written before them."""
+    config = metrics.get("config", {})
+    columns = {
+        "ema_tau": float(config.get("ema_tau", sweep.get("ema_tau", protocol.get("ema_tau", 0.0))) or 0.0),
+        "peak_memory_mb": _fraction(metrics.get("peak_memory_mb")),
+        "memory_kind": metrics.get("memory"),
+        # A tuple (rows are hashed by some tables): the per-epoch validation PGD accuracy the collapse rule reads.
+        "metrics_val_pgd_curve": tuple(entry.get("val_pgd_acc") for entry in metrics.get("epochs", [])),
+        "metrics_final_val_pgd_acc": _fraction((metrics.get("epochs") or [{}])[-1].get("val_pgd_acc")),
+        "stopped_early_epoch": _fraction((metrics.get("stopped_early") or {}).get("epoch")),
+    }
+    for which in ("best_ema", "last_ema"):
+        columns[f"metrics_{which}_test_pgd_acc"] = _fraction((metrics.get(which) or {}).get("test_pgd_acc"))
+        columns[f"metrics_{which}_epoch"] = _fraction((metrics.get(which) or {}).get("epoch"))
+    checkpoints = evaluation.get("checkpoints", {})
+    for checkpoint in CHECKPOINTS + EMA_CHECKPOINTS:
+        result = checkpoints.get(checkpoint, {})
+        if checkpoint in EMA_CHECKPOINTS:
+            for key in (*EVAL_METRICS, "pgd_acc"):
+                columns[f"eval_{checkpoint}_{key}"] = _fraction(result.get(key))
+            columns[f"eval_{checkpoint}_masking"] = "; ".join(result.get("masking_flags") or [])
+        # The robust gap measured alike on both sides (issue 22): PGD-10 on training images vs on the test subset.
+        columns[f"eval_{checkpoint}_train_pgd10_acc"] = _fraction(result.get("train_pgd10_acc"))
+        columns[f"eval_{checkpoint}_train_clean_acc"] = _fraction(result.get("train_clean_acc"))
+        # As JSON text (a hashable cell); figures and tables parse it back.
+        columns[f"eval_{checkpoint}_flatness"] = json.dumps(result["flatness"]) if result.get("flatness") else ""
+    return columns
 
 
 def _peak_epoch(epochs: list[dict], test_pgd: list[float]) -> float:
@@ -300,14 +343,21 @@ def _mean(values: list) -> float:
 
 
 EPOCH_COLUMNS = ["arch", "method", "label", "variant", "lr", "batch_size", "seed", "epoch", "train_robust_acc",
-                 "test_pgd_acc", "test_clean_acc", "epoch_time_s", "images_per_s"]
+                 "test_pgd_acc", "test_clean_acc", "epoch_time_s", "images_per_s", *LATER_EPOCH_COLUMNS]
 # Columns added for the objectives table (issue 16). runs.csv leaves them out, so that regenerating a committed
 # study's report rewrites none of its files; adding them to runs.csv is a deliberate change of its format.
 RUNS_CSV_LEAVES_OUT = ("objective", "outer_step", "awp_gamma", "device", "mean_epoch_time_s", "mean_images_per_s",
                        "metrics_min_test_pgd_acc", "metrics_max_test_pgd_acc", "eval_pgd_label", "eval_best_pgd_acc",
                        "eval_last_pgd_acc", "metrics_peak_epoch", "metrics_best_val_pgd_acc",
                        "metrics_best_val_clean_acc", "eval_protocol", "metrics_wall_time_s", "eval_wall_time_s",
-                       "epochs_run")
+                       "epochs_run", "ema_tau", "peak_memory_mb", "memory_kind", "metrics_val_pgd_curve",
+                       "metrics_final_val_pgd_acc", "stopped_early_epoch", "metrics_best_ema_test_pgd_acc",
+                       "metrics_best_ema_epoch", "metrics_last_ema_test_pgd_acc", "metrics_last_ema_epoch",
+                       *(f"eval_{c}_{key}" for c in ("best_ema", "last_ema") for key in ("pgd10_acc", "clean_acc",
+                                                                                         "aa_acc", "pgd_acc",
+                                                                                         "masking")),
+                       *(f"eval_{c}_{key}" for c in ("best", "last", "best_ema", "last_ema")
+                         for key in ("train_pgd10_acc", "train_clean_acc", "flatness")))
 
 
 def load_runs(manifest: dict, runs_root: str | Path = ".") -> tuple[pd.DataFrame, pd.DataFrame]:
