@@ -556,6 +556,10 @@ def test_progress_lines_give_each_attack_its_start_end_and_eta(run_copy, capsys)
     out = capsys.readouterr().out
     assert "best pgd10: started on 40 examples" in out
     assert "best pgd: started on 80 examples x restarts (at most: restarts attack survivors)" in out
-    assert re.search(r"best pgd10: 8/40 examples, \d+ s elapsed, ETA \d+ s", out)
+    assert re.search(r"best pgd10: \d/40 examples, \d+ s elapsed, ETA \d+ s", out)  # block 0: its survivors
     assert re.search(r"best aa/apgd-ce: \d+/\d+ examples, \d+ s elapsed, ETA \d+ s", out)
-    assert re.search(r"best aa/apgd-ce: acc [\d.]+% on \d+ examples, [\d.]+ s", out)
+    # Issue 26.8: the accuracy is over all 40 examples, the attack ran on those still robust before it.
+    clean = re.search(r"best clean: acc ([\d.]+)% of 40 examples, ", out)
+    pgd10 = re.search(r"best pgd10: acc [\d.]+% of 40 examples \((\d+) attacked\), [\d.]+ s", out)
+    assert clean and pgd10 and int(pgd10[1]) == round(float(clean[1]) * 40 / 100)
+    assert re.search(r"best aa/apgd-ce: acc [\d.]+% of 40 examples \(\d+ attacked\), [\d.]+ s", out)
