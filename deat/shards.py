@@ -58,7 +58,7 @@ def too_many_shards(count: int, n_examples: int, batch_size: int) -> str | None:
         return None
     smaller = -(-n_examples // count)  # the largest batch_size that makes `count` blocks
     return (f"{count} shards but {n_examples} examples make only {blocks} block(s) of batch_size {batch_size}: "
-            f"use at most {blocks} shards, or lower batch_size to {smaller} or less")
+            f"use at most {blocks} shards, or a batch_size of at most {smaller}")
 
 
 def split(n_examples: int, batch_size: int, count: int) -> list[tuple[int, int]]:
@@ -151,9 +151,9 @@ def check_coverage(ranges: list[tuple[int, int]], n_examples: int, batch_size: i
     for (start, stop), name in zip(ranges, names):
         if start != at:
             what = "overlaps the one before" if start < at else f"leaves examples [{at}, {start}) unevaluated"
-            raise ValueError(f"shard {name} (examples [{start}, {stop})) {what}")
+            raise ValueError(f"shard file {name} (examples [{start}, {stop})) {what}")
         if start % batch_size or (stop % batch_size and stop != n_examples):
-            raise ValueError(f"shard {name} (examples [{start}, {stop})) does not start and end on blocks of "
+            raise ValueError(f"shard file {name} (examples [{start}, {stop})) does not start and end on blocks of "
                              f"batch_size {batch_size}")
         at = stop
     if at != n_examples:
