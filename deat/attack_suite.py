@@ -153,7 +153,7 @@ def evaluate_checkpoint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sett
     """
     times = entry.setdefault("wall_time_s", {})
     positions = entry.setdefault("robust_positions", {})
-    n, batch_size, eps, norm = len(y), settings["batch_size"], settings["eps"], settings["norm"]
+    n, batch_size = len(y), settings["batch_size"]
     blocks = _blocks(n, batch_size)
     entry["skipped_attacks"] = dict(settings.get("autoattack_skipped", {}))
     for attack, reason in entry["skipped_attacks"].items():
