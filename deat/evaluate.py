@@ -414,6 +414,8 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
     if shard and merge:
         raise ValueError("--shard and --merge exclude each other: a shard job attacks, a merge job joins shard files")
     shard = parse_shard(shard) if shard else None
+    if shard and getattr(args, "mlflow", None):
+        log("--mlflow: a shard logs nothing to MLflow; the merge of all shards does")
     run_dir = Path(args.run_dir)
     device = torch.device("cpu") if merge else resolve_device(args.device)  # a merge computes nothing
 
