@@ -29,24 +29,48 @@ eval/<checkpoint>/masking_flagged = 1 (0 when none).
 
 Examples: the first n of torch.randperm(N_test) drawn with seed `--example-seed`, sorted, the rule train.py
 uses for its per-epoch test subset (so with seed 0 and n = eval_examples both see the same images); eval.json
-records the rule and a sha256 of the index list. Seeds: each PGD attack draws its random starts from a fresh
-generator seeded with ATTACK_SEED, and AutoAttack gets seed=ATTACK_SEED, so every (checkpoint, attack) result
-can be recomputed alone (on the same device) and a resumed evaluation equals an uninterrupted one.
+records the rule and a sha256 of the index list.
+
+Blocks and seeds: the n examples are cut into fixed blocks of `--batch-size` consecutive examples, and every
+attack (PGD-10, PGD-k×R, each AutoAttack attack) runs block by block on that block's survivors only, never
+packing survivors of several blocks into one batch. Block b's attacks draw their random starts from fresh
+generators seeded with deat.shards.block_seed(ATTACK_SEED, b) (each PGD attack a torch.Generator, AutoAttack its
+seed), and block 0's seed is ATTACK_SEED itself. So every (checkpoint, attack, block) result can be recomputed
+alone (on the same device), a resumed evaluation equals an uninterrupted one, and a sharded one equals an
+unsharded one. With n <= batch size there is one block, seeded as every evaluation was before blocks existed:
+the result is bit for bit the earlier one. With n > batch size the random starts differ from those of deat
+versions before blocks (which seeded the whole evaluation once and packed survivors across batches), and the
+settings say so: `settings["seeding"]` is recorded then only, so one-block evaluations keep their settings and
+their results stay up to date.
+
+Sharding (`--shard I/N`, `--merge`; rules in deat.shards): shard I of N attacks the whole blocks
+[⌊(I-1)·B/N⌋, ⌊I·B/N⌋) of the B blocks and writes a shard file (per checkpoint and metric, the positions each
+attack left robust), resumable through its own partial file; `--merge SHARD_FILE...` joins the shards of one
+evaluation, attacking nothing, into the eval.json an unsharded evaluation writes, with the accuracies, worst
+case and masking checks computed on the merged per-example outcomes. The shard count is in neither the settings
+nor the file name: the merged file differs from an unsharded one only in wall times (summed over the shards) and
+`environment` (the first shard's, with each shard's under "shards").
+
 ε = 0 admits no perturbation: every attack then returns the clean accuracy by definition, and AutoAttack is not
 run (its Square attack would spend 5,000 queries per example finding nothing).
-Models are evaluated in fp32 with BatchNorm in eval mode, whatever precision they were trained in.
+Models are evaluated in fp32 with BatchNorm in eval mode, whatever precision they were trained in; no reduced
+precision is offered for evaluation. On CUDA, `--channels-last` and `--cudnn-benchmark` pick faster kernels for the
+same fp32 convolutions (off by default; docs/benchmarks.md): like the device, they are recorded in the environment,
+not in the settings, since they change results no more than GPU kernels' own nondeterminism does.
 
 Batch size and memory: `--batch-size` (default 500) examples go through each attack at once, AutoAttack's
-attacks included. Memory grows linearly with it: a batch holds the model's activations for a forward and a
-backward pass (PGD, APGD, Square: one input gradient; FAB-T: the gradients of two logits) plus a few copies of
-the batch's images; docs/benchmarks.md has measured times per batch size.
+attacks included; it also fixes the blocks above, so it is one of the settings. Memory grows linearly with it: a
+batch holds the model's activations for a forward and a backward pass (PGD, APGD, Square: one input gradient;
+FAB-T: the gradients of two logits) plus a few copies of the batch's images; docs/benchmarks.md has measured
+times per batch size.
 
 Cost: a checkpoint is attacked once per content: its weights' sha256 (`weights_sha256`) keys the result, so when
 best.pt and last.pt hold the same weights the second reuses the first's result (`reused_from`: "best"). Each
 finished checkpoint result is also kept in eval_cache/<weights sha256>_<settings sha256>.json beside the output;
 a rerun whose output file was deleted rebuilds it from there in seconds (`reused_from`: that file's name).
-Progress lines: each attack's start and end with its time, and every `--log-interval-s` seconds (default 30) the
-examples done with an ETA for that attack.
+Progress lines: each attack's start and end with its time ("best pgd10: acc 43.00% of 100 examples (58 attacked)":
+the accuracy is over all examples, the attack ran on those still robust before it), and every `--log-interval-s`
+seconds (default 30) the examples done with an ETA for that attack.
 
 Resume: after each finished (checkpoint, attack) pair, and after each attack inside AutoAttack (with the mask of
 still-robust examples), progress goes to a partial file beside the output (eval.json -> eval.partial.json); a
@@ -79,13 +103,16 @@ from .checkpoint import load_checkpoint, write_json
 from .config import parse_number
 from .data import load_dataset
 from .models import build_model
-from .attack_suite import ATTACK_SEED, PGD10_STEPS, ROBUST_RULE, evaluate_checkpoint
+from .attack_suite import ATTACK_SEED, PGD10_STEPS, ROBUST_RULE, evaluate_checkpoint, summarize
 from .autoattack_runner import (AUTOATTACK_STANDARD, AUTOATTACK_TARGETS, aa_label, attacks_not_runnable,
                                 autoattack_target_classes)
 from .masking import sanity_warnings
 from .runtime import environment, resolve_device
+from .shards import (check_coverage, globalize, merge_entries, n_blocks, parse_shard, shard_examples,
+                     shard_path)
 
 CHECKPOINTS = ("best", "last")
+SEEDING = "per block of batch_size examples: block b seeded with deat.shards.block_seed(attack_seed, b)"
 
 # ------------------------------------------------------------------------------------------- building blocks
 
@@ -193,7 +220,9 @@ def resolve_settings(args: argparse.Namespace, run_config: dict[str, Any], n_tes
             "num_classes": num_classes,
             "autoattack_target_classes": autoattack_target_classes(num_classes or AUTOATTACK_TARGETS + 1),
             "aa_label": aa_label(running), "robust_rule": ROBUST_RULE,
-            "attack_seed": ATTACK_SEED, "batch_size": args.batch_size, "precision": "fp32"}
+            "attack_seed": ATTACK_SEED, "batch_size": args.batch_size, "precision": "fp32",
+            # Only where it changes something: one block is seeded as every evaluation was before blocks existed.
+            **({"seeding": SEEDING} if n_examples > args.batch_size else {})}
 
 
 def _examples_record(indices: torch.Tensor, n_test: int, seed: int) -> dict[str, Any]:
@@ -244,6 +273,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "every AutoAttack attack; memory grows linearly with it (default: 500)")
     parser.add_argument("--log-interval-s", type=float, default=30.0, help="seconds between progress lines inside "
                         "an attack (default: 30)")
+    group = parser.add_argument_group("sharding (the result does not depend on it; see deat.shards)")
+    group.add_argument("--shard", metavar="I/N", default=None, help="evaluate only shard I of N (whole blocks of "
+                       "batch-size examples) and write a shard file (default --out: RUN_DIR/eval.shard_START-STOP"
+                       ".json); resumable like a whole evaluation")
+    group.add_argument("--merge", nargs="+", metavar="SHARD_FILE", default=None, help="join these shard files "
+                       "(every shard of the same settings, examples and checkpoints) into --out, attacking nothing")
+    group = parser.add_argument_group("speed on CUDA (ignored on other devices; never part of the settings)")
+    group.add_argument("--channels-last", action="store_true", help="model and images in channels_last memory "
+                       "format")
+    group.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its convolution algorithms "
+                       "for each new input shape")
     return parser
 
 
@@ -283,9 +323,11 @@ ENTRY_KEYS = ("epoch", "clean_acc", "pgd10_acc", "pgd_acc", "aa_acc", "worst_cas
               "skipped_attacks", "masking_flags", "masking_checks", "wall_time_s", "weights_sha256", "reused_from")
 
 
-def cache_path(out: Path, weights_sha: str, settings_sha: str) -> Path:
-    """Where a finished checkpoint result is kept: eval_cache/ beside the output, one file per (weights, settings)."""
-    return out.parent / "eval_cache" / f"{weights_sha[:16]}_{settings_sha[:16]}.json"
+def cache_path(out: Path, weights_sha: str, settings_sha: str, examples: tuple[int, int] | None = None) -> Path:
+    """Where a finished checkpoint result is kept: eval_cache/ beside the output, one file per (weights, settings),
+    and per examples [start, stop) for a shard's result."""
+    part = "" if examples is None else f"_{examples[0]}-{examples[1]}"
+    return out.parent / "eval_cache" / f"{weights_sha[:16]}_{settings_sha[:16]}{part}.json"
 
 
 def _read_cache(path: Path, identity: dict[str, Any], weights_sha: str) -> dict[str, Any] | None:
@@ -300,9 +342,66 @@ def _finished(entry: dict[str, Any] | None) -> bool:
     return entry is not None and "masking_flags" in entry  # set last by evaluate_checkpoint
 
 
+def _speed_options(args: argparse.Namespace, device: torch.device, models: dict, x: torch.Tensor,
+                   log: Callable[[str], None]) -> tuple[torch.Tensor, dict[str, bool]]:
+    """Apply --channels-last and --cudnn-benchmark on CUDA; elsewhere say they are ignored. They choose among
+    kernels computing the same fp32 convolutions, so they change results only as GPU kernels' own
+    nondeterminism does: they are recorded in the environment, never in the settings (docs/design.md)."""
+    asked = {"channels_last": bool(getattr(args, "channels_last", False)),
+             "cudnn_benchmark": bool(getattr(args, "cudnn_benchmark", False))}
+    if not any(asked.values()):
+        return x, {}
+    if device.type != "cuda":
+        log(f"{', '.join(k for k, v in asked.items() if v)}: CUDA only; on {device} the plain path runs")
+        return x, {k: False for k in asked}
+    torch.backends.cudnn.benchmark = asked["cudnn_benchmark"]
+    if asked["channels_last"]:
+        for model, _ in models.values():
+            model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, asked
+
+
+def _merge_shards(files: list[str], identity: dict[str, Any], names: list[str], n: int,
+                  batch_size: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, str]]:
+    """({checkpoint: merged entry}, environment, versions) from shard files of this evaluation (any order).
+
+    Each file must be a shard file of the same settings, examples and checkpoint files, and together they must
+    cover every example along block edges; ValueError naming the file otherwise.
+    """
+    shards = []
+    for name in files:
+        data = _read_json(Path(name))
+        if data is None:
+            raise ValueError(f"shard file {name} is missing or unreadable: evaluate its shard (--shard I/N) first")
+        if "shard" not in data:
+            raise ValueError(f"{name} is no shard file (it has no 'shard' record)")
+        differ = sorted(k for k in identity if not _same_json(data.get(k), identity[k]))
+        if differ:
+            raise ValueError(f"shard file {name} was written for other {', '.join(differ)} than this merge; pass "
+                             f"the flags its shard was evaluated with, or evaluate it again")
+        missing = sorted(set(names) - set(data["checkpoints"]))
+        if missing:
+            raise ValueError(f"shard file {name} has no result for checkpoint(s) {missing}")
+        shards.append((tuple(data["shard"]["examples"]), name, data))
+    shards.sort(key=lambda s: s[0])
+    check_coverage([s[0] for s in shards], n, batch_size, [s[1] for s in shards])
+    versions = {json.dumps(s[2]["versions"], sort_keys=True) for s in shards}
+    if len(versions) > 1:
+        raise ValueError(f"the shards were attacked with different software versions: {sorted(versions)}; "
+                         f"evaluate them again with one")
+    entries = {c: merge_entries([s[2]["checkpoints"][c] for s in shards]) for c in names}
+    env = {**shards[0][2]["environment"],
+           "shards": [{"examples": list(s[0]), "environment": s[2]["environment"], "wall_time_s": s[2]["wall_time_s"]}
+                      for s in shards]}
+    return entries, env, shards[0][2]["versions"]
+
+
 def main(args: argparse.Namespace, lease: object | None = None) -> int:
     """Evaluate the run in args.run_dir; writes eval.json and, with args.mlflow, logs eval/<checkpoint>/<metric>.
 
+    With args.shard ("I/N") only that shard's examples are attacked and a shard file is written; with args.merge
+    (shard files) nothing is attacked and the shards become the same eval.json an unsharded evaluation writes.
     lease: the GPU lease taken by `python -m deat evaluate --gpu-lock-dir`, held by this reference until we return.
     """
     log = _print_now
@@ -311,10 +410,14 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
     interval_s = getattr(args, "log_interval_s", 30.0)
     if not interval_s > 0:
         raise ValueError(f"log_interval_s={interval_s!r} is invalid; expected a number > 0")
+    shard, merge = getattr(args, "shard", None), getattr(args, "merge", None)
+    if shard and merge:
+        raise ValueError("--shard and --merge exclude each other: a shard job attacks, a merge job joins shard files")
+    shard = parse_shard(shard) if shard else None
+    if shard and getattr(args, "mlflow", None):
+        log("--mlflow: a shard logs nothing to MLflow; the merge of all shards does")
     run_dir = Path(args.run_dir)
-    out = Path(args.out) if args.out else run_dir / "eval.json"
-    progress_path = partial_path(out)
-    device = resolve_device(args.device)
+    device = torch.device("cpu") if merge else resolve_device(args.device)  # a merge computes nothing
 
     paths = {name: run_dir / f"{name}.pt" for name in args.checkpoints}
     models = {name: load_run_model(path, device) for name, path in paths.items()}
@@ -323,31 +426,50 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
     data = load_dataset(run_config["dataset"], args.data_root or run_config["data_root"], run_config["val_size"])
     n_test = len(data.test_y)
     settings = resolve_settings(args, run_config, n_test, first_ckpt["model_spec"]["num_classes"])
-    indices = select_examples(n_test, settings["n_examples"], settings["example_seed"])
-    x = (data.test_x[indices].float() / 255).to(device)
-    y = data.test_y[indices].to(device)
+    n, batch_size = settings["n_examples"], settings["batch_size"]
+    indices = select_examples(n_test, n, settings["example_seed"])
     identity = {"settings": settings, "examples": _examples_record(indices, n_test, settings["example_seed"]),
                 "checkpoint_sha256": {name: file_sha256(path) for name, path in paths.items()}}
+    start, stop = shard_examples(n, batch_size, *shard) if shard else (0, n)
+    out = Path(args.out) if args.out else run_dir / "eval.json"
+    if shard:
+        identity["shard"] = {"examples": [start, stop], "blocks": [start // batch_size, n_blocks(stop, batch_size)]}
+        out = Path(args.out) if args.out else shard_path(out, start, stop)
+    progress_path = partial_path(out)
 
     previous = _read_json(out)
     if previous is not None and all(_same_json(previous.get(k), v) for k, v in identity.items()):
         log(f"{out} is up to date (same settings, examples and checkpoints): nothing to do")
         return 0
+    settings_sha = settings_sha256(settings, identity["examples"])
+    if merge:
+        entries, env, versions = _merge_shards(merge, identity, args.checkpoints, n, batch_size)
+        log(f"merging {len(merge)} shard file(s) of {run_dir}: {n} {settings['dataset']} test images")
+        for name, entry in entries.items():
+            summarize(entry, settings)
+            write_json(cache_path(out, entry["weights_sha256"], settings_sha),
+                       {"weights_sha256": entry["weights_sha256"], "settings": settings,
+                        "examples": identity["examples"], "entry": entry})
+        return _write_result(args, identity, run_dir, out, entries, env, versions, log)
+
+    x = (data.test_x[indices[start:stop]].float() / 255).to(device)
+    y = data.test_y[indices[start:stop]].to(device)
+    x, speed = _speed_options(args, device, models, x, log)
     progress = _load_partial(progress_path, identity, log) or {**identity, "checkpoints": {}}
 
     def save() -> None:
         write_json(progress_path, progress)
 
-    log(f"evaluating {run_dir} on {device}: {settings['n_examples']} of {n_test} {settings['dataset']} test "
-        f"images, eps {settings['eps']:.5g} ({settings['eps'] * 255:.3g}/255) {settings['norm']}, batch "
-        f"{settings['batch_size']}, AutoAttack: {settings['aa_label'] or 'none'}")
+    part = f", examples [{start}, {stop}) (shard {shard[0]}/{shard[1]})" if shard else ""
+    log(f"evaluating {run_dir} on {device}: {n} of {n_test} {settings['dataset']} test images{part}, eps "
+        f"{settings['eps']:.5g} ({settings['eps'] * 255:.3g}/255) {settings['norm']}, batch {batch_size}, "
+        f"AutoAttack: {settings['aa_label'] or 'none'}")
 
-    settings_sha = settings_sha256(settings, identity["examples"])
-    warnings, done_by_weights = [], {}
+    done_by_weights = {}
     for name in args.checkpoints:
         model, ckpt = models[name]
         weights_sha = weights_sha256(ckpt)
-        cached = cache_path(out, weights_sha, settings_sha)
+        cached = cache_path(out, weights_sha, settings_sha, (start, stop) if shard else None)
         entry = progress["checkpoints"].get(name)
         if not _finished(entry):  # a finished result for the same weights and settings is reused, not redone
             twin, from_cache = done_by_weights.get(weights_sha), _read_cache(cached, identity, weights_sha)
@@ -363,21 +485,52 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
         if not _finished(entry):
             entry = progress["checkpoints"].setdefault(name, {"epoch": ckpt["epoch"]})
             entry.update(weights_sha256=weights_sha, reused_from=None)
-            evaluate_checkpoint(model, x, y, settings, entry, name, save, log, interval_s)
+            evaluate_checkpoint(model, x, y, settings, entry, name, save, log, interval_s, start // batch_size)
             write_json(cached, {"weights_sha256": weights_sha, "settings": settings,
                                 "examples": identity["examples"], "entry": entry})
         done_by_weights.setdefault(weights_sha, name)
+
+    env = {**environment(device), **({"speed_options": speed} if speed else {})}
+    entries = {name: progress["checkpoints"][name] for name in args.checkpoints}
+    if shard:  # per-example outcomes, at positions of the whole subset; accuracies over the shard's examples
+        result = {**identity, "run_dir": str(run_dir),
+                  "checkpoints": {name: globalize(e, start) for name, e in entries.items()},
+                  "environment": env, "versions": _versions(), "wall_time_s": _attack_seconds(entries)}
+        write_json(out, result)
+        progress_path.unlink(missing_ok=True)
+        log(f"wrote shard file {out}: examples [{start}, {stop}) of {n}: " + _summary_line(settings, entries))
+        return 0
+    return _write_result(args, identity, run_dir, out, entries, env, _versions(), log)
+
+
+def _attack_seconds(entries: dict[str, dict[str, Any]]) -> float:
+    """Seconds spent attacking: every metric of every checkpoint not reused from another's result."""
+    return sum(t for c in entries.values() if not c["reused_from"] for t in c["wall_time_s"].values() if t)
+
+
+def _summary_line(settings: dict[str, Any], entries: dict[str, dict[str, Any]]) -> str:
+    aa = settings["aa_label"] or "AA"
+    return "; ".join(
+        f"{name} clean {c['clean_acc']:.2%} PGD-10 {c['pgd10_acc']:.2%} PGD-{settings['pgd_steps']}x"
+        f"{settings['pgd_restarts']} {c['pgd_acc']:.2%} {aa} "
+        + ("—" if c["aa_acc"] is None else f"{c['aa_acc']:.2%}") + f" worst case {c['worst_case_acc']:.2%}"
+        for name, c in entries.items())
+
+
+def _write_result(args: argparse.Namespace, identity: dict[str, Any], run_dir: Path, out: Path,
+                  entries: dict[str, dict[str, Any]], env: dict[str, Any], versions: dict[str, str],
+                  log: Callable[[str], None]) -> int:
+    """eval.json from finished checkpoint entries (an evaluation's or a merge's): warnings, MLflow, the file."""
+    settings, warnings = identity["settings"], []
+    for name, entry in entries.items():
         warnings += sanity_warnings(name, entry, settings)
         for flag in entry["masking_flags"]:
             log(f"WARNING: {name}: possible gradient masking: {flag}")
     for warning in warnings:
         log(f"WARNING: {warning}")
-
-    checkpoints = {name: {k: progress["checkpoints"][name].get(k) for k in ENTRY_KEYS} for name in args.checkpoints}
+    checkpoints = {name: {k: entry.get(k) for k in ENTRY_KEYS} for name, entry in entries.items()}
     result = {**identity, "run_dir": str(run_dir), "checkpoints": checkpoints, "warnings": warnings,
-              "environment": environment(device), "versions": _versions(),
-              "wall_time_s": sum(t for c in checkpoints.values() if not c["reused_from"]
-                                 for t in c["wall_time_s"].values() if t)}
+              "environment": env, "versions": versions, "wall_time_s": _attack_seconds(checkpoints)}
     if getattr(args, "mlflow", None):
         from .tracking import log_metrics
 
@@ -387,13 +540,8 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
                        for name, c in checkpoints.items()})
         log_metrics(args.mlflow, run_dir, values, setup=getattr(args, "mlflow_setup", None))
     write_json(out, result)
-    progress_path.unlink(missing_ok=True)
-    aa = settings["aa_label"] or "AA"
-    log(f"wrote {out}: " + "; ".join(
-        f"{name} clean {c['clean_acc']:.2%} PGD-10 {c['pgd10_acc']:.2%} PGD-{settings['pgd_steps']}x"
-        f"{settings['pgd_restarts']} {c['pgd_acc']:.2%} {aa} "
-        + ("—" if c["aa_acc"] is None else f"{c['aa_acc']:.2%}") + f" worst case {c['worst_case_acc']:.2%}"
-        for name, c in checkpoints.items()))
+    partial_path(out).unlink(missing_ok=True)
+    log(f"wrote {out}: " + _summary_line(settings, checkpoints))
     return 0
 
 

@@ -9,11 +9,15 @@ import sys
 sys.path.insert(0, workflow.basedir)  # the deat package beside the Snakefile, installed or not
 from deat.config import (LATER_OPTIONS_OFF, METHODS, NON_RESULT_KEYS, TrainConfig, outer_step_of, run_identity,
                          unused_options)
+from deat.shards import merged_from, shard_of, shard_path, split, too_many_shards
 
 
 validate(config, "../schemas/config.schema.yaml")
 
 GRID_KEYS = ("arch", "method", "lr", "batch_size", "seed")
+# `eval:` keys that say how an evaluation runs, never what it computes: out of the eval hash (so changing them never
+# sends a finished evaluation back), out of the evaluate command's settings and out of the study's protocol.
+EVAL_EXECUTION_KEYS = ("shards", "channels_last", "cudnn_benchmark")
 
 
 class Untracked:
@@ -72,6 +76,19 @@ def study_lrs(name, study):
     return lrs
 
 
+def check_shards(name, settings):
+    """One line before any job starts if `eval.shards` cannot split the study's evaluation into whole blocks."""
+    count = settings.get("shards", 1)
+    if count == 1:
+        return
+    if settings["n_examples"] is None:
+        _fail(f"studies.{name}.eval.shards: {count} shards need eval.n_examples (the examples to split into blocks "
+              f"of batch_size); set it, e.g. to the test set's size")
+    reason = too_many_shards(count, settings["n_examples"], settings["batch_size"])
+    if reason:
+        _fail(f"studies.{name}.eval.shards: {reason}")
+
+
 def build_runs():
     """Every grid point of every configured study: run path -> (train config, owner study, eval settings).
 
@@ -92,6 +109,8 @@ def build_runs():
         if clash:
             _fail(f"studies.{name}.sweep: {clash} cannot be swept here (a grid axis, a setting that does not change "
                   f"the result, or also set in train)")
+        if name in config["run"]:
+            check_shards(name, study["eval"])
         studies[name] = []
         lrs = study_lrs(name, study)
         for arch, method, lr, bs, seed, *swept in itertools.product(
@@ -114,12 +133,17 @@ def build_runs():
             settings = {k: v for k, v in identity.items() if k not in GRID_KEYS}
             run = (f"{dataset_tag(study['dataset'])}/{arch}/{method}/{short_hash(settings)}/"
                    f"lr{format_lr(lr)}_bs{bs}_seed{seed}")
-            eval_settings = {**study["eval"]}
+            eval_settings = {k: v for k, v in study["eval"].items() if k not in EVAL_EXECUTION_KEYS}
             flags = {k: v for k, v in options.items() if k != "out" and k not in unused_options(options)}
             entry = runs.setdefault(run, {"train": flags, "owner": None, "evals": {}})
             if entry["owner"] is None and name in config["run"]:
                 entry["owner"] = name
             entry["evals"][short_hash(eval_settings)] = eval_settings
+            if name in config["run"]:  # studies sharing an evaluation share its jobs: the most shards asked win
+                execution = entry.setdefault("eval_execution", {}).setdefault(short_hash(eval_settings), {})
+                execution["shards"] = max(execution.get("shards", 1), study["eval"].get("shards", 1))
+                for key in ("channels_last", "cudnn_benchmark"):
+                    execution[key] = execution.get(key, False) or study["eval"].get(key, False)
             studies[name].append({"arch": arch, "method": method, "lr": lr, "batch_size": bs, "seed": seed,
                                   **({"sweep": variant} if variant else {}), "dir": f"results/runs/{run}",
                                   "eval": f"results/runs/{run}/eval_{short_hash(eval_settings)}.json"})
@@ -133,6 +157,8 @@ wildcard_constraints:
     run=r"[A-Za-z0-9_.-]+/(" + "|".join(TrainConfig.__dataclass_fields__["arch"].metadata["help"].split(" | "))
     + r")/(" + "|".join(METHODS) + r")/[0-9a-f]{8}/lr[0-9.e+-]+_bs\d+_seed\d+",
     evalhash=r"[0-9a-f]{8}",
+    start=r"\d+",
+    stop=r"\d+",
     study="|".join(config["studies"]),
 
 
@@ -160,6 +186,46 @@ def cli_flags(options):
         else:
             flags.append(f"{flag} {value}")
     return Untracked(" ".join(flags))
+
+
+def eval_shards(wildcards):
+    """The shard files the evaluation file of (run, evalhash) is merged from: none for an unsharded evaluation.
+
+    An evaluation file that exists answers for itself: the shards it was merged from (recorded in its environment),
+    none if it was evaluated whole. Snakemake records a job's set of input files and reruns the job when that set
+    changes, so a finished evaluation keeps its set whatever `eval.shards` says now: changing the shard count after
+    an evaluation finished, or sharding one that finished unsharded, schedules no job. The shard files are temp():
+    deleted once merged, and not needed again while the evaluation file is up to date.
+    """
+    out = f"results/runs/{wildcards.run}/eval_{wildcards.evalhash}.json"
+    if Path(out).is_file():
+        return [str(p) for p in merged_from(out)]
+    count = run_entry(wildcards).get("eval_execution", {}).get(wildcards.evalhash, {}).get("shards", 1)
+    if count == 1:
+        return []
+    settings = run_entry(wildcards)["evals"][wildcards.evalhash]
+    return [str(shard_path(out, a, b)) for a, b in split(settings["n_examples"], settings["batch_size"], count)]
+
+
+def evaluate_flags(wildcards, merge=()):
+    """The evaluate command's settings flags, its CUDA speed flags and, for a merge job, --merge SHARD_FILES."""
+    execution = run_entry(wildcards).get("eval_execution", {}).get(wildcards.evalhash, {})
+    speed = [f"--{k.replace('_', '-')}" for k in ("channels_last", "cudnn_benchmark") if execution.get(k)]
+    words = [cli_flags(run_entry(wildcards)["evals"][wildcards.evalhash]).text]
+    words += ["--merge", *merge] if merge else speed
+    return Untracked(" ".join(words))
+
+
+def shard_flag(wildcards):
+    """I/N of the shard file's examples: in the study's shard count where its split has them, else the fewest shards
+    whose split has them (a shard an earlier count made)."""
+    settings = run_entry(wildcards)["evals"][wildcards.evalhash]
+    n, batch_size, start, stop = settings["n_examples"], settings["batch_size"], int(wildcards.start), int(wildcards.stop)
+    count = run_entry(wildcards).get("eval_execution", {}).get(wildcards.evalhash, {}).get("shards", 1)
+    ranges = split(n, batch_size, count) if not too_many_shards(count, n, batch_size) else []
+    index, count = (ranges.index((start, stop)) + 1, count) if (start, stop) in ranges else shard_of(start, stop, n,
+                                                                                                       batch_size)
+    return Untracked(f"{index}/{count}")
 
 
 def gpu_options():
@@ -215,7 +281,7 @@ def study_protocol(name):
     measure = f"PGD-{example['eval_pgd_steps']}" if example["pgd_steps"] > 0 else "clean"
     protocol["checkpoint_rule"] = (f"best = highest {measure} accuracy on a held-out validation split of the "
                                    "training set; last = final epoch")
-    protocol["eval"] = study["eval"]
+    protocol["eval"] = {k: v for k, v in study["eval"].items() if k not in EVAL_EXECUTION_KEYS}
     return protocol
 
 
