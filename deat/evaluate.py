@@ -86,11 +86,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import platform
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -106,12 +106,17 @@ from .models import build_model
 from .attack_suite import ATTACK_SEED, PGD10_STEPS, ROBUST_RULE, evaluate_checkpoint, summarize
 from .autoattack_runner import (AUTOATTACK_STANDARD, AUTOATTACK_TARGETS, aa_label, attacks_not_runnable,
                                 autoattack_target_classes)
+from .eval_files import (cache_path, file_sha256, indices_sha256, load_partial, partial_path, read_cache,
+                         read_json, same_json, settings_sha256, weights_sha256)
+from .flatness import GAMMAS
+from .generalization import DIRECTIONS, KEYS as GENERALIZATION_KEYS, generalization_entry, training_subset
 from .masking import sanity_warnings
 from .runtime import environment, resolve_device
 from .shards import (check_coverage, globalize, merge_entries, n_blocks, parse_shard, shard_examples,
                      shard_path)
 
 CHECKPOINTS = ("best", "last")
+EMA_CHECKPOINTS = ("best_ema", "last_ema")  # a run with ema_tau > 0 keeps these beside best.pt and last.pt
 SEEDING = "per block of batch_size examples: block b seeded with deat.shards.block_seed(attack_seed, b)"
 
 # ------------------------------------------------------------------------------------------- building blocks
@@ -140,45 +145,15 @@ def select_examples(n_test: int, n_examples: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_test, generator=torch.Generator().manual_seed(seed))[:n_examples].sort().values
 
 
-def indices_sha256(indices: torch.Tensor) -> str:
-    """sha256 of the indices written in decimal, comma-separated ("3,17,42"): easy to recompute anywhere."""
-    return hashlib.sha256(",".join(str(i) for i in indices.tolist()).encode()).hexdigest()
-
-
-def partial_path(out: str | Path) -> Path:
-    """Progress toward `out`, kept beside it: eval.json -> eval.partial.json. One per output file, so evaluations
-    of one run under different settings (eval_<hash>.json) never share one."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.partial{out.suffix}")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 
-def weights_sha256(ckpt: dict[str, Any]) -> str:
-    """sha256 of what a checkpoint's predictions depend on: its model_spec and every tensor of its state dict.
-
-    Unlike the file's hash it ignores the epoch, optimizer state and metrics, so best.pt and last.pt that hold
-    the same weights (training never improved after that epoch) hash alike.
-    """
-    digest = hashlib.sha256(json.dumps(ckpt["model_spec"], sort_keys=True).encode())
-    for key in sorted(ckpt["model"]):
-        tensor = ckpt["model"][key].detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
-def settings_sha256(settings: dict[str, Any], examples: dict[str, Any]) -> str:
-    """sha256 of the settings and the example record as canonical JSON: together they fix every result."""
-    canonical = json.dumps({"settings": settings, "examples": examples}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+
+
 
 # ---------------------------------------------------------------------------------------------- settings
 
@@ -211,6 +186,8 @@ def resolve_settings(args: argparse.Namespace, run_config: dict[str, Any], n_tes
     running = [a for a in requested if a not in skipped]
     n_examples = n_test if args.n_examples is None else args.n_examples
     select_examples(n_test, n_examples, args.example_seed)  # validates n_examples against the test set
+    if getattr(args, "flatness", False) and not getattr(args, "train_examples", 0):
+        raise ValueError("flatness: needs train_examples (the training images its robust loss is measured on)")
     return {"dataset": run_config["dataset"], "eps": eps, "norm": norm, "n_examples": n_examples,
             "example_seed": args.example_seed, "pgd10_steps": PGD10_STEPS,
             "pgd10_step_size": 2.5 * eps / PGD10_STEPS if args.pgd10_step_size is None else args.pgd10_step_size,
@@ -222,7 +199,11 @@ def resolve_settings(args: argparse.Namespace, run_config: dict[str, Any], n_tes
             "aa_label": aa_label(running), "robust_rule": ROBUST_RULE,
             "attack_seed": ATTACK_SEED, "batch_size": args.batch_size, "precision": "fp32",
             # Only where it changes something: one block is seeded as every evaluation was before blocks existed.
-            **({"seeding": SEEDING} if n_examples > args.batch_size else {})}
+            **({"seeding": SEEDING} if n_examples > args.batch_size else {}),
+            # Issue 22's robust gap and flatness, only when asked (so that other evaluations keep their settings).
+            **({"train_examples": args.train_examples} if getattr(args, "train_examples", 0) else {}),
+            **({"flatness": {"gammas": list(GAMMAS), "directions": DIRECTIONS, "loss": "CE at PGD-10, BN eval"}}
+               if getattr(args, "flatness", False) else {})}
 
 
 def _examples_record(indices: torch.Tensor, n_test: int, seed: int) -> dict[str, Any]:
@@ -232,9 +213,6 @@ def _examples_record(indices: torch.Tensor, n_test: int, seed: int) -> dict[str,
             "indices_sha256": indices_sha256(indices)}
 
 
-def _same_json(a: Any, b: Any) -> bool:
-    """Equality as stored in JSON (tuples become lists), so fresh values compare with ones read back."""
-    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -245,8 +223,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", required=True, metavar="DIR", help="training run directory holding best.pt "
                         "and last.pt")
     parser.add_argument("--out", metavar="FILE", default=None, help="result file (default: RUN_DIR/eval.json)")
-    parser.add_argument("--checkpoints", nargs="+", choices=CHECKPOINTS, default=list(CHECKPOINTS),
-                        help="checkpoints to evaluate (default: best last)")
+    parser.add_argument("--checkpoints", nargs="+", choices=CHECKPOINTS + EMA_CHECKPOINTS, default=None,
+                        help="checkpoints to evaluate (default: best last, and best_ema last_ema where the run "
+                        "kept a weight average)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto, cuda when "
                         "available)")
     parser.add_argument("--data-root", default=None, help="where the dataset is (default: the run's data_root)")
@@ -273,6 +252,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "every AutoAttack attack; memory grows linearly with it (default: 500)")
     parser.add_argument("--log-interval-s", type=float, default=30.0, help="seconds between progress lines inside "
                         "an attack (default: 30)")
+    parser.add_argument("--train-examples", type=int, default=0, help="also PGD-10 on this many images of the run's "
+                        "training split, for the robust gap measured alike on both sides (default: 0, off)")
+    parser.add_argument("--flatness", action=argparse.BooleanOptionalAction, default=False, help="also the "
+                        "flatness curves of the robust loss on those training images (deat.flatness; default: off)")
     group = parser.add_argument_group("sharding (the result does not depend on it; see deat.shards)")
     group.add_argument("--shard", metavar="I/N", default=None, help="evaluate only shard I of N (whole blocks of "
                        "batch-size examples) and write a shard file (default --out: RUN_DIR/eval.shard_START-STOP"
@@ -298,24 +281,8 @@ def _print_now(line: str) -> None:
     print(line, flush=True)
 
 
-def _read_json(path: Path) -> Any:
-    """The file's JSON, or None where it is missing or unreadable (a file cut short by a crash)."""
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
-def _load_partial(path: Path, identity: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any] | None:
-    saved = _read_json(path)
-    if saved is None:
-        return None
-    differ = sorted(k for k in identity if not _same_json(saved.get(k), identity[k]))
-    if differ:
-        log(f"{path} was written for other {', '.join(differ)}; ignoring it and starting over")
-        return None
-    log(f"resuming from {path}")
-    return saved
 
 
 # What a checkpoint's result holds in eval.json; robust_positions stay in the partial file and the cache.
@@ -323,23 +290,14 @@ ENTRY_KEYS = ("epoch", "clean_acc", "pgd10_acc", "pgd_acc", "aa_acc", "worst_cas
               "skipped_attacks", "masking_flags", "masking_checks", "wall_time_s", "weights_sha256", "reused_from")
 
 
-def cache_path(out: Path, weights_sha: str, settings_sha: str, examples: tuple[int, int] | None = None) -> Path:
-    """Where a finished checkpoint result is kept: eval_cache/ beside the output, one file per (weights, settings),
-    and per examples [start, stop) for a shard's result."""
-    part = "" if examples is None else f"_{examples[0]}-{examples[1]}"
-    return out.parent / "eval_cache" / f"{weights_sha[:16]}_{settings_sha[:16]}{part}.json"
 
 
-def _read_cache(path: Path, identity: dict[str, Any], weights_sha: str) -> dict[str, Any] | None:
-    cached = _read_json(path)
-    if (cached is None or cached.get("weights_sha256") != weights_sha
-            or not all(_same_json(cached.get(k), identity[k]) for k in ("settings", "examples"))):
-        return None
-    return cached["entry"]
 
 
-def _finished(entry: dict[str, Any] | None) -> bool:
-    return entry is not None and "masking_flags" in entry  # set last by evaluate_checkpoint
+def _finished(entry: dict[str, Any] | None, needs_gap: bool = False) -> bool:
+    """Whether a checkpoint's entry is complete: its attacks (masking_flags is set last by evaluate_checkpoint) and,
+    where this job measures it (train_examples asked, and the whole evaluation or its first shard), the robust gap."""
+    return entry is not None and "masking_flags" in entry and (not needs_gap or "train_pgd10_acc" in entry)
 
 
 def _speed_options(args: argparse.Namespace, device: torch.device, models: dict, x: torch.Tensor,
@@ -371,12 +329,12 @@ def _merge_shards(files: list[str], identity: dict[str, Any], names: list[str], 
     """
     shards = []
     for name in files:
-        data = _read_json(Path(name))
+        data = read_json(Path(name))
         if data is None:
             raise ValueError(f"shard file {name} is missing or unreadable: evaluate its shard (--shard I/N) first")
         if "shard" not in data:
             raise ValueError(f"{name} is no shard file (it has no 'shard' record)")
-        differ = sorted(k for k in identity if not _same_json(data.get(k), identity[k]))
+        differ = sorted(k for k in identity if not same_json(data.get(k), identity[k]))
         if differ:
             raise ValueError(f"shard file {name} was written for other {', '.join(differ)} than this merge; pass "
                              f"the flags its shard was evaluated with, or evaluate it again")
@@ -391,6 +349,9 @@ def _merge_shards(files: list[str], identity: dict[str, Any], names: list[str], 
         raise ValueError(f"the shards were attacked with different software versions: {sorted(versions)}; "
                          f"evaluate them again with one")
     entries = {c: merge_entries([s[2]["checkpoints"][c] for s in shards]) for c in names}
+    for c in names:  # the robust gap and flatness are measured once per checkpoint, by the shard at example 0
+        entries[c].update({k: shards[0][2]["checkpoints"][c][k] for k in GENERALIZATION_KEYS
+                           if k in shards[0][2]["checkpoints"][c]})
     env = {**shards[0][2]["environment"],
            "shards": [{"examples": list(s[0]), "environment": s[2]["environment"], "wall_time_s": s[2]["wall_time_s"]}
                       for s in shards]}
@@ -419,6 +380,8 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
     run_dir = Path(args.run_dir)
     device = torch.device("cpu") if merge else resolve_device(args.device)  # a merge computes nothing
 
+    if not args.checkpoints:  # every checkpoint the run kept: the averaged model's too when it has one
+        args.checkpoints = list(CHECKPOINTS) + [c for c in EMA_CHECKPOINTS if (run_dir / f"{c}.pt").is_file()]
     paths = {name: run_dir / f"{name}.pt" for name in args.checkpoints}
     models = {name: load_run_model(path, device) for name, path in paths.items()}
     first_ckpt = models[args.checkpoints[0]][1]
@@ -437,8 +400,8 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
         out = Path(args.out) if args.out else shard_path(out, start, stop)
     progress_path = partial_path(out)
 
-    previous = _read_json(out)
-    if previous is not None and all(_same_json(previous.get(k), v) for k, v in identity.items()):
+    previous = read_json(out)
+    if previous is not None and all(same_json(previous.get(k), v) for k, v in identity.items()):
         log(f"{out} is up to date (same settings, examples and checkpoints): nothing to do")
         return 0
     settings_sha = settings_sha256(settings, identity["examples"])
@@ -455,7 +418,7 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
     x = (data.test_x[indices[start:stop]].float() / 255).to(device)
     y = data.test_y[indices[start:stop]].to(device)
     x, speed = _speed_options(args, device, models, x, log)
-    progress = _load_partial(progress_path, identity, log) or {**identity, "checkpoints": {}}
+    progress = load_partial(progress_path, identity, log) or {**identity, "checkpoints": {}}
 
     def save() -> None:
         write_json(progress_path, progress)
@@ -466,26 +429,32 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
         f"AutoAttack: {settings['aa_label'] or 'none'}")
 
     done_by_weights = {}
+    needs_gap = bool(settings.get("train_examples")) and start == 0
     for name in args.checkpoints:
         model, ckpt = models[name]
         weights_sha = weights_sha256(ckpt)
         cached = cache_path(out, weights_sha, settings_sha, (start, stop) if shard else None)
         entry = progress["checkpoints"].get(name)
-        if not _finished(entry):  # a finished result for the same weights and settings is reused, not redone
-            twin, from_cache = done_by_weights.get(weights_sha), _read_cache(cached, identity, weights_sha)
+        if not _finished(entry, needs_gap):  # a finished result for the same weights and settings is reused
+            twin, from_cache = done_by_weights.get(weights_sha), read_cache(cached, identity, weights_sha)
             if twin is not None:
                 entry = {**copy.deepcopy(progress["checkpoints"][twin]), "reused_from": twin}
             elif from_cache is not None:
                 entry = {**from_cache, "reused_from": f"eval_cache/{cached.name}"}
-            if _finished(entry):
+            if _finished(entry, needs_gap):
                 entry["epoch"] = ckpt["epoch"]
                 progress["checkpoints"][name] = entry
                 log(f"{name}: same weights and settings as {entry['reused_from']}: result reused, nothing attacked")
                 save()
-        if not _finished(entry):
+        if not _finished(entry, needs_gap):
             entry = progress["checkpoints"].setdefault(name, {"epoch": ckpt["epoch"]})
-            entry.update(weights_sha256=weights_sha, reused_from=None)
-            evaluate_checkpoint(model, x, y, settings, entry, name, save, log, interval_s, start // batch_size)
+            entry.setdefault("weights_sha256", weights_sha)
+            entry.setdefault("reused_from", None)
+            if "masking_flags" not in entry:
+                evaluate_checkpoint(model, x, y, settings, entry, name, save, log, interval_s, start // batch_size)
+            if needs_gap and "train_pgd10_acc" not in entry:
+                entry.update(_generalization(model, data, settings, entry, run_config, log, name))
+                save()
             write_json(cached, {"weights_sha256": weights_sha, "settings": settings,
                                 "examples": identity["examples"], "entry": entry})
         done_by_weights.setdefault(weights_sha, name)
@@ -501,6 +470,21 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
         log(f"wrote shard file {out}: examples [{start}, {stop}) of {n}: " + _summary_line(settings, entries))
         return 0
     return _write_result(args, identity, run_dir, out, entries, env, _versions(), log)
+
+
+def _generalization(model, data, settings: dict[str, Any], entry: dict[str, Any], run_config: dict[str, Any],
+                    log: Callable[[str], None], name: str) -> dict[str, Any]:
+    """deat.generalization's robust gap (and flatness) of one checkpoint on the run's own training images."""
+    device = next(model.parameters()).device
+    index = training_subset(len(data.train_y), settings["train_examples"], settings["example_seed"])
+    x = (data.train_x[index].float() / 255).to(device)
+    y = data.train_y[index].to(device)
+    started = time.perf_counter()
+    found = generalization_entry(model, x, y, settings, entry["pgd10_acc"], "flatness" in settings)
+    found["generalization_wall_time_s"] = time.perf_counter() - started
+    log(f"{name} train PGD-10: acc {found['train_pgd10_acc']:.2%} of {len(y)} training images; robust gap "
+        f"{found['robust_gap_pgd10']:+.2%}" + (" (flatness curves measured)" if found["flatness"] else ""))
+    return found
 
 
 def _attack_seconds(entries: dict[str, dict[str, Any]]) -> float:
@@ -528,14 +512,17 @@ def _write_result(args: argparse.Namespace, identity: dict[str, Any], run_dir: P
             log(f"WARNING: {name}: possible gradient masking: {flag}")
     for warning in warnings:
         log(f"WARNING: {warning}")
-    checkpoints = {name: {k: entry.get(k) for k in ENTRY_KEYS} for name, entry in entries.items()}
+    # The robust gap and flatness only where the evaluation measured them (older files keep their keys).
+    checkpoints = {name: {**{k: entry.get(k) for k in ENTRY_KEYS},
+                          **{k: entry[k] for k in GENERALIZATION_KEYS if k in entry}} for name, entry in entries.items()}
     result = {**identity, "run_dir": str(run_dir), "checkpoints": checkpoints, "warnings": warnings,
               "environment": env, "versions": versions, "wall_time_s": _attack_seconds(checkpoints)}
     if getattr(args, "mlflow", None):
         from .tracking import log_metrics
 
         values = {f"eval/{name}/{k}": c[k] for name, c in checkpoints.items()
-                  for k in ("clean_acc", "pgd10_acc", "pgd_acc", "aa_acc", "worst_case_acc")}
+                  for k in ("clean_acc", "pgd10_acc", "pgd_acc", "aa_acc", "worst_case_acc", "train_pgd10_acc",
+                            "robust_gap_pgd10") if k in c}
         values.update({f"eval/{name}/masking_flagged": float(bool(c["masking_flags"]))
                        for name, c in checkpoints.items()})
         log_metrics(args.mlflow, run_dir, values, setup=getattr(args, "mlflow_setup", None))

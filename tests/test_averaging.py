@@ -167,3 +167,39 @@ def test_training_warns_records_and_optionally_stops_at_a_collapse(tmp_path, mon
     # metrics.json lost later: published again from last.pt, not retrained (an early stop counts as finished).
     (tmp_path / "stopped" / "metrics.json").unlink()
     assert json.loads(json.dumps(train(cfg, log=quiet)))["stopped_early"]["epoch"] == 3 and len(calls) == 3
+
+
+def test_evaluation_attacks_the_averaged_checkpoints_and_measures_the_robust_gap_alike(ema_runs):
+    from deat import evaluate
+    from deat.attacks import robust_mask
+    from deat.data import load_dataset
+    from deat.generalization import training_subset
+
+    root = ema_runs[0]
+    flags = ["--n-examples", "40", "--pgd-steps", "3", "--pgd-restarts", "1", "--autoattack-attacks", "apgd-ce",
+             "--train-examples", "30", "--flatness", "--device", "cpu"]
+    args = evaluate.get_args_parser().parse_args(["--run-dir", str(root / "ema"), *flags])
+    assert evaluate.main(args) == 0
+    result = json.loads((root / "ema" / "eval.json").read_text())
+    assert list(result["checkpoints"]) == ["best", "last", "best_ema", "last_ema"]  # the average's by default
+    assert result["settings"]["train_examples"] == 30
+    # The gap by hand: PGD-10 with the evaluation's settings on the same 30 training images, minus the test PGD-10.
+    data = load_dataset("mnist5k", val_size=100)
+    index = training_subset(len(data.train_y), 30, seed=0)
+    model, _ = evaluate.load_run_model(root / "ema" / "last_ema.pt", "cpu")
+    settings = result["settings"]
+    robust = robust_mask(model, data.train_x[index].float() / 255, data.train_y[index], settings["eps"],
+                         settings["pgd10_step_size"], 10, settings["norm"], batch_size=settings["batch_size"],
+                         generator=torch.Generator().manual_seed(0))
+    entry = result["checkpoints"]["last_ema"]
+    assert entry["train_pgd10_acc"] == robust.float().mean().item()
+    assert entry["robust_gap_pgd10"] == pytest.approx(entry["train_pgd10_acc"] - entry["pgd10_acc"])
+    curves = entry["flatness"]
+    assert curves["gammas"][0] == 0 and curves["random_rise"][0] == 0 and curves["examples"] == 30
+    assert len(curves["worst_rise"]) == len(curves["gammas"])
+    plain = evaluate.get_args_parser().parse_args(["--run-dir", str(root / "plain"), *flags[:8], "--device", "cpu"])
+    assert evaluate.main(plain) == 0  # a run without an average: best and last only, and no gap when not asked
+    plain_result = json.loads((root / "plain" / "eval.json").read_text())
+    assert list(plain_result["checkpoints"]) == ["best", "last"]
+    assert "train_pgd10_acc" not in plain_result["checkpoints"]["best"]
+    assert "train_examples" not in plain_result["settings"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import deat.evaluate as evaluate
-from deat import attack_suite, autoattack_runner, masking
+from deat import attack_suite, autoattack_runner, eval_files, masking
 from deat.checkpoint import save_checkpoint
 from deat.config import TrainConfig
 from deat.data import load_dataset
@@ -85,7 +85,7 @@ def test_examples_are_a_sorted_prefix_of_a_seeded_permutation():
     assert chosen.tolist() == expected
     assert set(expected) <= set(evaluate.select_examples(1000, 20, seed=3).tolist())  # more examples, same prefix
     text = ",".join(str(i) for i in expected)
-    assert evaluate.indices_sha256(chosen) == hashlib.sha256(text.encode()).hexdigest()
+    assert eval_files.indices_sha256(chosen) == hashlib.sha256(text.encode()).hexdigest()
     with pytest.raises(ValueError, match=r"n_examples must be in \[1, 1000\].*got 1001"):
         evaluate.select_examples(1000, 1001, seed=0)
     with pytest.raises(ValueError, match=r"n_examples must be in \[1, 1000\].*got 0"):
@@ -244,7 +244,7 @@ def test_partial_file_from_other_settings_is_ignored(run_copy, monkeypatch, caps
     monkeypatch.setattr(attack_suite, "robust_mask", CountingAttack(attack_suite.robust_mask, crash_on=2))
     with pytest.raises(RuntimeError, match="simulated crash"):
         _evaluate(run_copy, "--eps", "0.1", *flags)
-    assert evaluate.partial_path(run_copy / "eval_abc.json") == run_copy / "eval_abc.partial.json"
+    assert eval_files.partial_path(run_copy / "eval_abc.json") == run_copy / "eval_abc.partial.json"
     assert (run_copy / "eval_abc.partial.json").is_file()
     pgd = CountingAttack(attack_suite.robust_mask.attack)
     monkeypatch.setattr(attack_suite, "robust_mask", pgd)
@@ -278,7 +278,7 @@ def test_cli_end_to_end_writes_every_key_and_logs_to_mlflow(run_copy, tmp_path, 
         "autoattack_target_classes": 9, "aa_label": "APGD-CE", "robust_rule": attack_suite.ROBUST_RULE,
         "attack_seed": 0, "batch_size": 500, "precision": "fp32"}
     index = evaluate.select_examples(1000, 20, seed=0)
-    assert result["examples"]["n"] == 20 and result["examples"]["indices_sha256"] == evaluate.indices_sha256(index)
+    assert result["examples"]["n"] == 20 and result["examples"]["indices_sha256"] == eval_files.indices_sha256(index)
     for name in ("best", "last"):
         entry = result["checkpoints"][name]
         assert set(entry) == {"epoch", *ACCURACIES, "worst_case_acc", "autoattack", "skipped_attacks",
@@ -531,8 +531,8 @@ def test_a_deleted_result_is_rebuilt_from_the_cache_without_attacking(run_copy, 
     monkeypatch.setattr(attack_suite, "robust_mask", CountingAttack(None, crash_on=1))
     monkeypatch.setattr(attack_suite, "autoattack_survivors", CountingAttack(None, crash_on=1))
     again = _evaluate(run_copy, *flags)
-    cache_file = evaluate.cache_path(run_copy / "eval.json", first["checkpoints"]["best"]["weights_sha256"],
-                                     evaluate.settings_sha256(first["settings"], first["examples"]))
+    cache_file = eval_files.cache_path(run_copy / "eval.json", first["checkpoints"]["best"]["weights_sha256"],
+                                     eval_files.settings_sha256(first["settings"], first["examples"]))
     assert cache_file.is_file()
     assert again["checkpoints"]["best"]["reused_from"] == f"eval_cache/{cache_file.name}"
     strip = lambda c: {k: v for k, v in c.items() if k != "reused_from"}  # noqa: E731
@@ -543,10 +543,10 @@ def test_a_deleted_result_is_rebuilt_from_the_cache_without_attacking(run_copy, 
 def test_weights_hash_ignores_everything_but_the_weights(standard_run, tmp_path):
     best = torch.load(standard_run / "best.pt", weights_only=True)
     other = {**best, "epoch": 99, "metrics": {}}
-    assert evaluate.weights_sha256(best) == evaluate.weights_sha256(other)
+    assert eval_files.weights_sha256(best) == eval_files.weights_sha256(other)
     changed = copy.deepcopy(best)
     changed["model"]["net.head.3.bias"][0] += 1e-6
-    assert evaluate.weights_sha256(changed) != evaluate.weights_sha256(best)
+    assert eval_files.weights_sha256(changed) != eval_files.weights_sha256(best)
 
 
 def test_progress_lines_give_each_attack_its_start_end_and_eta(run_copy, capsys):

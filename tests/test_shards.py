@@ -21,7 +21,7 @@ from test_evaluate import CountingAttack, _pyautoattack_robust, _train_run
 from tiny_study import tiny_study
 
 import deat.__main__
-from deat import attack_suite, evaluate, shards
+from deat import attack_suite, eval_files, evaluate, shards
 from deat.data import load_dataset
 
 # 60 examples in 3 blocks of 20; PGD-3 with 2 restarts and APGD-CE, all drawing random starts.
@@ -193,7 +193,7 @@ def test_a_shard_killed_after_its_first_attacks_resumes_to_the_same_file(evaluat
     monkeypatch.setattr(attack_suite, "autoattack_survivors", CountingAttack(None, crash_on=1))
     with pytest.raises(RuntimeError, match="simulated crash"):
         _evaluate(run, *FLAGS, "--shard", "2/3", "--out", str(out))
-    partial = json.loads(evaluate.partial_path(out).read_text())
+    partial = json.loads(eval_files.partial_path(out).read_text())
     assert set(partial["checkpoints"]["last"]["wall_time_s"]) == {"clean", "pgd10", "pgd"}
     assert not out.exists()
 
@@ -202,7 +202,7 @@ def test_a_shard_killed_after_its_first_attacks_resumes_to_the_same_file(evaluat
     monkeypatch.setattr(attack_suite, "robust_mask", pgd)
     resumed = _evaluate(run, *FLAGS, "--shard", "2/3", "--out", str(out))
     assert pgd.calls == 0 and "resuming from" in capsys.readouterr().out
-    assert not evaluate.partial_path(out).exists()
+    assert not eval_files.partial_path(out).exists()
     uninterrupted = evaluations[3][1][1]
     assert _strip_timings(resumed) == _strip_timings(uninterrupted)
 

@@ -211,7 +211,10 @@ def evaluate_flags(wildcards, merge=()):
     """The evaluate command's settings flags, its CUDA speed flags and, for a merge job, --merge SHARD_FILES."""
     execution = run_entry(wildcards).get("eval_execution", {}).get(wildcards.evalhash, {})
     speed = [f"--{k.replace('_', '-')}" for k in ("channels_last", "cudnn_benchmark") if execution.get(k)]
-    words = [cli_flags(run_entry(wildcards)["evals"][wildcards.evalhash]).text]
+    settings = dict(run_entry(wildcards)["evals"][wildcards.evalhash])
+    if settings.get("checkpoints") == ["best", "last"]:  # the schema's default: let evaluate add the averaged
+        del settings["checkpoints"]                      # model's checkpoints where the run kept them (ema_tau)
+    words = [cli_flags(settings).text]
     words += ["--merge", *merge] if merge else speed
     return Untracked(" ".join(words))
 
