@@ -45,7 +45,8 @@ def write_run(run_dir: Path, method: str, lr: float, seed: int, awp_gamma: float
     metrics = {"config": config, "status": "complete", "effective_step": step,
                "environment": {"device": "cpu", "device_name": "test-cpu", "torch": "2.14.1"},
                "epochs": [{"epoch": e + 1, "train_robust_acc": 0.3, "test_clean_acc": 0.7, "test_pgd_acc": acc,
-                           "epoch_time_s": times[e], "images_per_s": rate} for e, acc in enumerate(per_epoch)],
+                           "val_pgd_acc": acc, "epoch_time_s": times[e], "images_per_s": rate}
+                          for e, acc in enumerate(per_epoch)],
                "best": {"epoch": 1 if collapsed else 2, "test_pgd_acc": max(per_epoch)},
                "last": {"epoch": 3, "test_pgd_acc": per_epoch[-1]}, "wall_time_s": sum(times)}
 
@@ -167,25 +168,28 @@ def test_objectives_table_side_by_side(family):
     assert "DEAT, TRADES + DEAT: Algorithm 2, k1=1, k2=0.8" in protocol
 
 
-def test_catastrophic_overfitting_of_fast_at_is_flagged_by_the_stated_rule(family):
+def test_catastrophic_overfitting_is_flagged_at_any_epoch_by_the_training_rule(family):
     root, runs, _ = family
     notes, records = study_tables.catastrophic_overfitting(runs)
     assert len(records) == 4 and [r["collapsed"] for r in records] == [False, False, False, True]
     collapsed = records[3]
-    assert collapsed["metrics_max_test_pgd_acc"] == 0.30 and collapsed["metrics_final_test_pgd_acc"] == 0.01
-    assert collapsed["metrics_min_test_pgd_acc"] == 0.01
-    assert "below 5 % although its peak epoch was above 20 %" in notes[0]
-    assert (f"{ARCH} fast AT α=0.2236 b=128 seed 1: PGD-10 best 31.00, last 2.00 (best − last +29.00); per epoch "
-            "peak 30.00, final 1.00, minimum 1.00: collapsed") in notes[0]
+    # Validation PGD 0.30, 0.25, 0.01: epoch 3 is 29 points below the best before it (0.30 at epoch 1).
+    assert collapsed["collapses"] == [{"epoch": 3, "accuracy": 0.01, "best_before": 0.30, "best_epoch": 1,
+                                       "lowest": 0.01, "recovered_epoch": None}]
+    assert "more than 20 points below the best of the epochs before it" in notes[0]
+    assert (f"{ARCH} fast AT α=0.2236 b=128 seed 1: collapsed at epoch 3 (validation PGD 1.00 after a best of 30.00 "
+            "at epoch 1, lowest 1.00, not recovered); PGD-10 best 31.00, last 2.00 (best − last +29.00)") in notes[0]
+    assert f"{ARCH} fast AT α=0.01 b=128 seed 0: no collapse" in notes[0]
     for name in ("objectives", "robust_overfitting"):
         assert notes[0] in (root / "tables" / f"{name}.md").read_text(encoding="utf-8")
     summary = json.loads((root / "tables" / "summary.json").read_text())
     assert [r["collapsed"] for r in summary["catastrophic_overfitting"]] == [False, False, False, True]
-    # The rule's edges: a final epoch at 5 % or a peak at 20 % is no collapse.
-    edge = runs[runs.method == "fast_at"].head(1).assign(metrics_final_test_pgd_acc=0.05,
-                                                          metrics_max_test_pgd_acc=0.5)
-    assert study_tables.catastrophic_overfitting(edge)[1][0]["collapsed"] is False
-    edge = edge.assign(metrics_final_test_pgd_acc=0.01, metrics_max_test_pgd_acc=0.20)
+    # A collapse the run recovers from counts too, and a run of any method is listed once it collapsed.
+    recovered = runs[runs.method == "pgd_at"].head(1).assign(metrics_val_pgd_curve=[(0.5, 0.6, 0.1, 0.6)])
+    (record,) = study_tables.catastrophic_overfitting(recovered)[1]
+    assert record["collapses"][0]["epoch"] == 3 and record["collapses"][0]["recovered_epoch"] == 4
+    # The rule's edge: exactly 20 points below is no collapse.
+    edge = runs[runs.method == "fast_at"].head(1).assign(metrics_val_pgd_curve=[(0.5, 0.3)])
     assert study_tables.catastrophic_overfitting(edge)[1][0]["collapsed"] is False
 
 

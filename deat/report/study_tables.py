@@ -12,6 +12,7 @@ from .formatting import (MASKED, MISSING, format_decay, format_delta, format_mea
                          json_value, ordered, records, run_label)
 from .loading import CHECKPOINTS, EVAL_METRICS, POINT_KEYS, label_of, methods_of, study_aa_label, study_pgd_label
 from .render import Table
+from ..guards import DEFAULT_DROP, collapses
 from .table_helpers import (ROBUST_COLUMN, evaluation_notes, headline_metrics, masked_points, metric_words,
                             missing_note, seeds_words, varies_batch_size, varies_variant)
 
@@ -55,10 +56,8 @@ def best_setting_table(runs: pd.DataFrame, best: list[dict]) -> Table:
 # ------------------------------------------------------------------------------------------------ objectives
 
 # Catastrophic overfitting (Wong et al. 2020, fast AT): robust accuracy falls to near zero within an epoch or two.
-# A run collapsed when its final epoch's test PGD accuracy is below COLLAPSE_FINAL_BELOW although an earlier epoch
-# reached more than COLLAPSE_PEAK_ABOVE (training's per-epoch evaluation, metrics.json).
-COLLAPSE_FINAL_BELOW, COLLAPSE_PEAK_ABOVE = 0.05, 0.20
-COLLAPSE_OBJECTIVE = "fast_at"
+# The rule is deat.guards' (the one training warns by), applied to every epoch of the validation curve.
+COLLAPSE_OBJECTIVE = "fast_at"  # listed even without a collapse: the objective known to collapse
 
 
 def objective_row_label(row) -> str:
@@ -68,35 +67,39 @@ def objective_row_label(row) -> str:
 
 
 def catastrophic_overfitting(runs: pd.DataFrame) -> tuple[list[str], list[dict]]:
-    """Per fast AT run: eval.json's PGD-10 of the best and last checkpoints and their gap, and training's
-    per-epoch test PGD accuracy at its peak, final and minimum epochs, with the collapse rule applied; a footnote
-    (empty without fast AT runs) and records for summary.json."""
-    fast = runs[runs.objective == COLLAPSE_OBJECTIVE] if "objective" in runs else runs.iloc[:0]
-    if fast.empty:
+    """Collapses at any epoch, by deat.guards' rule on each run's per-epoch validation PGD accuracy (the rule
+    training warns by): every fast AT run is listed, collapsed or not, with eval.json's PGD-10 of its best and last
+    checkpoints; a run of another method only when it collapsed. A footnote (empty when there is nothing to say)
+    and records for summary.json."""
+    rows = []
+    for row in runs.itertuples():
+        found = collapses([v for v in row.metrics_val_pgd_curve], DEFAULT_DROP) if row.metrics_val_pgd_curve else []
+        if row.objective == COLLAPSE_OBJECTIVE or found:
+            rows.append((row, found))
+    if not rows:
         return [], []
-    attack = "/".join(f"PGD-{k}" for k in ordered(fast.train_eval_pgd_steps.dropna().astype(int))) or "PGD"
     items, summary = [], []
-    for row in fast.itertuples():
+    for row, found in rows:
         gap = row.eval_best_pgd10_acc - row.eval_last_pgd10_acc
-        collapsed = bool(row.metrics_final_test_pgd_acc < COLLAPSE_FINAL_BELOW
-                         and row.metrics_max_test_pgd_acc > COLLAPSE_PEAK_ABOVE)
-        items.append(f"{run_label(row)}: PGD-10 best {format_percent(row.eval_best_pgd10_acc)}, last "
-                     f"{format_percent(row.eval_last_pgd10_acc)} (best − last {format_delta(gap)}); per epoch peak "
-                     f"{format_percent(row.metrics_max_test_pgd_acc)}, final "
-                     f"{format_percent(row.metrics_final_test_pgd_acc)}, minimum "
-                     f"{format_percent(row.metrics_min_test_pgd_acc)}: "
-                     + ("collapsed" if collapsed else "no collapse"))
+        events = "; ".join(
+            f"collapsed at epoch {c['epoch']} (validation PGD {format_percent(c['accuracy'])} after a best of "
+            f"{format_percent(c['best_before'])} at epoch {c['best_epoch']}, lowest {format_percent(c['lowest'])}, "
+            + (f"back by epoch {c['recovered_epoch']})" if c["recovered_epoch"] else "not recovered)") for c in found)
+        items.append(f"{run_label(row)}: " + (events or "no collapse") + f"; PGD-10 best "
+                     f"{format_percent(row.eval_best_pgd10_acc)}, last {format_percent(row.eval_last_pgd10_acc)} "
+                     f"(best − last {format_delta(gap)})")
         summary.append({"arch": row.arch, "method": row.method, "variant": row.variant, "lr": row.lr,
                         "batch_size": row.batch_size, "seed": row.seed,
                         **{key: json_value(getattr(row, key)) for key in (
                             "eval_best_pgd10_acc", "eval_last_pgd10_acc", "metrics_max_test_pgd_acc",
                             "metrics_final_test_pgd_acc", "metrics_min_test_pgd_acc")},
-                        "collapsed": collapsed})
-    note = (f"Catastrophic overfitting of fast AT (Wong et al. 2020): a run collapsed when its final epoch's test "
-            f"{attack} accuracy (training's per-epoch evaluation, metrics.json) is below "
-            f"{100 * COLLAPSE_FINAL_BELOW:g} % although its peak epoch was above {100 * COLLAPSE_PEAK_ABOVE:g} %. "
-            "PGD-10 best/last: eval.json, best and last checkpoints; accuracies in %, gap in pp. "
-            + "; ".join(items) + ".")
+                        "collapsed": bool(found), "collapses": [{k: json_value(v) for k, v in c.items()}
+                                                                 for c in found]})
+    note = (f"Catastrophic overfitting (Wong et al. 2020; deat.guards): an epoch collapsed when its validation PGD "
+            f"accuracy (held-out training images, training's per-epoch evaluation) is more than "
+            f"{100 * DEFAULT_DROP:g} points below the best of the epochs before it, Wong et al.'s early-stopping "
+            "threshold; every such fall is listed, also one the run recovers from. PGD-10 best/last: eval.json; "
+            "accuracies in %, gap in pp. " + "; ".join(items) + ".")
     return [note], summary
 
 
@@ -109,15 +112,16 @@ def objectives_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
                "aa_acc": study_aa_label(runs)}
     varies_arch, varies_batch = runs.arch.nunique() > 1, varies_batch_size(runs)
     key_columns = (["arch"] if varies_arch else []) + ["method", "α"] + (["b"] if varies_batch else [])
-    cost_columns = ["epoch time (s)", "images/s", "device"]
+    with_memory = "peak_memory_mb" in runs and runs.peak_memory_mb.notna().any()
+    cost_columns = ["epoch time (s)", "images/s"] + (["peak memory (MiB)"] if with_memory else []) + ["device"]
     columns = key_columns + [f"{checkpoint} {name}" for checkpoint in CHECKPOINTS for name in metrics.values()] \
         + cost_columns
     groups = [("", len(key_columns))] + [(checkpoint, len(metrics)) for checkpoint in CHECKPOINTS] + \
         [("cost per training epoch", len(cost_columns))]
     subcolumns = key_columns + list(metrics.values()) * len(CHECKPOINTS) + cost_columns
 
-    value_columns = [f"eval_{c}_{m}" for c in CHECKPOINTS for m in metrics] + ["mean_epoch_time_s",
-                                                                               "mean_images_per_s"]
+    cost_values = ["mean_epoch_time_s", "mean_images_per_s"] + (["peak_memory_mb"] if with_memory else [])
+    value_columns = [f"eval_{c}_{m}" for c in CHECKPOINTS for m in metrics] + cost_values
     point_stats = {column: {tuple(r[k] for k in POINT_KEYS): r
                             for r in statistics.seed_stats(runs, column).to_dict("records")}
                    for column in value_columns}
@@ -142,7 +146,8 @@ def objectives_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
                 cells.append(text + (MASKED if flagged else ""))
                 record.update({f"{checkpoint}_{metric}_mean": stat["mean"],
                                f"{checkpoint}_{metric}_std": stat["std"], f"{checkpoint}_{metric}_n_seeds": stat["n"]})
-        for column, digits in (("mean_epoch_time_s", 1), ("mean_images_per_s", 0)):
+        for column, digits in (("mean_epoch_time_s", 1), ("mean_images_per_s", 0), ("peak_memory_mb", 0))[
+                :len(cost_values)]:
             stat = point_stats[column][key]
             cells.append(format_mean_std(stat["mean"], stat["std"], stat["n"], stat["n_expected"], scale=1.0,
                                          digits=digits))
@@ -170,7 +175,10 @@ def objectives_table(runs: pd.DataFrame) -> tuple[Table, list[dict]]:
                  f"{metrics['pgd_acc']}: PGD with k steps and R restarts (eval.json settings). Cost per training "
                  "epoch: metrics.json's epoch_time_s and images_per_s (the training pass, without the per-epoch "
                  "evaluation), mean over epochs, then over seeds; device from metrics.json's environment. Times "
-                 "compare only between runs on the same device under the same load.")
+                 "compare only between runs on the same device under the same load."
+                 + (" Peak memory: metrics.json's peak_memory_mb, CUDA max allocated per epoch on a GPU, the "
+                    "process's peak resident set size on the CPU (FastAT_Benchmark reports the former); "
+                    f"{MISSING} for runs trained before it was recorded." if with_memory else ""))
     caption = "Objectives side by side: accuracy (%) of the best and last checkpoints and cost per training epoch"
     return Table("objectives", caption, columns, rows, notes, groups, subcolumns), summary
 
