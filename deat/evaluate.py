@@ -2,6 +2,12 @@
 
     python -m deat evaluate --run-dir results/runs/example                 # every test image, the run's eps
     python -m deat evaluate --run-dir RUN --n-examples 200 --autoattack-attacks apgd-ce   # a quick look
+    python -m deat evaluate --checkpoint model_best.pth --arch preact_resnet18 --format rice --dataset cifar10
+    python -m deat evaluate --robustbench-model Carmon2019Unlabeled --dataset cifar10    # robustbench's loader
+
+A checkpoint deat did not train (Rice et al.'s, RobustBench's, a bare deat state dict) gets the same attacks,
+examples, masking checks and eval.json, under the checkpoint name "external", with `source` naming the file and
+format; ε and norm default to RobustBench's (8/255 ℓ∞, 0.5 ℓ2). deat/checkpoint_formats.py maps and checks its keys.
 
 Metrics per checkpoint, fractions in [0, 1] of the same fixed test examples. Every robust accuracy follows
 AutoAttack's rule (Croce & Hein, ICML 2020): an example is robust only if it is classified correctly clean and at
@@ -83,6 +89,7 @@ from .attack_suite import ATTACK_SEED, PGD10_STEPS, ROBUST_RULE, evaluate_checkp
 from .autoattack_runner import (AUTOATTACK_STANDARD, AUTOATTACK_TARGETS, aa_label, attacks_not_runnable,
                                 autoattack_target_classes)
 from .masking import sanity_warnings
+from .checkpoint_formats import add_external_arguments, external_source
 from .runtime import environment, resolve_device
 
 CHECKPOINTS = ("best", "last")
@@ -213,8 +220,8 @@ def _same_json(a: Any, b: Any) -> bool:
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", required=True, metavar="DIR", help="training run directory holding best.pt "
-                        "and last.pt")
+    parser.add_argument("--run-dir", metavar="DIR", help="training run directory holding best.pt and last.pt "
+                        "(or evaluate another checkpoint: --checkpoint / --robustbench-model below)")
     parser.add_argument("--out", metavar="FILE", default=None, help="result file (default: RUN_DIR/eval.json)")
     parser.add_argument("--checkpoints", nargs="+", choices=CHECKPOINTS, default=list(CHECKPOINTS),
                         help="checkpoints to evaluate (default: best last)")
@@ -244,6 +251,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "every AutoAttack attack; memory grows linearly with it (default: 500)")
     parser.add_argument("--log-interval-s", type=float, default=30.0, help="seconds between progress lines inside "
                         "an attack (default: 30)")
+    add_external_arguments(parser)
     return parser
 
 
@@ -311,13 +319,17 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
     interval_s = getattr(args, "log_interval_s", 30.0)
     if not interval_s > 0:
         raise ValueError(f"log_interval_s={interval_s!r} is invalid; expected a number > 0")
-    run_dir = Path(args.run_dir)
-    out = Path(args.out) if args.out else run_dir / "eval.json"
-    progress_path = partial_path(out)
     device = resolve_device(args.device)
-
-    paths = {name: run_dir / f"{name}.pt" for name in args.checkpoints}
-    models = {name: load_run_model(path, device) for name, path in paths.items()}
+    run_dir = Path(args.run_dir) if args.run_dir and not (args.checkpoint or args.robustbench_model) else None
+    if run_dir is None:  # a checkpoint deat did not train: deat.checkpoint_formats maps and checks it
+        paths, models, default_out = external_source(args, device)
+        args.checkpoints = list(paths)
+    else:
+        paths = {name: run_dir / f"{name}.pt" for name in args.checkpoints}
+        models = {name: load_run_model(path, device) for name, path in paths.items()}
+        default_out = run_dir / "eval.json"
+    out = Path(args.out) if args.out else default_out
+    progress_path = partial_path(out)
     first_ckpt = models[args.checkpoints[0]][1]
     run_config = first_ckpt["config"]
     data = load_dataset(run_config["dataset"], args.data_root or run_config["data_root"], run_config["val_size"])
@@ -338,7 +350,7 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
     def save() -> None:
         write_json(progress_path, progress)
 
-    log(f"evaluating {run_dir} on {device}: {settings['n_examples']} of {n_test} {settings['dataset']} test "
+    log(f"evaluating {run_dir or paths[args.checkpoints[0]]} on {device}: {settings['n_examples']} of {n_test} {settings['dataset']} test "
         f"images, eps {settings['eps']:.5g} ({settings['eps'] * 255:.3g}/255) {settings['norm']}, batch "
         f"{settings['batch_size']}, AutoAttack: {settings['aa_label'] or 'none'}")
 
@@ -374,7 +386,8 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
         log(f"WARNING: {warning}")
 
     checkpoints = {name: {k: progress["checkpoints"][name].get(k) for k in ENTRY_KEYS} for name in args.checkpoints}
-    result = {**identity, "run_dir": str(run_dir), "checkpoints": checkpoints, "warnings": warnings,
+    result = {**identity, "run_dir": run_dir and str(run_dir), "checkpoints": checkpoints, "warnings": warnings,
+              **({"source": first_ckpt["source"]} if "source" in first_ckpt else {}),
               "environment": environment(device), "versions": _versions(),
               "wall_time_s": sum(t for c in checkpoints.values() if not c["reused_from"]
                                  for t in c["wall_time_s"].values() if t)}
