@@ -18,8 +18,8 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from deat.checkpoint import save_checkpoint  # noqa: E402
-from deat.models import build_model  # noqa: E402
+from deat.checkpoint import save_checkpoint
+from deat.models import build_model
 
 
 def state_dict_bytes(model: torch.nn.Module) -> int:

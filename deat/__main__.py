@@ -16,7 +16,7 @@ def _add_job_arguments(parser: argparse.ArgumentParser, train: bool = False) -> 
                        "MLflow as a child of the study's parent run (default: no MLflow)")
     if train:
         group.add_argument("--mlflow-log-model", action="store_true", help="with --mlflow: also log best.pt as an "
-                           "MLflow PyTorch model (mlflow.pytorch; about 45 MB for PreAct-ResNet-18) (default: off)")
+                           "MLflow PyTorch model (mlflow.pytorch, pt2 format; 45.1 MB for PreAct-ResNet-18) (default: off)")
     group.add_argument("--mlflow-setup", nargs=3, metavar=("URI", "EXPERIMENT", "STUDY"),
                        help="when the tracking file does not exist yet, create it (store, experiment and the study's "
                        "parent run, under a lock) instead of failing (default: fail)")

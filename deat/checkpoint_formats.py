@@ -26,8 +26,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -264,7 +265,7 @@ def import_robustbench():
     sys.modules.setdefault("autoattack", pyautoattack)
     try:
         import robustbench
-        import robustbench.utils  # noqa: F401
+        import robustbench.utils
     except ImportError as err:
         hint = " (robustbench 1.1.1 needs setuptools < 81 for pkg_resources)" if "pkg_resources" in str(err) else ""
         raise RuntimeError(f"robustbench cannot be imported: {err}{hint}; install it with "

@@ -121,8 +121,8 @@ def test_rice_checkpoint_maps_onto_deats_preact_resnet18_with_the_same_logits(ri
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda s: s.update({"module.layer5.0.conv1.weight": torch.zeros(1)}), "key 'module.layer5.0.conv1.weight' "
-                                                                          "matches no parameter"),
+    (lambda s: s.update({"module.layer5.0.conv1.weight": torch.zeros(1)}),
+     "key 'module.layer5.0.conv1.weight' matches no parameter"),
     (lambda s: s.pop("module.bn.weight"), "missing key 'bn.weight'"),
     (lambda s: s.update({"module.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)}),
      r"key 'layer1.0.conv1.weight' has shape \(64, 64, 1, 1\); .* needs \(64, 64, 3, 3\)"),
@@ -226,8 +226,8 @@ def test_the_card_holds_robustbench_fields_with_the_evaluations_numbers(tmp_path
 
 @pytest.mark.parametrize("kwargs, reason", [
     ({"dataset": "cifar10_small", "n": 500, "n_test": 1000, "attacks": ("apgd-ce", "apgd-t")},
-     "AutoAttack ran APGD-CE + APGD-T, not standard's APGD-CE, APGD-T, FAB-T and Square; test set cifar10_small "
-     "(1,000 images), not cifar10's 10,000; 500 of the 1,000 test images. 500 test images, Linf eps = 8/255."),
+     ("AutoAttack ran APGD-CE + APGD-T, not standard's APGD-CE, APGD-T, FAB-T and Square; test set cifar10_small "
+      "(1,000 images), not cifar10's 10,000; 500 of the 1,000 test images. 500 test images, Linf eps = 8/255.")),
     ({"n": 1000}, "1,000 of the 10,000 test images."),
 ])
 def test_a_nonstandard_evaluation_says_so_in_the_card(tmp_path, kwargs, reason):
