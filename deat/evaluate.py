@@ -2,6 +2,12 @@
 
     python -m deat evaluate --run-dir results/runs/example                 # every test image, the run's eps
     python -m deat evaluate --run-dir RUN --n-examples 200 --autoattack-attacks apgd-ce   # a quick look
+    python -m deat evaluate --checkpoint model_best.pth --arch preact_resnet18 --format rice --dataset cifar10
+    python -m deat evaluate --robustbench-model Carmon2019Unlabeled --dataset cifar10    # robustbench's loader
+
+A checkpoint deat did not train (Rice et al.'s, RobustBench's, a bare deat state dict) gets the same attacks,
+examples, masking checks and eval.json, under the checkpoint name "external", with `source` naming the file and
+format; ε and norm default to RobustBench's (8/255 ℓ∞, 0.5 ℓ2). deat/checkpoint_formats.py maps and checks its keys.
 
 Metrics per checkpoint, fractions in [0, 1] of the same fixed test examples. Every robust accuracy follows
 AutoAttack's rule (Croce & Hein, ICML 2020): an example is robust only if it is classified correctly clean and at
@@ -111,6 +117,7 @@ from .eval_files import (cache_path, file_sha256, indices_sha256, load_partial, 
 from .flatness import GAMMAS
 from .generalization import DIRECTIONS, KEYS as GENERALIZATION_KEYS, generalization_entry, training_subset
 from .masking import sanity_warnings
+from .checkpoint_formats import add_external_arguments, external_source
 from .runtime import environment, resolve_device
 from .shards import (check_coverage, globalize, merge_entries, n_blocks, parse_shard, shard_examples,
                      shard_path)
@@ -220,8 +227,8 @@ def _examples_record(indices: torch.Tensor, n_test: int, seed: int) -> dict[str,
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", required=True, metavar="DIR", help="training run directory holding best.pt "
-                        "and last.pt")
+    parser.add_argument("--run-dir", metavar="DIR", help="training run directory holding best.pt and last.pt "
+                        "(or evaluate another checkpoint: --checkpoint / --robustbench-model below)")
     parser.add_argument("--out", metavar="FILE", default=None, help="result file (default: RUN_DIR/eval.json)")
     parser.add_argument("--checkpoints", nargs="+", choices=CHECKPOINTS + EMA_CHECKPOINTS, default=None,
                         help="checkpoints to evaluate (default: best last, and best_ema last_ema where the run "
@@ -267,6 +274,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        "format")
     group.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its convolution algorithms "
                        "for each new input shape")
+    add_external_arguments(parser)
     return parser
 
 
@@ -377,13 +385,17 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
     shard = parse_shard(shard) if shard else None
     if shard and getattr(args, "mlflow", None):
         log("--mlflow: a shard logs nothing to MLflow; the merge of all shards does")
-    run_dir = Path(args.run_dir)
     device = torch.device("cpu") if merge else resolve_device(args.device)  # a merge computes nothing
-
-    if not args.checkpoints:  # every checkpoint the run kept: the averaged model's too when it has one
-        args.checkpoints = list(CHECKPOINTS) + [c for c in EMA_CHECKPOINTS if (run_dir / f"{c}.pt").is_file()]
-    paths = {name: run_dir / f"{name}.pt" for name in args.checkpoints}
-    models = {name: load_run_model(path, device) for name, path in paths.items()}
+    run_dir = Path(args.run_dir) if args.run_dir and not (args.checkpoint or args.robustbench_model) else None
+    if run_dir is None:  # a checkpoint deat did not train: deat.checkpoint_formats maps and checks it
+        paths, models, default_out = external_source(args, device)
+        args.checkpoints = list(paths)
+    else:
+        if not args.checkpoints:  # every checkpoint the run kept: the averaged model's too when it has one
+            args.checkpoints = list(CHECKPOINTS) + [c for c in EMA_CHECKPOINTS if (run_dir / f"{c}.pt").is_file()]
+        paths = {name: run_dir / f"{name}.pt" for name in args.checkpoints}
+        models = {name: load_run_model(path, device) for name, path in paths.items()}
+        default_out = run_dir / "eval.json"
     first_ckpt = models[args.checkpoints[0]][1]
     run_config = first_ckpt["config"]
     data = load_dataset(run_config["dataset"], args.data_root or run_config["data_root"], run_config["val_size"])
@@ -394,7 +406,7 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
     identity = {"settings": settings, "examples": _examples_record(indices, n_test, settings["example_seed"]),
                 "checkpoint_sha256": {name: file_sha256(path) for name, path in paths.items()}}
     start, stop = shard_examples(n, batch_size, *shard) if shard else (0, n)
-    out = Path(args.out) if args.out else run_dir / "eval.json"
+    out = Path(args.out) if args.out else default_out
     if shard:
         identity["shard"] = {"examples": [start, stop], "blocks": [start // batch_size, n_blocks(stop, batch_size)]}
         out = Path(args.out) if args.out else shard_path(out, start, stop)
@@ -413,7 +425,7 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
             write_json(cache_path(out, entry["weights_sha256"], settings_sha),
                        {"weights_sha256": entry["weights_sha256"], "settings": settings,
                         "examples": identity["examples"], "entry": entry})
-        return _write_result(args, identity, run_dir, out, entries, env, versions, log)
+        return _write_result(args, identity, run_dir, out, entries, env, versions, log, models)
 
     x = (data.test_x[indices[start:stop]].float() / 255).to(device)
     y = data.test_y[indices[start:stop]].to(device)
@@ -424,7 +436,7 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
         write_json(progress_path, progress)
 
     part = f", examples [{start}, {stop}) (shard {shard[0]}/{shard[1]})" if shard else ""
-    log(f"evaluating {run_dir} on {device}: {n} of {n_test} {settings['dataset']} test images{part}, eps "
+    log(f"evaluating {run_dir or paths[args.checkpoints[0]]} on {device}: {n} of {n_test} {settings['dataset']} test images{part}, eps "
         f"{settings['eps']:.5g} ({settings['eps'] * 255:.3g}/255) {settings['norm']}, batch {batch_size}, "
         f"AutoAttack: {settings['aa_label'] or 'none'}")
 
@@ -469,7 +481,7 @@ def main(args: argparse.Namespace, lease: object | None = None) -> int:
         progress_path.unlink(missing_ok=True)
         log(f"wrote shard file {out}: examples [{start}, {stop}) of {n}: " + _summary_line(settings, entries))
         return 0
-    return _write_result(args, identity, run_dir, out, entries, env, _versions(), log)
+    return _write_result(args, identity, run_dir, out, entries, env, _versions(), log, models)
 
 
 def _generalization(model, data, settings: dict[str, Any], entry: dict[str, Any], run_config: dict[str, Any],
@@ -503,8 +515,9 @@ def _summary_line(settings: dict[str, Any], entries: dict[str, dict[str, Any]]) 
 
 def _write_result(args: argparse.Namespace, identity: dict[str, Any], run_dir: Path, out: Path,
                   entries: dict[str, dict[str, Any]], env: dict[str, Any], versions: dict[str, str],
-                  log: Callable[[str], None]) -> int:
+                  log: Callable[[str], None], models: dict | None = None) -> int:
     """eval.json from finished checkpoint entries (an evaluation's or a merge's): warnings, MLflow, the file."""
+    source = next(iter(models.values()))[1].get("source") if models else None  # an external checkpoint
     settings, warnings = identity["settings"], []
     for name, entry in entries.items():
         warnings += sanity_warnings(name, entry, settings)
@@ -515,7 +528,8 @@ def _write_result(args: argparse.Namespace, identity: dict[str, Any], run_dir: P
     # The robust gap and flatness only where the evaluation measured them (older files keep their keys).
     checkpoints = {name: {**{k: entry.get(k) for k in ENTRY_KEYS},
                           **{k: entry[k] for k in GENERALIZATION_KEYS if k in entry}} for name, entry in entries.items()}
-    result = {**identity, "run_dir": str(run_dir), "checkpoints": checkpoints, "warnings": warnings,
+    result = {**identity, "run_dir": run_dir and str(run_dir),
+              **({"source": source} if source else {}), "checkpoints": checkpoints, "warnings": warnings,
               "environment": env, "versions": versions, "wall_time_s": _attack_seconds(checkpoints)}
     if getattr(args, "mlflow", None):
         from .tracking import log_metrics

@@ -194,7 +194,7 @@ def summary_metrics(metrics: dict[str, Any], now_ms: int) -> list[Metric]:
 
 
 def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, name: str,
-                      setup: list[str] | None = None) -> RunLogger:
+                      setup: list[str] | None = None, log_model: bool = False) -> RunLogger:
     """Hooks for deat.train.train: params at start, every epoch's metrics (step=epoch), artifacts at the end.
 
     The MLflow run is chosen at `start`, after train has checked that the directory belongs to this config:
@@ -202,6 +202,7 @@ def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, name: str,
     only when the earlier attempt finished no epoch (e.g. it diverged); that attempt keeps its own run and this
     one gets a new child run. `stop` marks the run FAILED or KILLED when the process ends early. Nothing touches
     MLflow before `start`: a run that is already complete needs no store (see ensure_tracking for `setup`).
+    log_model: at the end, also log best.pt as an MLflow PyTorch model (`log_best_model`).
     """
     current: dict[str, Any] = {"run_id": None, "logged_epochs": set(), "client": None}
 
@@ -243,6 +244,8 @@ def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, name: str,
         curves = out / "learning_curves.png"
         plot_learning_curves(metrics, curves)
         client.log_artifact(run_id, str(curves))
+        if log_model:
+            log_best_model(client.tracking_uri, run_id, out / "best.pt")
         client.set_terminated(run_id, "FINISHED")
 
     def stop(status: str) -> None:
@@ -250,6 +253,53 @@ def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, name: str,
             current["client"].set_terminated(current["run_id"], status)
 
     return RunLogger(start=start, epoch=epoch, end=end, stop=stop)
+
+
+BEST_MODEL_NAME = "best_model"
+
+
+def log_best_model(tracking_uri: str, run_id: str, checkpoint: str | Path,
+                   image_shape: tuple[int, int, int] | None = None) -> str:
+    """Log a deat checkpoint's model as an MLflow PyTorch model named `best_model` on run `run_id`; returns its URI.
+
+    The model is deat's `Normalized` network ((B, C, H, W) pixels in [0, 1] -> (B, classes) logits, BatchNorm in
+    eval mode), saved in MLflow's default 'pt2' format: a `torch.export` graph with a dynamic batch dimension, which
+    `mlflow.pytorch.load_model(uri)` loads without unpickling code (nor needing deat). image_shape (C, H, W) of the
+    export example; None reads it from the checkpoint's dataset. Its size is about the state dict's (4 bytes per
+    parameter and buffer; docs/benchmarks.md, "Model size").
+    """
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    from .checkpoint import load_checkpoint
+    from .models import build_model
+
+    ckpt = load_checkpoint(checkpoint)
+    spec = ckpt["model_spec"]
+    model = build_model(spec["arch"], spec["num_classes"], in_channels=spec["in_channels"], mean=spec["mean"],
+                        std=spec["std"], width=spec["width"])
+    model.load_state_dict(ckpt["model"])
+    model.eval().requires_grad_(False)
+    if image_shape is None:
+        from .data import load_dataset  # the training process has it cached
+
+        config = ckpt["config"]
+        image_shape = tuple(load_dataset(config["dataset"], config["data_root"], config["val_size"]).test_x.shape[1:])
+    example = np.full((2, *image_shape), 0.5, dtype=np.float32)  # batch > 1: export keeps the batch dim dynamic
+    with torch.no_grad():
+        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+    mlflow.set_tracking_uri(tracking_uri)
+    # start_run on an existing run resumes it; the caller sets its final status right after.
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(model, name=BEST_MODEL_NAME, input_example=example, signature=signature,
+                                        serialization_format="pt2",
+                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                                        metadata={"deat_checkpoint": Path(checkpoint).name,
+                                                  "epoch": ckpt.get("epoch"), "model_spec": spec})
+    return info.model_uri
 
 
 def log_metrics(tracking_file: str | Path, run_dir: str | Path, values: dict[str, float],

@@ -16,6 +16,7 @@ from tiny_study import tiny_study
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
 TINY = tiny_study(lrs=(0.05, 0.1), epochs=EPOCHS)
+TINY_RUNS = [(m, lr) for m in TINY["studies"]["tiny"]["methods"] for lr in TINY["studies"]["tiny"]["lrs"]]
 EPOCH_METRICS = ("lr", "train_loss", "train_robust_acc", "val_clean_acc", "val_pgd_acc", "test_clean_acc",
                  "test_pgd_acc", "images_per_s", "epoch_time_s")
 
@@ -90,6 +91,37 @@ def test_mlflow_holds_one_child_run_per_grid_point_with_every_epoch(tiny_study):
         assert {"metrics.json", "config.json", "learning_curves.png"} <= artifacts
     parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"tables", "figures"} <= parent_artifacts
+
+
+@pytest.mark.slow
+def test_snakemakes_report_holds_every_figure_table_and_log_with_its_caption(tiny_study):
+    import html
+    import zipfile
+
+    report = tiny_study / "report.zip"
+    result = snakemake(tiny_study, "--report", str(report), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with zipfile.ZipFile(report) as archive:
+        # report/data/raw/<id>/<path inside the reported directory>
+        stored = {name.split("/data/raw/")[1].split("/", 1)[1]: archive.read(name) for name in archive.namelist()
+                  if "/data/raw/" in name and not name.endswith("/")}
+        page = archive.read("report/report.html").decode()
+    figures = sorted((tiny_study / "results/figures/tiny").glob("*.png"))
+    tables = sorted((tiny_study / "results/tables/tiny").glob("*.csv"))
+    logs = sorted((tiny_study / "results/logs/train").rglob("*.log"))
+    assert figures and len(tables) > 5 and len(logs) == len(TINY_RUNS)
+    for path in figures + tables + [tiny_study / "results/tables/tiny/protocol.md"]:
+        assert stored.get(path.name) == path.read_bytes(), path  # the file itself, byte for byte
+    for path in logs + sorted((tiny_study / "results/logs/evaluate").rglob("*.log")):
+        assert stored.get(str(path.relative_to(tiny_study / "results/logs"))) == path.read_bytes(), path
+    # Each table is shown with the caption the report wrote in its .md, and each figure names its study's protocol.
+    for table in tables:
+        if table.stem != "runs":
+            caption = (table.with_suffix(".md")).read_text().split("**")[1]
+            # as it sits in the page's JSON: HTML-escaped by docutils, then ASCII-escaped by json.dumps
+            assert any(json.dumps(text)[1:-1] in page for text in (caption, html.escape(caption, quote=False))), table
+    assert page.count("Protocol: mnist5k; architectures small_cnn; methods pgd_at, deat;") == len(figures)
+    assert "ERROR/" not in page and "WARNING/" not in page  # no docutils complaint rendered into a caption
 
 
 @pytest.mark.slow

@@ -12,7 +12,11 @@ rule train:
         "results/logs/train/{run}.log",
     params:
         tracking=tracking_file,
-        flags=lambda w: cli_flags(run_entry(w)["train"]),
+        # mlflow.log_model rides on the untracked flags: the shell command's text (Snakemake's code trigger) and
+        # the run's identity stay as they were, so switching it on retrains nothing.
+        flags=lambda w: Untracked(
+            f"{cli_flags(run_entry(w)['train'])}{' --mlflow-log-model' if config['mlflow'].get('log_model') else ''}"
+        ),
         gpu=gpu_options(),
     threads: 1  # small models run best as parallel single-thread jobs on a CPU; GPU jobs need one
     resources:
