@@ -42,7 +42,7 @@ from .checkpoint import atomic_write, load_checkpoint, write_json
 from .checkpoint_formats import (ROBUSTBENCH_CLASSES, ROBUSTBENCH_DATASETS, ROBUSTBENCH_EPS, THREAT_MODELS,
                                  require_mapped, to_robustbench_keys)
 from .config import run_identity
-from .evaluate import file_sha256, weights_sha256
+from .eval_files import file_sha256, weights_sha256
 
 CHECKPOINTS = ("best", "last")
 # The full test sets RobustBench evaluates on.
