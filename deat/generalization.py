@@ -9,7 +9,7 @@ evaluation's test subset, so that
     robust_gap_pgd10 = train_pgd10_acc − pgd10_acc
 
 is a difference of two accuracies measured alike. With `flatness` the curves of deat.flatness are added, on the
-same training images (the robust loss: cross-entropy at PGD-10 examples crafted against each perturbed model, with
+same training images (the first FLATNESS_EXAMPLES of them; the robust loss: cross-entropy at PGD-10 examples crafted against each perturbed model, with
 the same random starts at every perturbation, so that the curve's differences are not attack noise).
 
 Training images: the first `train_examples` of a seeded permutation of the training split, sorted (the rule
@@ -31,6 +31,9 @@ from .flatness import GAMMAS, flatness_curves
 KEYS = ("train_examples", "train_clean_acc", "train_pgd10_acc", "robust_gap_pgd10", "flatness",
         "generalization_wall_time_s")
 DIRECTIONS = 3  # random directions per γ (Li et al. average a few; the AWP paper plots one)
+# The flatness curves attack the first FLATNESS_EXAMPLES of the training images (each curve point is a PGD-10 run
+# over them: 5 sizes × (3 random directions + the worst case)), the gap all of them.
+FLATNESS_EXAMPLES = 256
 
 
 def training_subset(n_train: int, n: int, seed: int) -> torch.Tensor:
@@ -60,11 +63,13 @@ def generalization_entry(model: nn.Module, x: torch.Tensor, y: torch.Tensor, set
     entry["robust_gap_pgd10"] = entry["train_pgd10_acc"] - test_pgd10_acc
     entry["flatness"] = None
     if with_flatness:
+        xf, yf = x[:FLATNESS_EXAMPLES], y[:FLATNESS_EXAMPLES]
+
         def robust_loss() -> torch.Tensor:
             start = torch.Generator(device=x.device).manual_seed(seed)  # the same starts at every perturbation
-            x_adv = pgd(model, x, y, eps, step, settings["pgd10_steps"], norm, generator=start)
-            return F.cross_entropy(model(x_adv), y)
+            x_adv = pgd(model, xf, yf, eps, step, settings["pgd10_steps"], norm, generator=start)
+            return F.cross_entropy(model(x_adv), yf)
 
         entry["flatness"] = flatness_curves(model, robust_loss, GAMMAS, DIRECTIONS, seed)
-        entry["flatness"]["examples"] = len(y)
+        entry["flatness"]["examples"] = len(yf)
     return entry
