@@ -332,3 +332,61 @@ def figure_accuracy_vs_ratio(runs: pd.DataFrame, head: Headline, figures_dir: Pa
     grid.set_axis_labels("α / b", head.axis)
     _title(grid, "best checkpoint, seed mean per grid point")
     return _save(grid.figure, figures_dir, stem)
+
+
+def figure_weight_averaging(runs: pd.DataFrame, epochs: pd.DataFrame, figures_dir: Path,
+                            skipped: list[str]) -> list[Path]:
+    """Per-epoch test PGD accuracy of every run with an EMA of its weights: the raw model and the average, per method
+    (mean over seeds, ±1 sd band with several seeds); training's own end-of-epoch evaluation."""
+    averaged = runs[runs.ema_tau > 0] if "ema_tau" in runs else runs.iloc[:0]
+    keys = ["method", "lr", "batch_size", "variant"]
+    data = epochs.merge(averaged[keys].drop_duplicates(), on=keys)
+    if data.empty or data.ema_test_pgd_acc.isna().all():
+        skipped.append("weight_averaging_per_epoch: no run with a weight average and its per-epoch evaluation")
+        return []
+    long = data.melt(id_vars=["label", "seed", "epoch"], value_vars=["test_pgd_acc", "ema_test_pgd_acc"],
+                     var_name="model", value_name="accuracy")
+    long = long.assign(accuracy=100 * long.accuracy,
+                       model=long.model.map({"test_pgd_acc": "raw", "ema_test_pgd_acc": "EMA"}))
+    plt, sns = _pyplot()
+    band = data.seed.nunique() >= 2
+    grid = sns.relplot(data=long, kind="line", x="epoch", y="accuracy", hue="label", style="model",
+                       errorbar="sd" if band else None, height=3.2, aspect=1.4)
+    grid.set_axis_labels("epoch", "test PGD accuracy (%)")
+    grid.legend.set_title("")
+    _title(grid, "raw model and weight average, every epoch (training's own evaluation)"
+           + (f"; {BAND}" if band else ""))
+    return _save(grid.figure, figures_dir, "weight_averaging_per_epoch")
+
+
+def figure_mechanism(runs: pd.DataFrame, epochs: pd.DataFrame, figures_dir: Path, skipped: list[str]) -> list[Path]:
+    """The probes per epoch (diffusion and update noise, log scale, per method and α/b) and, per run, the mean
+    diffusion against the robust gap measured alike."""
+    from .mechanism_tables import has_probes, run_probes
+
+    if not has_probes(epochs):
+        skipped.append("diffusion_per_epoch: no probed epochs (train.probe_every 0)")
+        return []
+    probed = epochs.dropna(subset=["probe_diffusion"]).assign(**{"α/b": lambda e: (e.lr / e.batch_size).map(
+        lambda v: f"{v:.3g}")})
+    long = probed.melt(id_vars=["label", "α/b", "seed", "epoch"],
+                       value_vars=["probe_diffusion", "probe_update_trace_cov"], var_name="probe", value_name="value")
+    long = long.assign(probe=long.probe.map({"probe_diffusion": "diffusion (α/b)·tr Σ",
+                                             "probe_update_trace_cov": "update noise tr Cov(Δθ)"}))
+    plt, sns = _pyplot()
+    grid = sns.relplot(data=long, kind="line", x="epoch", y="value", hue="α/b", style="label", col="probe",
+                       errorbar=None, height=3.2, aspect=1.1, facet_kws={"sharey": False})
+    grid.set(yscale="log")
+    _title(grid, "the probes every few epochs (mean over seeds)")
+    written = _save(grid.figure, figures_dir, "diffusion_per_epoch")
+    data = run_probes(runs, epochs).dropna(subset=["probe_diffusion", "robust_gap"])
+    if data.empty:
+        skipped.append("diffusion_vs_robust_gap: no run with both probes and the robust gap (eval train_examples)")
+        return written
+    data = data.assign(**{"robust gap (pp)": 100 * data.robust_gap, "α/b": data.alpha_over_b.map(lambda v: f"{v:.3g}")})
+    figure, axis = plt.subplots(figsize=(4.8, 3.4))
+    sns.scatterplot(data=data, x="probe_diffusion", y="robust gap (pp)", hue="α/b", style="label", ax=axis)
+    axis.set_xscale("log")
+    axis.set_xlabel("mean diffusion (α/b)·tr Σ over probe epochs")
+    axis.set_title("diffusion against the robust gap, one point per run", fontsize=9)
+    return written + _save(figure, figures_dir, "diffusion_vs_robust_gap")

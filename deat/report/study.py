@@ -7,9 +7,10 @@ import json
 import logging
 from pathlib import Path
 
-from . import comparisons, figures, paper_tables, selection, step_tables, study_tables
+from . import (averaging_tables, comparisons, figures, mechanism_tables, paper_tables, selection, step_tables,
+               study_tables)
 from .formatting import run_label
-from .loading import CHECKPOINTS, EVAL_METRICS, RUNS_CSV_LEAVES_OUT, load_runs
+from .loading import CHECKPOINTS, EVAL_METRICS, RUNS_CSV_LEAVES_OUT, load_runs, study_aa_label
 from .protocol import PROTOCOL_FILE, protocol_markdown
 from .render import write_table
 from .table_helpers import has_delta, varies_variant
@@ -67,6 +68,13 @@ def build_report(manifest: dict, tables_dir: str | Path, figures_dir: str | Path
         for checkpoint in CHECKPOINTS:
             built[f"paper_comparison_{checkpoint}"] = paper_tables.paper_comparison_table(runs, checkpoint)
 
+    if averaging_tables.has_averaging(runs):
+        for table, records in averaging_tables.averaging_tables(runs, epochs, study_aa_label(runs)):
+            built[table.name] = table, records
+    if mechanism_tables.has_probes(epochs):
+        for table, records in mechanism_tables.mechanism_tables(runs, epochs, manifest.get("protocol", {})):
+            built[table.name] = table, records
+
     protocol_path = tables_dir / PROTOCOL_FILE
     protocol_path.write_text(protocol_markdown(manifest, runs), encoding="utf-8")
     written = [protocol_path]
@@ -82,6 +90,10 @@ def build_report(manifest: dict, tables_dir: str | Path, figures_dir: str | Path
     written += figures.figure_accuracy_vs_ratio(runs, head, figures_dir, skipped)
     if varies_variant(runs):
         written += figures.figure_sweep_heatmap(runs, head, figures_dir, skipped)
+    if averaging_tables.has_averaging(runs):
+        written += figures.figure_weight_averaging(runs, epochs, figures_dir, skipped)
+    if mechanism_tables.has_probes(epochs):
+        written += figures.figure_mechanism(runs, epochs, figures_dir, skipped)
     for note in skipped:
         log.info("study %s: skipped %s", study, note)
     # A table or figure this report skips is not left behind from an earlier report of the study.
