@@ -173,7 +173,7 @@ def test_npz_channel_last_single_channel_is_accepted(tmp_path):
     ({"train_y": np.arange(7) % 4}, r"train_y has dtype int64 and shape \(7,\); expected integer labels 0..K-1 "
                                     r"of shape \(8,\), one per image"),
     ({"test_y": np.array([0, 1, 2, 7])}, r"test_y has label\(s\) \[7\] that train_y never uses; expected test "
-                                         r"labels within train's classes \[0, 1, 2, 3\]"),
+                                         r"labels within train's classes 0..3"),
     ({"train_y": np.zeros(8, dtype=int), "test_y": np.zeros(4, dtype=int)},
      r"train_y holds 1 class; expected at least 2"),
     ({"test_x": np.zeros((4, 6, 5, 3), dtype=np.uint8)},
