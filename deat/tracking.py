@@ -354,17 +354,21 @@ def reconcile_runs(tracking_uri: str, experiment: str) -> dict[str, list[str]]:
 
 
 def describe_reconciled(outcome: dict[str, list[str]], everything: bool = True) -> list[str]:
-    """What reconcile_runs did, a line per outcome (`everything=False`: only what needs saying)."""
+    """What reconcile_runs did, a line per outcome. `everything=False` (a workflow's start): the runs marked KILLED,
+    and only a count of those left unchecked, with the command that names them; nothing about live runs."""
+    def named(runs: list[str]) -> str:
+        return ": " + "; ".join(runs) if everything else " (python -m deat mlflow-reconcile names them)"
+
     lines = []
     if outcome["killed"]:
         lines.append(f"MLflow: {len(outcome['killed'])} RUNNING run(s) whose process is gone marked KILLED: "
                      + "; ".join(outcome["killed"]))
     if outcome["elsewhere"]:
         lines.append(f"MLflow: {len(outcome['elsewhere'])} RUNNING run(s) on another host left as they are (their "
-                     "process cannot be checked from here): " + "; ".join(outcome["elsewhere"]))
+                     "process cannot be checked from here)" + named(outcome["elsewhere"]))
     if outcome["unknown"]:
         lines.append(f"MLflow: {len(outcome['unknown'])} RUNNING run(s) record no host and pid (started before deat "
-                     "recorded them) and are left as they are: " + "; ".join(outcome["unknown"]))
+                     "recorded them) and are left as they are" + named(outcome["unknown"]))
     if everything and outcome["alive"]:
         lines.append(f"MLflow: {len(outcome['alive'])} run(s) still running, left as they are: "
                      + "; ".join(outcome["alive"]))

@@ -251,8 +251,9 @@ def tracking_file(wildcards):
     """The owner study's tracking file (the first study of `run:` that has the run), and how to create it.
 
     No input of the job, on purpose: a finished run must never look out of date because the MLflow rules' files are
-    new or missing (a fresh clone, a new store, a study added or reordered). The job creates what is missing itself,
-    under a lock (deat.tracking.ensure_tracking); the report still waits for the study's MLflow rule.
+    new or missing (a fresh clone, a new store, a study added or reordered). The job creates the store and parent
+    run when they are missing, under a lock (deat.tracking.ensure_tracking), and leaves the file itself to the MLflow
+    rule that owns it; the report still waits for that rule.
     """
     owner = run_entry(wildcards)["owner"]
     return Untracked(f"results/studies/{owner}/mlflow.json --mlflow-setup '{config['mlflow']['tracking_uri']}' "
