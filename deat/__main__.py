@@ -1,12 +1,53 @@
-"""Command line: `python -m deat {train,evaluate,export,report,plan,prepare,mlflow-init,mlflow-study,mlflow-import} --help`."""
+"""Command line: `python -m deat {train,evaluate,export,report,plan,prepare,mlflow-init,mlflow-study,mlflow-import,
+mlflow-reconcile} --help`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
+from typing import NoReturn
+
+# How argparse names a flag's type in "invalid <type> value", and what the user should have typed instead.
+_EXPECTED = {"int": "an integer", "float": "a number", "parse_number": "a number (or a fraction like 8/255)",
+             "Path": "a path"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors say what to type: a bad value or a missing option in one line; an unknown option or
+    command with the usage of the command it was given to (a subcommand's own, not the top level's) and, for a
+    near miss, "did you mean"."""
+
+    def error(self, message: str) -> NoReturn:
+        from .config import did_you_mean
+
+        bad_value = re.fullmatch(r"argument (\S+): invalid (\w+) value: (.*)", message)
+        if bad_value:
+            flag, kind, value = bad_value.groups()
+            message = f"argument {flag}: expected {_EXPECTED.get(kind, kind)}, got {value}"
+        choice = re.fullmatch(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            message += did_you_mean(choice.group(2), re.findall(r"[\w.:-]+", choice.group(3)))
+        if message.startswith("unrecognized arguments") or (choice and choice.group(1) == "command"):
+            self.print_usage(sys.stderr)
+            self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201  (argparse's own signature)
+        """Unknown options are reported by the subcommand that got them, with its usage and a did-you-mean."""
+        from .config import did_you_mean
+
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            commands = getattr(self, "commands", None)
+            owner = commands.choices[parsed.command] if commands and getattr(parsed, "command", None) else self
+            flags = [o for action in owner._actions for o in action.option_strings]
+            hints = "".join(did_you_mean(word.split("=")[0], flags) for word in extras if word.startswith("--"))
+            owner.error(f"unrecognized arguments: {' '.join(extras)}{hints}")
+        return parsed
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser, train: bool = False) -> None:
@@ -72,7 +113,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.mlflow:
         from .tracking import mlflow_run_logger, run_name
 
-        logger = mlflow_run_logger(args.mlflow, cfg.out, run_name(cfg.to_dict()), setup=args.mlflow_setup,
+        logger = mlflow_run_logger(args.mlflow, cfg.out, run_name(cfg.resolved().to_dict()), setup=args.mlflow_setup,
                                    log_model=args.mlflow_log_model)
     try:
         train(cfg, logger, log=lambda line: print(line, flush=True))
@@ -142,11 +183,23 @@ def _mlflow_study(args: argparse.Namespace) -> int:
 
 
 def _mlflow_import(args: argparse.Namespace) -> int:
-    from .tracking import import_results
+    from .mlflow_import import import_results
 
     created = import_results(args.results_dir, args.tracking_uri, args.experiment)
     print(f"MLflow {args.tracking_uri}, experiment {args.experiment!r}: {created['studies']} study run(s) and "
-          f"{created['runs']} run(s) added (already there: left as they are)")
+          f"{created['runs']} run(s) added, {created['linked']} run(s) shared with another study linked to it "
+          f"(already there: left as they are)")
+    return 0
+
+
+def _mlflow_reconcile(args: argparse.Namespace) -> int:
+    from .tracking import describe_reconciled, reconcile_runs, store_exists
+
+    if not store_exists(args.tracking_uri):
+        raise FileNotFoundError(f"no MLflow store at {args.tracking_uri.removeprefix('sqlite:///')} "
+                                f"(--tracking-uri names another)")
+    for line in describe_reconciled(reconcile_runs(args.tracking_uri, args.experiment)):
+        print(line)
     return 0
 
 
@@ -155,7 +208,10 @@ def _report(args: argparse.Namespace) -> int:
 
     status = report_main(args)
     if args.mlflow:
-        from .tracking import finish_study_run, log_artifacts
+        from .tracking import finish_study_run, link_study_runs, log_artifacts
+
+        for manifest in args.manifest or []:  # a shared run directory is one MLflow run, listing its studies
+            link_study_runs(args.mlflow, json.loads(Path(manifest).read_text()))
 
         for folder, kind in ((args.tables_dir, "tables"), (args.figures_dir, "figures")):
             if folder:
@@ -223,8 +279,8 @@ def _plan(args: argparse.Namespace) -> int:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser. Only `command`'s own options are built (`None`: none), so that `python -m deat --help`
     imports neither torch nor pandas; each subcommand's module is imported when that subcommand is asked for."""
-    parser = argparse.ArgumentParser(prog="python -m deat", description="PGD-AT vs DEAT: train, evaluate, report.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m deat", description="PGD-AT vs DEAT: train, evaluate, report.")
+    commands = parser.commands = parser.add_subparsers(dest="command", required=True)
     # name: (one-line help, builder of its options and description, what it runs)
     heavy = {"train": ("train one run", _train_parent, _train),
              "evaluate": ("PGD / AutoAttack evaluation of a run's best.pt and last.pt, or of another checkpoint",
@@ -262,6 +318,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    "README opens)")
     p.add_argument("--experiment", default="deat", help="MLflow experiment name (default: deat)")
     p.set_defaults(func=_mlflow_import)
+    p = commands.add_parser("mlflow-reconcile", help="mark KILLED every RUNNING MLflow run whose training process "
+                            "is gone (kill -9); runs alive or on other hosts are left as they are")
+    p.add_argument("--tracking-uri", default="sqlite:///results/mlflow/mlflow.db",
+                   help="MLflow store (default: sqlite:///results/mlflow/mlflow.db)")
+    p.add_argument("--experiment", default="deat", help="MLflow experiment name (default: deat)")
+    p.set_defaults(func=_mlflow_reconcile)
     p = commands.add_parser("mlflow-study", help="create (or find) a study's MLflow parent run")
     p.add_argument("--store", required=True, help="JSON file written by mlflow-init")
     p.add_argument("--study", required=True, help="study name")

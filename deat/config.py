@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import hashlib
+import json
 import re
 import types
 import typing
@@ -175,7 +178,7 @@ class TrainConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+            raise ValueError(unknown_keys_message(source, unknown, sorted(known)))
         parsed = {name: _coerce(value, known[name].type, f"{source}: {name}") for name, value in values.items()}
         cfg = cls(**parsed)
         cfg.validate(source)
@@ -346,3 +349,81 @@ def config_from_args(args: argparse.Namespace, config_cls: type = TrainConfig):
     names = {f.name for f in dataclasses.fields(config_cls)}
     values.update({k: v for k, v in vars(args).items() if k in names})
     return config_cls.from_dict(values, source=source)
+
+
+# ------------------------------------------------------------------------------------ messages and identity
+
+# The axes of a workflow study's grid: the run directory names them; every other setting that changes the result is
+# in its settings hash (see settings_hash).
+GRID_AXES = ("arch", "method", "lr", "batch_size", "seed")
+
+
+def settings_hash(config: dict[str, Any]) -> str:
+    """The `<settings-hash>` of a run directory (results/runs/<dataset>/<arch>/<method>/<hash>/lr.._bs.._seed..):
+    8 hex digits of the sha256 of the run's identity (run_identity) less the grid axes, as canonical JSON.
+
+    One definition for the workflow's paths and MLflow's run names, so a name shows the directory it stands for."""
+    settings = {k: v for k, v in run_identity(config).items() if k not in GRID_AXES}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
+    """" (did you mean 'batch_sizes'?)" for a near miss among `choices` (difflib's ratio >= 0.6), else ""."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_keys_message(source: str, unknown: typing.Iterable[str], allowed: typing.Iterable[str]) -> str:
+    """One line: "<source>: unknown key 'epoch' (did you mean 'epochs'?); allowed: a, b, c"."""
+    allowed = list(allowed)
+    unknown = sorted(unknown)
+    keys = ", ".join(f"{key!r}{did_you_mean(key, allowed)}" for key in unknown)
+    return f"{source}: unknown key{'s' if len(unknown) > 1 else ''} {keys}; allowed: {', '.join(allowed)}"
+
+
+def config_schema_errors(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
+    """Every violation of the workflow's JSON schema (workflow/schemas/config.schema.yaml) in `config`, one short
+    line each: where (studies.mine.lrs[0]), what was found, what was expected, and a did-you-mean for a mistyped
+    key or value. [] when `config` is valid. jsonschema's own report (the whole sub-schema) is not shown."""
+    import jsonschema
+
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
+    lines: list[str] = []
+    for error in errors:
+        for line in _describe_schema_error(error):
+            if line not in lines:
+                lines.append(line)
+    return lines
+
+
+def _where(path: typing.Iterable[Any]) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "the config"
+
+
+def _describe_schema_error(error: Any) -> list[str]:
+    where, schema, instance = _where(error.absolute_path), error.schema, error.instance
+    if error.validator == "additionalProperties" and schema.get("additionalProperties") is False:
+        allowed = list(schema.get("properties", {}))
+        options = {f.name for f in dataclasses.fields(TrainConfig)} if "train" in allowed else set()
+        return [f"{_where([*error.absolute_path, key])}: unknown key"
+                + (did_you_mean(key, allowed) or (" (a `python -m deat train` option: put it under train:)"
+                                                  if key in options else ""))
+                + f"; allowed here: {', '.join(allowed)}" for key in sorted(set(instance) - set(allowed))]
+    if error.validator == "required":
+        missing = error.message.split("'")[1] if error.message.count("'") >= 2 else error.message
+        unknown = set(instance) - set(schema.get("properties", {}))
+        if any(did_you_mean(key, [missing]) for key in unknown):
+            return []  # the mistyped key's line already says "did you mean" this one
+        return [f"{where}: missing key {missing!r} (required: {', '.join(schema['required'])})"]
+    if error.validator == "enum":
+        return [f"{where}: {instance!r} is not allowed{did_you_mean(instance, schema['enum'])}; expected one of "
+                f"{', '.join(map(str, schema['enum']))}"]
+    if error.validator == "pattern" and "description" in schema:
+        choices = [c.strip() for c in schema["description"].split("|")]
+        return [f"{where}: {instance!r} is not allowed{did_you_mean(instance, choices)}; expected "
+                f"{schema['description']}"]
+    return [f"{where}: {error.message}"]

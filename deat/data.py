@@ -85,6 +85,11 @@ def load_dataset(name: str, data_root: str = "data", val_size: int | None = None
     else:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, npz:<path>")
 
+    if len(train_y) != len(train_x) or len(test_y) != len(test_x):
+        raise ValueError(f"{name}: {len(train_y)} training labels for {len(train_x)} images and {len(test_y)} test "
+                         f"labels for {len(test_x)} images; expected one label per image")
+    if not name.startswith("npz:"):  # an npz file's labels are checked as it is read, naming the file
+        check_labels(name, train_y, test_y)
     n_train = len(train_x)
     if val_size is None:
         val_size = min(1000, n_train // 10)
@@ -99,7 +104,7 @@ def load_dataset(name: str, data_root: str = "data", val_size: int | None = None
         train_x=train_images, train_y=torch.from_numpy(train_y[train_idx]).long(),
         val_x=torch.from_numpy(train_x[val_idx]), val_y=torch.from_numpy(train_y[val_idx]).long(),
         test_x=torch.tensor(test_x), test_y=torch.tensor(test_y, dtype=torch.int64),
-        num_classes=int(max(train_y.max(), test_y.max())) + 1,
+        num_classes=int(train_y.max()) + 1,  # check_labels: the classes are 0..K-1, test's among them
         **_channel_stats(train_images),
     )
 
@@ -282,15 +287,45 @@ def _load_npz(path: Path) -> tuple[np.ndarray, ...]:
         hwc = [(*loaded[f"{s}_x"].shape[2:], loaded[f"{s}_x"].shape[1]) for s in ("train", "test")]
         raise ValueError(f"{path}: train_x and test_x images differ in (H, W, C): {hwc[0]} vs {hwc[1]}; "
                          f"expected the same image shape in both splits")
-    train_classes = np.unique(loaded["train_y"])
-    if len(train_classes) < 2:
-        raise ValueError(f"{path}: train_y holds {len(train_classes)} class; expected at least 2")
-    unseen = np.setdiff1d(np.unique(loaded["test_y"]), train_classes)
-    if len(unseen):
-        raise ValueError(f"{path}: test_y has label(s) {unseen.tolist()[:10]} that train_y never uses; expected "
-                         f"test labels within train's classes {train_classes.tolist()[:10]}"
-                         + ("..." if len(train_classes) > 10 else ""))
+    check_labels(str(path), loaded["train_y"], loaded["test_y"])
     return tuple(np.ascontiguousarray(loaded[key]) for key in ("train_x", "train_y", "test_x", "test_y"))
+
+
+def _labels_text(labels: np.ndarray) -> str:
+    """[1, 2, ..., 10] -> "1..10"; other sets as a list (the first 10)."""
+    values = labels.tolist()
+    if len(values) > 2 and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}..{values[-1]}"
+    return str(values[:10])[:-1] + (", ...]" if len(values) > 10 else "]")
+
+
+def check_labels(source: str, train_y: np.ndarray, test_y: np.ndarray) -> None:
+    """Labels must mean what the data says: the K classes of train_y are exactly 0..K-1 and test_y uses only them.
+
+    Otherwise the model, the evaluation and AutoAttack's targeted attacks would count max(label) + 1 classes, some
+    of which never occur (labels 1..10 train an 11-class problem). Raises a one-line ValueError naming `source`,
+    the labels found, what was expected and the fix: fewer than 2 classes, labels that do not start at 0
+    (`labels - 1`), gaps in the label set (renumber with np.searchsorted), test labels no training image has.
+    """
+    classes = np.unique(train_y)
+    k = len(classes)
+    if k < 2:
+        raise ValueError(f"{source}: train_y holds {k} class; expected at least 2")
+    if classes[0] != 0 or classes[-1] != k - 1:
+        found = f"{source}: train_y holds labels {_labels_text(classes)} ({k} classes)"
+        if classes[-1] - classes[0] == k - 1:  # contiguous, shifted
+            fix = (f"subtract {classes[0]} from train_y and test_y (labels - {classes[0]})" if classes[0] > 0
+                   else f"add {-classes[0]} to train_y and test_y (labels + {-classes[0]})")
+        else:
+            missing = np.setdiff1d(np.arange(classes[0], classes[-1] + 1), classes)
+            found += f", without {_labels_text(missing)}"
+            fix = "renumber train_y and test_y with np.searchsorted(np.unique(train_y), labels)"
+        raise ValueError(f"{found}; expected every label 0..K-1, here 0..{k - 1}: {fix}")
+    unseen = np.setdiff1d(np.unique(test_y), classes)
+    if len(unseen):
+        raise ValueError(f"{source}: test_y has label(s) {unseen.tolist()[:10]} that train_y never uses; expected "
+                         f"test labels within train's classes {_labels_text(classes)} (a class the model cannot "
+                         f"have learned): drop those test images or add training images of the class")
 
 
 # ------------------------------------------------------------------------------------ augmentation, batches

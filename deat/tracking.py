@@ -1,15 +1,20 @@
-"""MLflow tracking: the store and experiment, a parent run per study, a child run per grid point.
+"""MLflow tracking: the store and experiment, a parent run per study, a child run per run directory.
 
-The only module that imports mlflow. A run directory keeps its MLflow run id in `mlflow_run_id`, so a job
-rerun after a crash continues the same MLflow run instead of creating a duplicate.
+With mlflow_import.py (committed results into MLflow), the only module that imports mlflow. A run directory keeps
+its MLflow run id in `mlflow_run_id`, so a job rerun after a crash continues the same MLflow run, not a duplicate. A directory shared by several
+studies is one MLflow run, a child of the first study that trained (or imported) it; its tag `deat.studies` lists
+every study it belongs to. A training process holds an OS lock on `train.lock` in its run directory and records its
+host and pid as tags, so `reconcile_runs` can tell a RUNNING run whose process is gone (kill -9) from a live one.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -25,7 +30,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from .checkpoint import atomic_write, write_json  # noqa: E402
-from .config import NON_RESULT_KEYS, unused_options  # noqa: E402
+from .config import NON_RESULT_KEYS, settings_hash, unused_options  # noqa: E402
 from .runtime import RunLogger  # noqa: E402
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -37,6 +42,10 @@ SUMMARY_PREFIX = "summary"
 # Logged with every epoch in one log_batch (one transaction), so its steps are the epochs MLflow holds.
 EPOCH_PREFIX = "epoch"
 EPOCH_MARKER = f"{EPOCH_PREFIX}/epoch_time_s"
+# Held (fcntl.flock, exclusive) by the process training the run directory, from before its MLflow run is set
+# RUNNING until the process ends, however it ends: the kernel releases it even after kill -9.
+LOCK_FILE = "train.lock"
+HOST_TAG, PID_TAG, LOCK_TAG, STUDIES_TAG = "deat.host", "deat.pid", "deat.lock_file", "deat.studies"
 
 
 def resolve_tracking_uri(tracking_uri: str) -> str:
@@ -74,29 +83,33 @@ def setup_lock(tracking_uri: str):
 
 
 def run_name(config: dict[str, Any]) -> str:
-    """A grid point's MLflow run name, e.g. "deat small_cnn lr0.1 bs128 seed0"."""
-    return f"{config['method']} {config['arch']} lr{config['lr']} bs{config['batch_size']} seed{config['seed']}"
+    """A run directory's MLflow name from its resolved config (metrics.json's `config`), e.g.
+    "deat small_cnn lr0.2236 bs128 seed0 · 1a2b3c4d": the grid axes, then the settings hash of its directory
+    (deat.config.settings_hash), so runs of two studies that differ in other settings never share a name."""
+    return (f"{config['method']} {config['arch']} lr{config['lr']} bs{config['batch_size']} seed{config['seed']} "
+            f"· {settings_hash(config)}")
 
 
 def ensure_tracking(tracking_file: str | Path, setup: list[str] | None = None) -> dict[str, str]:
-    """The study's tracking file, created first (store, experiment, parent run) when it is missing and `setup`
-    ([tracking URI, experiment, study]) says how.
+    """The study's tracking file's contents; when the file is missing and `setup` ([tracking URI, experiment,
+    study]) says how, the store, experiment and parent run are created (or found) instead.
 
     Training and evaluation jobs do not wait for the workflow's MLflow rules: a run finished long ago must never look
     out of date because a fresh clone or a new store lacks those rules' files. The first job that needs MLflow
-    creates what is missing, under `setup_lock`, exactly as `mlflow-init` and `mlflow-study` would.
+    creates what is missing, under `setup_lock`, exactly as `mlflow-init` and `mlflow-study` would. The file itself
+    is left to the `mlflow_study` rule that owns it: a job that wrote it first made Snakemake warn that the rule's
+    output "was not present when the DAG was created", and delete it under the jobs still reading it.
     """
     path = Path(tracking_file)
-    if not path.is_file():
-        if not setup:
-            raise FileNotFoundError(f"MLflow tracking file {path} does not exist (python -m deat mlflow-study "
-                                    f"writes it)")
-        uri, experiment, study = setup
-        with setup_lock(uri):
-            if not path.is_file():
-                experiment_id = init_experiment(uri, experiment)
-                write_tracking_file(path, uri, experiment_id, study_parent_run(uri, experiment_id, study, {}))
-    return read_tracking_file(path)
+    if path.is_file():
+        return read_tracking_file(path)
+    if not setup:
+        raise FileNotFoundError(f"MLflow tracking file {path} does not exist (python -m deat mlflow-study writes it)")
+    uri, experiment, study = setup
+    with setup_lock(uri):
+        experiment_id = init_experiment(uri, experiment)
+        return {"tracking_uri": uri, "experiment_id": experiment_id,
+                "parent_run_id": study_parent_run(uri, experiment_id, study, {})}
 
 
 def init_experiment(tracking_uri: str, experiment: str, artifact_root: str | Path | None = None) -> str:
@@ -204,9 +217,11 @@ def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, name: str,
     MLflow before `start`: a run that is already complete needs no store (see ensure_tracking for `setup`).
     log_model: at the end, also log best.pt as an MLflow PyTorch model (`log_best_model`).
     """
-    current: dict[str, Any] = {"run_id": None, "logged_epochs": set(), "client": None}
+    current: dict[str, Any] = {"run_id": None, "logged_epochs": set(), "client": None, "lock": None}
 
     def start(params: dict[str, Any]) -> None:
+        # The lock first: from the moment this run shows RUNNING, reconcile_runs finds its process alive.
+        current["lock"] = hold_run_lock(run_dir)
         tracking = ensure_tracking(tracking_file, setup)
         client = current["client"] = _client(tracking["tracking_uri"])
         wanted = run_params(params)
@@ -222,6 +237,8 @@ def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, name: str,
                                           "deat.role": "grid_point", "deat.run_dir": str(run_dir)})
             atomic_write(Path(run_dir) / RUN_ID_FILE, lambda f: f.write(run.info.run_id.encode()))
         run_id = current["run_id"] = run.info.run_id
+        client.log_batch(run_id, tags=[RunTag(HOST_TAG, socket.gethostname()), RunTag(PID_TAG, str(os.getpid())),
+                                       RunTag(LOCK_TAG, str(Path(run_dir, LOCK_FILE).resolve()))])
         client.update_run(run_id, status="RUNNING")
         client.update_run(tracking["parent_run_id"], status="RUNNING")  # the study has work in progress again
         client.log_batch(run_id, params=[Param(k, v) for k, v in wanted.items() if k not in run.data.params],
@@ -302,6 +319,133 @@ def log_best_model(tracking_uri: str, run_id: str, checkpoint: str | Path,
     return info.model_uri
 
 
+def hold_run_lock(run_dir: str | Path) -> int:
+    """Take the exclusive OS lock of a run directory (`train.lock`) and keep it until the process ends; returns its
+    file descriptor. Waits while another process holds it (two jobs never train one directory at once)."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+    return fd
+
+
+def _lock_is_free(path: str) -> bool | None:
+    """True when nobody holds the lock at `path` (taken and released at once), False when a process holds it,
+    None when there is no such file."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    finally:
+        os.close(fd)  # closing releases a lock we took
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def reconcile_runs(tracking_uri: str, experiment: str) -> dict[str, list[str]]:
+    """Mark KILLED every RUNNING run of `experiment` whose training process is gone (kill -9, the OOM killer, a
+    node failure); returns run descriptions by outcome: "killed", "alive", "elsewhere" (another host: cannot be
+    checked from here), "unknown" (no host/pid tags: started before deat recorded them).
+
+    A run's process is gone when its `train.lock` can be taken: the process held it from before the run was set
+    RUNNING, and the kernel releases it however the process ends. Where the lock file is gone (the directory was
+    moved), the recorded pid decides. A run of a live process is never touched, and the status is read again once
+    the lock is taken, so a run that finished meanwhile stays FINISHED.
+    """
+    client = _client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    outcome: dict[str, list[str]] = {"killed": [], "alive": [], "elsewhere": [], "unknown": []}
+    if found is None:
+        return outcome
+    here = socket.gethostname()
+    token = None
+    while True:
+        page = client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'", max_results=1000,
+                                  page_token=token)
+        for run in page:
+            tags = run.data.tags
+            label = f"{run.info.run_name} ({tags.get('deat.run_dir', run.info.run_id)})"
+            if tags.get("deat.role") == "study":
+                continue  # a study's parent: set FINISHED by its report, FAILED by a failed workflow
+            if PID_TAG not in tags or HOST_TAG not in tags:
+                outcome["unknown"].append(label)
+                continue
+            if tags[HOST_TAG] != here:
+                outcome["elsewhere"].append(f"{label} on host {tags[HOST_TAG]}")
+                continue
+            free = _lock_is_free(tags.get(LOCK_TAG, ""))
+            gone = free if free is not None else not _pid_alive(int(tags[PID_TAG]))
+            if not gone:
+                outcome["alive"].append(f"{label}, pid {tags[PID_TAG]}")
+                continue
+            now = client.get_run(run.info.run_id)
+            if now.info.status == "RUNNING" and now.data.tags.get(PID_TAG) == tags[PID_TAG]:
+                client.set_terminated(run.info.run_id, "KILLED")
+                outcome["killed"].append(f"{label}, pid {tags[PID_TAG]}")
+        token = page.token
+        if not token:
+            return outcome
+
+
+def describe_reconciled(outcome: dict[str, list[str]], everything: bool = True) -> list[str]:
+    """What reconcile_runs did, a line per outcome. `everything=False` (a workflow's start): the runs marked KILLED,
+    and only a count of those left unchecked, with the command that names them; nothing about live runs."""
+    def named(runs: list[str]) -> str:
+        return ": " + "; ".join(runs) if everything else " (python -m deat mlflow-reconcile names them)"
+
+    lines = []
+    if outcome["killed"]:
+        lines.append(f"MLflow: {len(outcome['killed'])} RUNNING run(s) whose process is gone marked KILLED: "
+                     + "; ".join(outcome["killed"]))
+    if outcome["elsewhere"]:
+        lines.append(f"MLflow: {len(outcome['elsewhere'])} RUNNING run(s) on another host left as they are (their "
+                     "process cannot be checked from here)" + named(outcome["elsewhere"]))
+    if outcome["unknown"]:
+        lines.append(f"MLflow: {len(outcome['unknown'])} RUNNING run(s) record no host and pid (started before deat "
+                     "recorded them) and are left as they are" + named(outcome["unknown"]))
+    if everything and outcome["alive"]:
+        lines.append(f"MLflow: {len(outcome['alive'])} run(s) still running, left as they are: "
+                     + "; ".join(outcome["alive"]))
+    if everything and not lines:
+        lines.append("MLflow: no RUNNING run to reconcile")
+    return lines
+
+
+def store_exists(tracking_uri: str) -> bool:
+    """False for an embedded sqlite store whose file is missing (opening it would create one); True otherwise."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri.removeprefix("sqlite:///")).is_file()
+    return True
+
+
+def reconcile_at_start(tracking_uri: str, experiment: str) -> None:
+    """The workflow's start (Snakemake's onstart, real runs only): reconcile the configured store, saying only what
+    it changed or could not check; never stops the workflow (a store it cannot reach is a warning)."""
+    if not store_exists(tracking_uri):
+        return
+    try:
+        for line in describe_reconciled(reconcile_runs(tracking_uri, experiment), everything=False):
+            print(line, file=sys.stderr)
+    except Exception as err:  # noqa: BLE001  (MLflow's own errors are many kinds; the workflow goes on)
+        print(f"warning: could not check MLflow for runs left RUNNING by a killed process: {err}", file=sys.stderr)
+
+
 def log_metrics(tracking_file: str | Path, run_dir: str | Path, values: dict[str, float],
                 setup: list[str] | None = None) -> None:
     """Final metrics (e.g. `eval/best/aa_acc`) on the run directory's MLflow run.
@@ -330,21 +474,33 @@ def log_artifacts(tracking_file: str | Path, files: list[Path], run_id: str | No
         client.log_artifact(run_id or tracking["parent_run_id"], str(f), artifact_path)
 
 
-def fail_study_runs(tracking_files: list[str | Path]) -> list[str]:
+def fail_study_runs(tracking_files: list[str | Path],
+                    setup: tuple[str, str, list[str]] | None = None) -> list[str]:
     """After a failed workflow run: every study parent run still RUNNING becomes FAILED; returns their run ids.
 
-    The report, which would have closed the study, never ran. A later run sets the parent RUNNING again when one
-    of its jobs starts, and FINISHED when its report is written.
+    The report, which would have closed the study, never ran. A study whose tracking file was not written yet (its
+    `mlflow_study` rule did not run) is found by its tags when `setup` gives (tracking URI, experiment, studies).
+    A later run sets the parent RUNNING again when one of its jobs starts, and FINISHED when its report is written.
     """
-    failed = []
+    parents = []
     for path in tracking_files:
-        if not Path(path).is_file():
-            continue
-        tracking = read_tracking_file(path)
-        client = _client(tracking["tracking_uri"])
-        if client.get_run(tracking["parent_run_id"]).info.status == "RUNNING":
-            client.set_terminated(tracking["parent_run_id"], "FAILED")
-            failed.append(tracking["parent_run_id"])
+        if Path(path).is_file():
+            tracking = read_tracking_file(path)
+            parents.append((tracking["tracking_uri"], tracking["parent_run_id"]))
+    if setup is not None and store_exists(setup[0]):
+        uri, experiment, studies = setup
+        client = _client(uri)
+        found = client.get_experiment_by_name(experiment)
+        for study in studies if found is not None else []:
+            for run in client.search_runs([found.experiment_id], f"tags.`deat.study` = '{study}' and "
+                                                                 f"tags.`deat.role` = 'study'", max_results=1):
+                parents.append((uri, run.info.run_id))
+    failed = []
+    for uri, run_id in dict.fromkeys(parents):
+        client = _client(uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "FAILED")
+            failed.append(run_id)
     return failed
 
 
@@ -380,72 +536,23 @@ def plot_learning_curves(metrics: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def import_results(results_dir: str | Path, tracking_uri: str, experiment: str) -> dict[str, int]:
-    """Load committed studies (manifest.json, each run's metrics.json and eval_*.json) into MLflow.
-
-    One parent run per study and one FINISHED child run per run directory, as the workflow would have logged them:
-    params, per-epoch metrics (step = epoch), best/last summaries, evaluation metrics, metrics.json as an artifact.
-    Idempotent: a study or run already in the experiment (found by its tags) is left as it is. A run directory
-    with no MLflow run of its own gets this one in its `mlflow_run_id`. Returns counts of what was created.
-    """
-    results_dir = Path(results_dir)
-    client = _client(tracking_uri)
-    with setup_lock(tracking_uri):
-        experiment_id = init_experiment(tracking_uri, experiment)
-    created = {"studies": 0, "runs": 0}
-    for manifest_path in sorted(results_dir.glob("studies/*/manifest.json")):
-        manifest = json.loads(manifest_path.read_text())
-        study = manifest["study"]
-        found = client.search_runs([experiment_id], f"tags.`deat.study` = '{study}' and tags.`deat.role` = 'study'",
-                                   max_results=1)
-        if found:
-            parent = found[0].info.run_id
-        else:
-            parent = study_parent_run(tracking_uri, experiment_id, study,
-                                      {"n_runs": len(manifest["runs"]), **manifest["protocol"]},
-                                      manifest.get("description", ""))
-            client.set_tag(parent, "deat.imported_from", str(manifest_path))
-            created["studies"] += 1
-        for entry in manifest["runs"]:
-            if _import_run(client, experiment_id, parent, results_dir.parent / entry["dir"], entry):
-                created["runs"] += 1
-        client.set_terminated(parent, "FINISHED")
-    return created
-
-
-def _import_run(client: MlflowClient, experiment_id: str, parent: str, run_dir: Path, entry: dict) -> bool:
-    """One committed run directory as a FINISHED child of `parent`; False if it is there already or unfinished."""
-    metrics_path = run_dir / "metrics.json"
-    rel_dir = entry["dir"]
-    if not metrics_path.is_file():
+def _add_study(client: MlflowClient, run, study: str) -> bool:
+    """List `study` in the run's `deat.studies` tag; False if it is there already."""
+    studies = [s for s in run.data.tags.get(STUDIES_TAG, "").split(",") if s]
+    if study in studies:
         return False
-    existing = client.search_runs([experiment_id], f"tags.`deat.run_dir` = '{rel_dir}' and "
-                                                   f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1)
-    if existing:
-        return False
-    metrics = json.loads(metrics_path.read_text())
-    cfg = metrics["config"]
-    run = client.create_run(experiment_id, run_name=run_name(cfg),
-                            tags={"mlflow.parentRunId": parent, "deat.role": "grid_point", "deat.run_dir": rel_dir,
-                                  "deat.imported_from": str(metrics_path)})
-    run_id = run.info.run_id
-    params = {**cfg, **{f"model_{k}": v for k, v in metrics.get("model", {}).items()},
-              "effective_step": metrics.get("effective_step")}
-    now = int(time.time() * 1000)
-    values = [m for record in metrics["epochs"] for m in epoch_metrics(record, now)]
-    values += summary_metrics(metrics, now)
-    for eval_path in sorted(run_dir.glob("eval_*.json")):
-        if eval_path.name.endswith(".partial.json"):
-            continue
-        for name, c in json.loads(eval_path.read_text())["checkpoints"].items():
-            values += [Metric(f"eval/{name}/{k}", float(c[k]), now, 0)
-                       for k in ("clean_acc", "pgd10_acc", "pgd_acc", "aa_acc") if c.get(k) is not None]
-    # log_batch takes at most 1,000 metrics per call
-    params_list = [Param(k, v) for k, v in run_params(params).items()]
-    for i in range(0, max(len(values), 1), 1000):
-        client.log_batch(run_id, metrics=values[i:i + 1000], params=params_list if i == 0 else [])
-    client.log_artifact(run_id, str(metrics_path))
-    client.set_terminated(run_id, "FINISHED")
-    if not (run_dir / RUN_ID_FILE).is_file():
-        atomic_write(run_dir / RUN_ID_FILE, lambda f: f.write(run_id.encode()))
+    client.set_tag(run.info.run_id, STUDIES_TAG, ",".join(studies + [study]))
     return True
+
+
+def link_study_runs(tracking_file: str | Path, manifest: dict[str, Any]) -> int:
+    """After a study's report: list the study in the `deat.studies` tag of each of its run directories' MLflow
+    runs (a directory another study trained first is that study's child run); returns how many were added."""
+    tracking = read_tracking_file(tracking_file)
+    client = _client(tracking["tracking_uri"])
+    linked = 0
+    for entry in {e["dir"]: e for e in manifest["runs"]}.values():
+        run = _recorded_run(client, entry["dir"])
+        if run is not None:
+            linked += _add_study(client, run, manifest["study"])
+    return linked

@@ -37,13 +37,13 @@ def test_flags_alone_and_an_empty_run_file_give_the_defaults(tmp_path):
     assert config_from(["--eps", "8/255", "--no-attack-bn-eval"]) == TrainConfig(eps=8 / 255, attack_bn_eval=False)
 
 
-def test_unknown_key_is_an_error_naming_it_and_the_allowed_keys(tmp_path):
+def test_unknown_key_is_an_error_naming_it_a_near_miss_and_the_allowed_keys(tmp_path):
     run_file = write_yaml(tmp_path, "learning_rate: 0.1\nlr: 0.1\n")
-    with pytest.raises(ValueError, match=r"run\.yaml: unknown key\(s\) \['learning_rate'\]; allowed: \[.*'lr'.*"
-                                         r"'pgd_steps'"):
+    with pytest.raises(ValueError, match=r"run\.yaml: unknown key 'learning_rate'; allowed: .*\blr\b.*pgd_steps"):
         config_from(["--config", str(run_file)])
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['batchsize', 'lrate'\]"):
-        TrainConfig.from_dict({"lrate": 0.1, "batchsize": 4})
+    with pytest.raises(ValueError, match=r"unknown keys 'batchsize' \(did you mean 'batch_size'\?\), 'epoch' "
+                                         r"\(did you mean 'epochs'\?\); allowed: "):
+        TrainConfig.from_dict({"epoch": 3, "batchsize": 4})
 
 
 def test_unknown_flag_is_refused_by_the_parser(capsys):
@@ -214,3 +214,44 @@ def test_run_file_must_be_a_mapping(tmp_path):
 def test_missing_run_file_is_an_error_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config file .*absent\.yaml does not exist"):
         config_from(["--config", str(tmp_path / "absent.yaml")])
+
+
+# --------------------------------------------------------------------------------------- CLI usage errors
+
+def cli_error(capsys, argv: list[str]) -> list[str]:
+    """The lines `python -m deat ARGV` prints on stderr when argparse refuses it (exit status 2)."""
+    from deat.__main__ import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def test_an_unknown_option_shows_the_subcommand_s_usage_and_the_option_it_meant(capsys):
+    """Issue 26: `train --datset x` printed the top-level usage, which lists no option of train."""
+    lines = cli_error(capsys, ["train", "--datset", "x"])
+    assert lines[0].startswith("usage: python -m deat train ") and any("--dataset DATASET" in line for line in lines)
+    assert lines[-1] == ("python -m deat train: error: unrecognized arguments: --datset x (did you mean "
+                         "'--dataset'?)")
+    assert "{train,evaluate,report" not in "\n".join(lines)  # not the top level's usage
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["train", "--k1", "abc"], "python -m deat train: error: argument --k1: expected a number (or a fraction like "
+                               "8/255), got 'abc' (see python -m deat train --help)"),
+    (["train", "--epochs", "2.5"], "python -m deat train: error: argument --epochs: expected an integer, got '2.5' "
+                                   "(see python -m deat train --help)"),
+    (["evaluate"], "python -m deat evaluate: error: the following arguments are required: --run-dir "
+                   "(see python -m deat evaluate --help)"),
+])
+def test_a_bad_value_is_one_line(capsys, argv, line):
+    """Issue 26: `train --k1 abc` printed 28 lines of usage above the error."""
+    assert cli_error(capsys, argv) == [line]
+
+
+def test_an_unknown_command_gets_a_did_you_mean(capsys):
+    lines = cli_error(capsys, ["trian"])
+    assert lines[0].startswith("usage: python -m deat ")
+    assert lines[-1].startswith("python -m deat: error: argument command: invalid choice: 'trian'")
+    assert lines[-1].endswith("(did you mean 'train'?)")

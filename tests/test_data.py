@@ -173,7 +173,7 @@ def test_npz_channel_last_single_channel_is_accepted(tmp_path):
     ({"train_y": np.arange(7) % 4}, r"train_y has dtype int64 and shape \(7,\); expected integer labels 0..K-1 "
                                     r"of shape \(8,\), one per image"),
     ({"test_y": np.array([0, 1, 2, 7])}, r"test_y has label\(s\) \[7\] that train_y never uses; expected test "
-                                         r"labels within train's classes \[0, 1, 2, 3\]"),
+                                         r"labels within train's classes 0..3"),
     ({"train_y": np.zeros(8, dtype=int), "test_y": np.zeros(4, dtype=int)},
      r"train_y holds 1 class; expected at least 2"),
     ({"test_x": np.zeros((4, 6, 5, 3), dtype=np.uint8)},
@@ -186,6 +186,42 @@ def test_npz_channel_last_single_channel_is_accepted(tmp_path):
 def test_npz_labels_and_train_test_agreement_are_checked(tmp_path, arrays, message):
     with pytest.raises(ValueError, match=r"case\.npz: " + message):
         load_dataset(_npz_case(tmp_path, **arrays))
+
+
+@pytest.mark.parametrize("arrays, message", [
+    # Issue 20: labels 1..10 trained an 11-class problem, labels 1..3 a 4-class one.
+    ({"train_y": np.arange(8) % 4 + 1, "test_y": np.arange(4) + 1},
+     r"train_y holds labels 1\.\.4 \(4 classes\); expected every label 0\.\.K-1, here 0\.\.3: subtract 1 from "
+     r"train_y and test_y \(labels - 1\)$"),
+    ({"train_y": np.array([0, 1, 3, 4, 0, 1, 3, 4]), "test_y": np.array([0, 1, 3, 4])},
+     r"train_y holds labels \[0, 1, 3, 4\] \(4 classes\), without \[2\]; expected every label 0\.\.K-1, here "
+     r"0\.\.3: renumber train_y and test_y with np\.searchsorted\(np\.unique\(train_y\), labels\)$"),
+    ({"train_y": np.arange(8) % 2 + 5, "test_y": np.array([5, 6, 5, 6])},
+     r"train_y holds labels \[5, 6\] \(2 classes\); expected every label 0\.\.K-1, here 0\.\.1: subtract 5"),
+    ({"train_y": np.arange(8) % 3, "test_y": np.array([0, 1, 2, 3])},
+     r"test_y has label\(s\) \[3\] that train_y never uses; expected test labels within train's classes 0\.\.2"),
+    ({"train_y": np.arange(9) % 4}, r"train_y has dtype int64 and shape \(9,\); expected integer labels 0\.\.K-1 of "
+                                    r"shape \(8,\), one per image"),
+    ({"test_y": np.arange(3)}, r"test_y has dtype int64 and shape \(3,\); expected integer labels 0\.\.K-1 of "
+                               r"shape \(4,\), one per image"),
+])
+def test_labels_must_be_0_to_k_minus_1_with_one_per_image(tmp_path, arrays, message):
+    with pytest.raises(ValueError, match=r"case\.npz: " + message) as refused:
+        load_dataset(_npz_case(tmp_path, **arrays))
+    assert "\n" not in str(refused.value)
+
+
+def test_labels_0_to_k_minus_1_give_k_classes_even_when_the_test_set_lacks_one(tmp_path):
+    data = load_dataset(_npz_case(tmp_path, test_y=np.array([0, 1, 1, 2])), val_size=0)
+    assert data.num_classes == 4
+
+
+def test_check_labels_guards_every_dataset_not_only_npz_files():
+    from deat.data import check_labels
+
+    with pytest.raises(ValueError, match=r"^svhn: train_y holds labels 1\.\.10 \(10 classes\); .* \(labels - 1\)$"):
+        check_labels("svhn", np.arange(20) % 10 + 1, np.arange(10) + 1)
+    check_labels("mnist5k", np.arange(20) % 10, np.arange(10))  # 0..9: accepted
 
 
 # --------------------------------------------------------------------------------------- torchvision sets

@@ -346,7 +346,9 @@ def test_the_readme_commands_write_only_ignored_files_and_nothing_committed():
                  "results/data/mnist5k.json", "results/mlflow/mlflow.db", "results/logs/train/x.log",
                  "results/runs/example/metrics.json", "results/runs/example/last.pt"):
         assert git_ignored(path), path
-    assert not git_ignored("results/runs/npz-cifar10_small/small_cnn/pgd_at/0123abcd/lr0.01_bs128_seed0/metrics.json")
+    committed_run = "results/runs/npz-cifar10_small/small_cnn/pgd_at/0123abcd/lr0.01_bs128_seed0"
+    assert not git_ignored(f"{committed_run}/metrics.json")
+    assert git_ignored(f"{committed_run}/train.lock") and git_ignored(f"{committed_run}/mlflow_run_id")
 
 
 @pytest.mark.slow

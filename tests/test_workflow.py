@@ -39,7 +39,16 @@ def tiny_study(tmp_path_factory):
     write_config(workdir, TINY)
     result = snakemake(workdir, "--cores", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (workdir / "snakemake_output.txt").write_text(result.stdout + result.stderr)
     return workdir
+
+
+@pytest.mark.slow
+def test_a_fresh_run_prints_no_warning(tiny_study):
+    """Issue 26.8: training jobs wrote the study's tracking file, the output of rule mlflow_study, first; Snakemake
+    then warned that the rule's output "was not present when the DAG was created" and deleted it."""
+    output = (tiny_study / "snakemake_output.txt").read_text()
+    assert "Warning" not in output and "were not present when the DAG was created" not in output, output[-3000:]
 
 
 @pytest.mark.slow
@@ -79,6 +88,11 @@ def test_mlflow_holds_one_child_run_per_grid_point_with_every_epoch(tiny_study):
     assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
     for child in children:
         assert child.info.status == "FINISHED"
+        # The name ends in the directory's settings hash; the run lists its study and its process.
+        run_dir = child.data.tags["deat.run_dir"]
+        assert child.info.run_name.endswith(f" · {run_dir.split('/')[-2]}")
+        assert child.data.tags["deat.studies"] == "tiny"
+        assert {"deat.host", "deat.pid", "deat.lock_file"} <= set(child.data.tags)
         assert {"method", "lr", "batch_size", "seed", "eps", "pgd_steps"} <= set(child.data.params)
         # Each method's own options only: momentum is SGD-momentum's, k1 DEAT's.
         own, other = ("momentum", "k1") if child.data.params["method"] == "pgd_at" else ("k1", "momentum")
@@ -241,37 +255,142 @@ def _bad(study_changes: dict, top_changes: dict | None = None) -> dict:
 
 
 @pytest.mark.parametrize("config, expected", [
-    (_bad({"archs": ["resnet50"]}), "resnet50"),
-    (_bad({"methods": ["sgd"]}), "sgd"),
-    (_bad({"dataset": "imagenet"}), "imagenet"),
-    (_bad({"lrs": [-0.1]}), "-0.1"),
-    (_bad({"lrs": []}), "lrs"),
-    (_bad({"epochs": 3}), "epochs"),
-    (_bad({"train": {"epoch": 3}}), "unknown key(s) ['epoch']"),
-    (_bad({"train": {"k2": 1.5}}), "k2=1.5 is invalid; expected 0 <= k2 < 1"),
+    (_bad({"archs": ["resnet50"]}), "studies.tiny.archs[0]: 'resnet50' is not allowed; expected one of "
+                                    "preact_resnet18, senet18, vgg19, wrn34_10, small_cnn"),
+    (_bad({"methods": ["pgd-at"]}), "studies.tiny.methods[0]: 'pgd-at' is not allowed (did you mean 'pgd_at'?)"),
+    (_bad({"dataset": "cifar-10"}), "studies.tiny.dataset: 'cifar-10' is not allowed (did you mean 'cifar10'?); "
+                                    "expected cifar10 | cifar100 | svhn | cifar10_small | mnist5k | npz:<path>"),
+    (_bad({"lrs": [-0.1]}), "studies.tiny.lrs[0]: -0.1 is less than or equal to the minimum of 0"),
+    (_bad({"lrs": []}), "studies.tiny.lrs: [] should be non-empty"),
+    (_bad({"epochs": 3}), "studies.tiny.epochs: unknown key (a `python -m deat train` option: put it under train:)"),
+    (_bad({"train": {"epoch": 3}}), "studies.tiny.train.epoch: unknown key (did you mean 'epochs'?); allowed here: "
+                                    "any `python -m deat train` option but the grid axes: val_size, augment, width"),
+    (_bad({"train": {"k2": 1.5}}), "studies.tiny.train: k2=1.5 is invalid; expected 0 <= k2 < 1"),
     (_bad({"methods": ["trades", "mart"], "train": {"awp_gamma": 0.005}}),
      "awp_gamma=0.005 is invalid; expected 0 for method mart"),
-    (_bad({"train": {"lr": 0.1}}), "['lr'] cannot be set here"),
-    (_bad({}, {"run": ["nope"]}), "unknown study 'nope'"),
-    (_bad({}, {"colour": "blue"}), "colour"),
-    (_bad({"lrs": ["fast"]}), "'fast' is not of type 'number'"),
-    (_bad({"seeds": [0.5]}), "0.5 is not of type 'integer'"),
-    (_bad({"batch_sizes": 128}), "128 is not of type 'array'"),
+    (_bad({"train": {"lr": 0.1}}), "studies.tiny.train.lr: cannot be set here; the study's grid sets it (lrs: [...])"),
+    (_bad({"train": {"device": "cpu"}}), "studies.tiny.train.device: cannot be set in a study; set `device:` at the "
+                                         "top level of the config"),
+    (_bad({}, {"run": ["tinyy"]}), "run: unknown study 'tinyy' (did you mean 'tiny'?); defined studies: tiny"),
+    (_bad({}, {"colour": "blue"}), "colour: unknown key; allowed here: run, device, runs_per_gpu, data_root, mlflow, "
+                                   "studies"),
+    (_bad({"lrs": ["fast"]}), "studies.tiny.lrs[0]: 'fast' is not of type 'number'"),
+    (_bad({"seeds": [0.5]}), "studies.tiny.seeds[0]: 0.5 is not of type 'integer'"),
+    (_bad({"batch_sizes": 128}), "studies.tiny.batch_sizes: 128 is not of type 'array'"),
     (_bad({"train": {"epochs": "ten"}}), "studies.tiny.train: epochs: expected an integer, got 'ten'"),
     (_bad({"train": {"eps": -0.1}}), "eps=-0.1 is invalid"),
     (_bad({"train": {"pgd_steps": -1}}), "pgd_steps=-1 is invalid"),
-    (_bad({"eval": {"n_examples": 0}}), "0 is less than the minimum of 1"),
-    (_bad({}, {"runs_per_gpu": 0}), "On instance['runs_per_gpu']"),
-    (_bad({}, {"mlflow": {"tracking_uri": "ftp://host"}}), "On instance['mlflow']['tracking_uri']"),
-    (_bad({"dataset": "npz:/nope.npz"}), "npz file /nope.npz does not exist"),
+    (_bad({"eval": {"n_examples": 0}}), "studies.tiny.eval.n_examples: 0 is less than the minimum of 1"),
+    (_bad({"eval": {"n_exampels": 9}}), "studies.tiny.eval.n_exampels: unknown key (did you mean 'n_examples'?)"),
+    (_bad({}, {"runs_per_gpu": 0}), "runs_per_gpu: 0 is less than the minimum of 1"),
+    (_bad({}, {"mlflow": {"tracking_uri": "ftp://host"}}), "mlflow.tracking_uri: 'ftp://host' is not allowed; "
+                                                           "expected sqlite:///path (embedded store)"),
+    (_bad({"dataset": "npz:/nope.npz"}), "studies.tiny.dataset: npz file /nope.npz does not exist"),
     (_bad({"sweep": {"k2": [0.8, 1.5]}}), "k2=1.5 is invalid; expected 0 <= k2 < 1"),
-    (_bad({"sweep": {"lr": [0.1]}}), "studies.tiny.sweep: ['lr'] cannot be swept"),
-    (_bad({"sweep": {"eps": [0.1]}}), "studies.tiny.sweep: ['eps'] cannot be swept"),  # also set in train
-    (_bad({"sweep": {"k1": []}}), "should be non-empty"),
+    (_bad({"sweep": {"lr": [0.1]}}), "studies.tiny.sweep.lr: cannot be swept here; the study's grid sets it (lrs"),
+    (_bad({"sweep": {"eps": [0.1]}}), "studies.tiny.sweep.eps: also set in studies.tiny.train; set it in one place"),
+    (_bad({"sweep": {"log_interval_s": [1, 2]}}), "studies.tiny.sweep.log_interval_s: cannot be swept; it does not "
+                                                  "change what a run computes"),
+    (_bad({"sweep": {"k1": []}}), "studies.tiny.sweep.k1: [] should be non-empty"),
 ])
-def test_bad_config_stops_before_any_job_and_writes_nothing(tmp_path, config, expected):
+def test_bad_config_stops_before_any_job_in_one_line_and_writes_nothing(tmp_path, config, expected):
     write_config(tmp_path, config)
     result = snakemake(tmp_path, "--cores", "1", timeout=120)
     assert result.returncode != 0
-    assert expected in result.stdout + result.stderr
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("config error: ") and expected in lines[0], lines
     assert not (tmp_path / "results").exists()
+
+
+def test_a_typo_in_a_study_key_is_one_line_naming_the_study_and_the_key_it_meant(tmp_path):
+    """Issue 26: `batch_size:` for `batch_sizes:` printed jsonschema's 152-line dump, the study nowhere in it."""
+    config = json.loads(json.dumps(TINY))
+    config["studies"]["tiny"]["batch_size"] = config["studies"]["tiny"].pop("batch_sizes")
+    write_config(tmp_path, config)
+    result = snakemake(tmp_path, "--cores", "1", "-n", timeout=120)
+    assert result.returncode != 0
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        "config error: studies.tiny.batch_size: unknown key (did you mean 'batch_sizes'?); allowed here: "
+        "description, dataset, archs, methods, lrs, batch_sizes, seeds, paper_reference, train, sweep, eval"]
+    assert result.stdout == ""
+
+
+def test_several_problems_are_a_line_each_and_train_lists_only_what_it_allows(tmp_path):
+    config = _bad({"train": {"epoch": 3, "batch_size": 64, "lr": 0.1, "eps": 0.1}})
+    write_config(tmp_path, config)
+    result = snakemake(tmp_path, "--cores", "1", "-n", timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 3, lines
+    assert lines[0].startswith("config error: studies.tiny.train.batch_size: cannot be set here; the study's grid "
+                               "sets it (batch_sizes: [...])")
+    assert "studies.tiny.train.epoch: unknown key (did you mean 'epochs'?)" in lines[1]
+    allowed = lines[1].split("allowed here: any `python -m deat train` option but the grid axes: ")[1].split(", ")
+    assert "epochs" in allowed and "k1" in allowed
+    assert not set(allowed) & {"lr", "arch", "method", "seed", "batch_size", "dataset", "out", "device", "data_root"}
+    assert lines[2].startswith("config error: studies.tiny.train.lr: cannot be set here")
+
+
+# ------------------------------------------------------------------------------ the README's own commands
+
+def readme_block(after: str, language: str = "bash") -> str:
+    """The first fenced block of `language` after the line containing `after` in README.md."""
+    text = (REPO / "README.md").read_text()
+    rest = text[text.index(after):]
+    start = rest.index(f"```{language}\n") + len(f"```{language}\n")
+    return rest[start:rest.index("```", start)]
+
+
+def readme_custom_study_commands() -> list[str]:
+    commands = [line.split("#")[0].strip() for line in readme_block("## Studies").splitlines()]
+    commands += [line.split("#")[0].strip() for line in readme_block("## Overriding the grid").splitlines()]
+    return [c for c in commands if "my_study.yaml" in c]
+
+
+def test_the_readme_shows_its_custom_study_commands():
+    assert readme_custom_study_commands() == [
+        "snakemake --cores all --configfile my_study.yaml",
+        "snakemake --cores all --config run=[mine] --configfile my_study.yaml"]
+    assert readme_block("## Overriding the grid", "yaml").startswith("# my_study.yaml\nstudies:\n  mine:\n")
+
+
+@pytest.mark.parametrize("command", readme_custom_study_commands())
+def test_the_readme_custom_study_commands_build_the_file_s_study(tmp_path, command):
+    """Issue 26: `snakemake --cores all --configfile my_study.yaml` (no `run:` in the file) printed "Nothing to be
+    done": run stayed [quick]. Each README command, as written (plus -n), schedules study `mine` and nothing else."""
+    import shlex
+
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    (tmp_path / "my_study.yaml").write_text(readme_block("## Overriding the grid", "yaml"))
+    argv = shlex.split(command)
+    assert argv[0] == "snakemake"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *argv[1:],
+                             "-n"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^train\s+8$", result.stdout, re.MULTILINE), result.stdout[-2000:]  # 2 methods x 2 lrs x 2 seeds
+    assert re.search(r"^report\s+1$", result.stdout, re.MULTILINE)
+    assert "results/tables/mine" in result.stdout and "results/tables/quick" not in result.stdout
+    if "run=" not in command:
+        assert "note: building the studies my_study.yaml defines: run=[mine]" in result.stderr
+
+
+def test_an_explicit_run_leaves_the_file_s_other_studies_with_a_note_naming_the_flag(tmp_path):
+    write_config(tmp_path, TINY)
+    other = {"studies": {"extra": TINY["studies"]["tiny"]}}
+    (tmp_path / "extra.yaml").write_text(yaml.safe_dump(other))
+    result = snakemake(tmp_path, "--cores", "1", "-n", "--config", "run=[tiny]", "--configfile",
+                       str(tmp_path / "extra.yaml"), timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "extra.yaml defines extra, which run=[tiny] does not build; to build it too: --config run=[tiny,extra]" in (
+        result.stderr)
+
+
+def test_unlock_prints_no_resume_note_and_a_run_command_does(tmp_path):
+    """Issue 26.8: the note about interrupted runs is for a command that runs (or dry-runs) the workflow."""
+    write_config(tmp_path, TINY)
+    (tmp_path / "results/runs/mnist5k/small_cnn/deat/0123abcd/lr0.3_bs8_seed0/running").mkdir(parents=True)
+    unlock = snakemake(tmp_path, "--unlock", timeout=120)
+    assert unlock.returncode == 0 and "note:" not in unlock.stdout + unlock.stderr, unlock.stderr
+    dry_run = snakemake(tmp_path, "--cores", "1", "-n", timeout=120)
+    assert dry_run.returncode == 0
+    assert dry_run.stderr.count("note: 1 interrupted run(s) belong to no study of run=['tiny']") == 1

@@ -6,14 +6,21 @@ import json
 import shutil
 import sys
 
+import yaml
+
 sys.path.insert(0, workflow.basedir)  # the deat package beside the Snakefile, installed or not
-from deat.config import (LATER_OPTIONS_OFF, METHODS, NON_RESULT_KEYS, TrainConfig, outer_step_of, run_identity,
-                         unused_options)
+from deat.config import (LATER_OPTIONS_OFF, METHODS, NON_RESULT_KEYS, TrainConfig, config_schema_errors,
+                         did_you_mean, outer_step_of, settings_hash, unused_options)
 from deat.shards import merged_from, shard_of, shard_path, split, too_many_shards
 
-
-validate(config, "../schemas/config.schema.yaml")
-
+# A study's own keys for what `python -m deat train` calls arch, method, ...: the grid sets them, train: cannot.
+GRID_KEY_OF_STUDY = {"arch": "archs", "method": "methods", "lr": "lrs", "batch_size": "batch_sizes", "seed": "seeds",
+                     "dataset": "dataset"}
+# Set once for the whole config (top-level device:, data_root:) or by the workflow itself (out).
+TOP_LEVEL_KEYS = {"device": "device", "data_root": "data_root"}
+TRAIN_BLOCK_KEYS = [name for name in TrainConfig.__dataclass_fields__
+                    if name not in GRID_KEY_OF_STUDY and name not in TOP_LEVEL_KEYS and name != "out"]
+NOTES = []  # printed once the DAG is built (a run or a dry run), never for --unlock and other non-run commands
 GRID_KEYS = ("arch", "method", "lr", "batch_size", "seed")
 # `eval:` keys that say how an evaluation runs, never what it computes: out of the eval hash (so changing them never
 # sends a finished evaluation back), out of the evaluate command's settings and out of the study's protocol.
@@ -37,12 +44,59 @@ class Untracked:
 
 
 def _fail(message):
-    raise WorkflowError(f"config error: {message}")
+    """Stop before any job with the message alone: one line per problem, no traceback."""
+    for line in [message] if isinstance(message, str) else message:
+        print(f"config error: {line}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _shown(path):
+    path = Path(path)
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else path.name
+
+
+def resolve_run():
+    """Which studies to build when --configfile files define studies.
+
+    config.yaml's `run: [quick]` is the project's default, not the user's choice: a --configfile that defines
+    studies, when neither it nor --config sets `run`, builds the studies it defines (`snakemake --cores all
+    --configfile my_study.yaml` does what it says). An explicit `run` always wins; studies a --configfile defines
+    outside it are named in a note, with the flag that builds them.
+    """
+    files = [Path(p) for p in workflow.config_settings.configfiles]
+    defined, explicit = {}, "run" in workflow.config_settings.config
+    for path in files:
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+        if isinstance(data, dict):
+            explicit = explicit or "run" in data
+            for name in data.get("studies") or {}:
+                defined.setdefault(name, _shown(path))
+    if not defined:
+        return
+    if not explicit:
+        config["run"] = list(defined)
+        NOTES.append(f"note: building the studies {', '.join(sorted(set(defined.values())))} defines: "
+                     f"run=[{','.join(defined)}] (--config run=[...] picks others)")
+        return
+    left = [name for name in defined if name not in config.get("run", [])]
+    if left:
+        NOTES.append(f"note: {', '.join(sorted({defined[n] for n in left}))} defines {', '.join(left)}, which "
+                     f"run=[{','.join(config.get('run', []))}] does not build; to build {'them' if len(left) > 1 else 'it'} too: "
+                     f"--config run=[{','.join(list(config.get('run', [])) + left)}]")
+
+
+resolve_run()
+with open(Path(workflow.basedir) / "workflow/schemas/config.schema.yaml") as _schema_file:
+    _errors = config_schema_errors(config, yaml.safe_load(_schema_file))
+if _errors:
+    _fail(_errors)
+validate(config, "../schemas/config.schema.yaml")  # passes (checked above); fills in the schema's defaults
 
 
 for _name in config["run"]:
     if _name not in config["studies"]:
-        _fail(f"run: unknown study {_name!r}; defined studies: {sorted(config['studies'])}")
+        _fail(f"run: unknown study {_name!r}{did_you_mean(_name, config['studies'])}; defined studies: "
+              f"{', '.join(config['studies'])}")
 
 
 def short_hash(values):
@@ -89,6 +143,33 @@ def check_shards(name, settings):
         _fail(f"studies.{name}.eval.shards: {reason}")
 
 
+def _check_blocks(name, study):
+    """The keys of a study's train: and sweep: blocks, every problem on its own line (TrainConfig checks values)."""
+    problems = []
+    for block, keys in (("train", study["train"]), ("sweep", study["sweep"])):
+        where = f"studies.{name}.{block}"
+        verb = "set" if block == "train" else "swept"
+        for key in sorted(keys):
+            if key in GRID_KEY_OF_STUDY:
+                problems.append(f"{where}.{key}: cannot be {verb} here; the study's grid sets it "
+                                f"({GRID_KEY_OF_STUDY[key]}: [...])")
+            elif key in TOP_LEVEL_KEYS:
+                problems.append(f"{where}.{key}: cannot be {verb} in a study; set `{key}:` at the top level of the "
+                                f"config")
+            elif key == "out":
+                problems.append(f"{where}.out: cannot be {verb} here; the workflow names each run's directory")
+            elif key not in TRAIN_BLOCK_KEYS:
+                problems.append(f"{where}.{key}: unknown key{did_you_mean(key, TRAIN_BLOCK_KEYS)}; allowed here: "
+                                f"{'any `python -m deat train` option but the grid axes: ' if block == 'train' else ''}"
+                                f"{', '.join(k for k in TRAIN_BLOCK_KEYS if block == 'train' or k not in NON_RESULT_KEYS)}")
+            elif block == "sweep" and key in NON_RESULT_KEYS:
+                problems.append(f"{where}.{key}: cannot be swept; it does not change what a run computes")
+            elif block == "sweep" and key in study["train"]:
+                problems.append(f"{where}.{key}: also set in studies.{name}.train; set it in one place")
+    if problems:
+        _fail(problems)
+
+
 def build_runs():
     """Every grid point of every configured study: run path -> (train config, owner study, eval settings).
 
@@ -100,15 +181,8 @@ def build_runs():
         if name in config["run"] and study["dataset"].startswith("npz:") and not Path(study["dataset"][4:]).is_file():
             _fail(f"studies.{name}.dataset: npz file {study['dataset'][4:]} does not exist")
         where = f"studies.{name}.train"
-        clash = sorted(set(study["train"]) & set(GRID_KEYS + ("dataset", "out")))
-        if clash:
-            _fail(f"{where}: {clash} cannot be set here; the grid sets them (archs, methods, lrs, batch_sizes, "
-                  f"seeds, dataset)")
+        _check_blocks(name, study)
         sweep = study["sweep"]
-        clash = sorted(set(sweep) & set(study["train"]).union(GRID_KEYS, NON_RESULT_KEYS, ("dataset", "out")))
-        if clash:
-            _fail(f"studies.{name}.sweep: {clash} cannot be swept here (a grid axis, a setting that does not change "
-                  f"the result, or also set in train)")
         if name in config["run"]:
             check_shards(name, study["eval"])
         studies[name] = []
@@ -129,9 +203,7 @@ def build_runs():
             # Options the method does not read (k1 for PGD-AT) are left out, so studies that differ only in them
             # share the method's runs, and changing them never touches a finished run.
             options = cfg.to_dict()
-            identity = run_identity(options)
-            settings = {k: v for k, v in identity.items() if k not in GRID_KEYS}
-            run = (f"{dataset_tag(study['dataset'])}/{arch}/{method}/{short_hash(settings)}/"
+            run = (f"{dataset_tag(study['dataset'])}/{arch}/{method}/{settings_hash(options)}/"
                    f"lr{format_lr(lr)}_bs{bs}_seed{seed}")
             eval_settings = {k: v for k, v in study["eval"].items() if k not in EVAL_EXECUTION_KEYS}
             flags = {k: v for k, v in options.items() if k != "out" and k not in unused_options(options)}
@@ -162,7 +234,16 @@ wildcard_constraints:
     study="|".join(config["studies"]),
 
 
+def print_notes(*_):
+    """The notes for a run or a dry run, printed once, when Snakemake builds the DAG (target and input functions
+    run then): `snakemake --unlock`, which builds none, and other commands that build none print nothing."""
+    while NOTES:
+        print(NOTES.pop(0), file=sys.stderr)
+    return []
+
+
 def run_entry(wildcards):
+    print_notes()
     try:
         return RUNS[wildcards.run]
     except KeyError:
@@ -240,8 +321,9 @@ def tracking_file(wildcards):
     """The owner study's tracking file (the first study of `run:` that has the run), and how to create it.
 
     No input of the job, on purpose: a finished run must never look out of date because the MLflow rules' files are
-    new or missing (a fresh clone, a new store, a study added or reordered). The job creates what is missing itself,
-    under a lock (deat.tracking.ensure_tracking); the report still waits for the study's MLflow rule.
+    new or missing (a fresh clone, a new store, a study added or reordered). The job creates the store and parent
+    run when they are missing, under a lock (deat.tracking.ensure_tracking), and leaves the file itself to the MLflow
+    rule that owns it; the report still waits for that rule.
     """
     owner = run_entry(wildcards)["owner"]
     return Untracked(f"results/studies/{owner}/mlflow.json --mlflow-setup '{config['mlflow']['tracking_uri']}' "
@@ -258,9 +340,9 @@ def interrupted_elsewhere():
 
 _orphans = interrupted_elsewhere()
 if _orphans:
-    print(f"note: {len(_orphans)} interrupted run(s) belong to no study of run={config['run']}, so this command "
-          f"does not resume them: {', '.join(_orphans[:3])}{' ...' if len(_orphans) > 3 else ''}. Repeat the "
-          "--config/--configfile flags they were started with (see README, Resuming).", file=sys.stderr)
+    NOTES.append(f"note: {len(_orphans)} interrupted run(s) belong to no study of run={config['run']}, so this "
+                 f"command does not resume them: {', '.join(_orphans[:3])}{' ...' if len(_orphans) > 3 else ''}. "
+                 "Repeat the --config/--configfile flags they were started with (see README, Resuming).")
 
 
 def study_protocol(name):
@@ -307,14 +389,15 @@ def cannot_be_evaluated(run):
 UNEVALUABLE = {name: [r for r in STUDY_RUNS[name] if cannot_be_evaluated(r)] for name in config["run"]}
 for _name, _runs in UNEVALUABLE.items():
     if _runs:
-        print(f"note: {len(_runs)} finished run(s) of study {_name} have neither the evaluation it asks "
-              f"({Path(_runs[0]['eval']).name}) nor checkpoints to evaluate (results without checkpoints, as "
-              f"committed): their tables show no evaluation for them: {', '.join(r['dir'] for r in _runs[:3])}"
-              f"{f' and {len(_runs) - 3} more' if len(_runs) > 3 else ''}. To evaluate them, delete their "
-              "metrics.json: the next run retrains them.", file=sys.stderr)
+        NOTES.append(f"note: {len(_runs)} finished run(s) of study {_name} have neither the evaluation it asks "
+                     f"({Path(_runs[0]['eval']).name}) nor checkpoints to evaluate (results without checkpoints, as "
+                     f"committed): their tables show no evaluation for them: "
+                     f"{', '.join(r['dir'] for r in _runs[:3])}{f' and {len(_runs) - 3} more' if len(_runs) > 3 else ''}. "
+                     "To evaluate them, delete their metrics.json: the next run retrains them.")
 
 
 def study_outputs(name):
+    print_notes()
     runs = STUDY_RUNS[name]
     missing = {r["eval"] for r in UNEVALUABLE.get(name, [])}
     return [r["dir"] + "/metrics.json" for r in runs] + [r["eval"] for r in runs if r["eval"] not in missing]
