@@ -43,7 +43,7 @@ EVAL_SEED = 0  # per-epoch evaluation uses the same attack starts every epoch, s
 LOG_FILE = "train.log"  # every line of every attempt, in the run directory once published
 # What a resumed attempt takes over from the checkpoint (the rest is recomputed from the config).
 RESUMED_KEYS = ("epochs", "best", "last", "best_ema", "last_ema", "wall_time_s", "attempts", "collapses",
-                "peak_memory_mb", "stopped_early")
+                "peak_memory_mb", "stopped_early", "started_at")
 # How peak memory is measured (metrics.json `memory`, beside `peak_memory_mb` and each epoch's value).
 MEMORY_KIND = {"cuda": "CUDA max allocated per epoch (torch.cuda.max_memory_allocated)",
                "cpu": "peak resident set size of the process so far (getrusage ru_maxrss)"}
@@ -191,6 +191,8 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
                                                                   cfg.weight_decay, cfg.decoupled_weight_decay),
                                "model": model_spec, "epochs": [], "best": None, "last": None, "wall_time_s": 0.0,
                                "attempts": [], "collapses": [], "memory": MEMORY_KIND[device.type],
+                               # Unix seconds of the first attempt's start and of publication (mlflow-import dates).
+                               "started_at": time.time(), "finished_at": None,
                                "peak_memory_mb": None,
                                "data": {f"n_{split}": len(getattr(data, f"{split}_y")) for split in ("train", "val",
                                                                                                    "test")}}
@@ -304,6 +306,7 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
                                               "metrics": metrics["last_ema"]})
         atomic_write(out / "best_ema.pt", lambda f: f.write((running / "best_ema.pt").read_bytes()))
     metrics["status"] = "complete"
+    metrics["finished_at"] = time.time()
     account_time()
     write_json(final_metrics, metrics)
     shutil.move(str(history), out / LOG_FILE)
