@@ -200,10 +200,14 @@ def epoch_metrics(record: dict[str, Any], now_ms: int) -> list[Metric]:
 
 
 def summary_metrics(metrics: dict[str, Any], now_ms: int) -> list[Metric]:
-    """The best and last checkpoints' values and the wall time, as single-value metrics `summary/...`."""
-    summary = [Metric(f"{SUMMARY_PREFIX}/{which}/{k}", float(v), now_ms, 0) for which in ("best", "last")
+    """The best and last checkpoints' values (the weight average's too, where the run kept one), the wall time over
+    every attempt and the peak memory, as single-value metrics `summary/...`."""
+    summary = [Metric(f"{SUMMARY_PREFIX}/{which}/{k}", float(v), now_ms, 0)
+               for which in ("best", "last", "best_ema", "last_ema")
                for k, v in (metrics.get(which) or {}).items() if v is not None]
-    return summary + [Metric(f"{SUMMARY_PREFIX}/wall_time_s", float(metrics["wall_time_s"]), now_ms, 0)]
+    totals = {"wall_time_s": metrics.get("wall_time_s"), "peak_memory_mb": metrics.get("peak_memory_mb"),
+              "collapses": float(len(metrics["collapses"])) if "collapses" in metrics else None}
+    return summary + [Metric(f"{SUMMARY_PREFIX}/{k}", float(v), now_ms, 0) for k, v in totals.items() if v is not None]
 
 
 def mlflow_run_logger(tracking_file: str | Path, run_dir: str | Path, name: str,

@@ -203,3 +203,27 @@ def test_evaluation_attacks_the_averaged_checkpoints_and_measures_the_robust_gap
     assert list(plain_result["checkpoints"]) == ["best", "last"]
     assert "train_pgd10_acc" not in plain_result["checkpoints"]["best"]
     assert "train_examples" not in plain_result["settings"]
+
+
+def test_no_committed_run_is_flagged_as_collapsed():
+    # Every run this project has committed, the fast AT runs of at_family included: the rule must not cry wolf.
+    from pathlib import Path
+
+    runs = sorted(Path(__file__).resolve().parents[1].glob("results/runs/**/metrics.json"))
+    fast_at = [p for p in runs if "/fast_at" in str(p)]
+    assert len(runs) > 100 and fast_at
+    for path in runs:
+        curve = [e.get("val_pgd_acc") for e in json.loads(path.read_text())["epochs"]]
+        assert collapses(curve) == [], path
+
+
+def test_mlflow_summary_carries_the_average_memory_and_collapses():
+    pytest.importorskip("mlflow")
+    from deat.tracking import summary_metrics
+
+    metrics = {"best": {"epoch": 2, "test_pgd_acc": 0.4}, "last": {"epoch": 3, "test_pgd_acc": 0.3},
+               "best_ema": {"epoch": 3, "test_pgd_acc": 0.45}, "last_ema": None, "wall_time_s": 12.0,
+               "peak_memory_mb": 800.5, "collapses": [{"epoch": 3}]}
+    logged = {m.key: m.value for m in summary_metrics(metrics, 0)}
+    assert logged["summary/best_ema/test_pgd_acc"] == 0.45 and logged["summary/peak_memory_mb"] == 800.5
+    assert logged["summary/collapses"] == 1.0 and logged["summary/wall_time_s"] == 12.0
