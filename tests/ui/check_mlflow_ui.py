@@ -34,6 +34,7 @@ from deat import server  # noqa: E402
 from tiny_study import tiny_study  # noqa: E402
 
 TINY = tiny_study()
+TINY["mlflow"] = {"log_model": True}  # each run's best checkpoint as an MLflow PyTorch model (off by default)
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars", "--window-size=1400,900",
@@ -68,6 +69,19 @@ def study_runs(store: str) -> tuple[str, dict, list]:
     parent = next(r for r in runs if r.data.tags.get("deat.role") == "study")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     return experiment.experiment_id, parent, children
+
+
+def opens_best_model(store: str, run_id: str) -> bool:
+    """Whether the run's `best_model` artifact loads with mlflow.pytorch.load_model and gives (B, classes) logits."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    mlflow.set_tracking_uri(store)
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/best_model")
+    with torch.no_grad():
+        logits = model(torch.full((2, 1, 28, 28), 0.5))  # the tiny study's mnist5k digits
+    return tuple(logits.shape) == (2, 10)
 
 
 def readme_url() -> tuple[str, str]:
@@ -166,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
             first = {name: text.find(name) for name in ("epoch/test_pgd_acc", "eval/best", "summary/best")}
             check(-1 < first["epoch/test_pgd_acc"] < min(v for v in first.values() if v > -1) + 1,
                   f"the per-epoch curves come first on the run's chart page ({first})", failures)
+            # The best checkpoint logged as an MLflow model: listed on the run's artifacts page, and it opens.
+            artifacts = f"{experiment_page}/runs/{children[0].info.run_id}/artifacts"
+            text = visible_text(chromium(browser, scratch / "profile", artifacts, "--dump-dom"))
+            check("best_model" in text, f"child run {children[0].info.run_name!r} lists the artifact best_model",
+                  failures)
+            check(opens_best_model(store, children[0].info.run_id), "mlflow.pytorch.load_model opens best_model "
+                  "and it classifies a batch", failures)
             args.screenshot.parent.mkdir(parents=True, exist_ok=True)
             chromium(browser, scratch / "profile", chart_page, f"--screenshot={args.screenshot.resolve()}")
             check(args.screenshot.is_file() and args.screenshot.stat().st_size > 10_000,
