@@ -11,6 +11,7 @@ directory and `running/` is removed. Rerunning the same command continues from t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -215,108 +216,109 @@ def train(cfg: TrainConfig, logger: RunLogger | None = None, log: Callable[[str]
             log(line)  # the earlier attempts' lines, so this job's log holds the whole run
     running.mkdir(parents=True, exist_ok=True)
     log = _RunLog(history, log)
-    attempt = {"attempt": len(metrics["attempts"]) + 1, "started": _now(), "host": socket.gethostname(),
-               "pid": os.getpid(), "first_epoch": len(metrics["epochs"]) + 1, "last_epoch": None, "wall_time_s": 0.0}
-    metrics["attempts"].append(attempt)
-    if attempt["attempt"] > 1:
-        log(f"=== resuming {out} after epoch {len(metrics['epochs'])} of {cfg.epochs}: attempt {attempt['attempt']} "
-            f"(the lines above are from earlier attempts) ===")
+    with _nothing_left_if_nothing_kept(history, checkpoint_path):
+        attempt = {"attempt": len(metrics["attempts"]) + 1, "started": _now(), "host": socket.gethostname(),
+                   "pid": os.getpid(), "first_epoch": len(metrics["epochs"]) + 1, "last_epoch": None, "wall_time_s": 0.0}
+        metrics["attempts"].append(attempt)
+        if attempt["attempt"] > 1:
+            log(f"=== resuming {out} after epoch {len(metrics['epochs'])} of {cfg.epochs}: attempt {attempt['attempt']} "
+                f"(the lines above are from earlier attempts) ===")
 
-    def account_time() -> None:  # this attempt's time so far, and the run's over every attempt
-        attempt["wall_time_s"] = time.perf_counter() - process_started
-        metrics["wall_time_s"] = sum(a["wall_time_s"] for a in metrics["attempts"])
+        def account_time() -> None:  # this attempt's time so far, and the run's over every attempt
+            attempt["wall_time_s"] = time.perf_counter() - process_started
+            metrics["wall_time_s"] = sum(a["wall_time_s"] for a in metrics["attempts"])
 
-    step = build_train_step(model, optimizer, cfg, attack_gen, log)
-    start_epoch = len(metrics["epochs"]) + 1
-    log(f"{cfg.method} {cfg.arch} on {cfg.dataset}: lr {cfg.lr} batch {cfg.batch_size} seed {cfg.seed}, "
-        f"{len(batches)} iterations/epoch on {device}" + _device_detail(device, metrics["environment"]))
-    logger.start({**config, **{f"model_{k}": v for k, v in model_spec.items()},
-                  "effective_step": metrics["effective_step"]})
-    for record in metrics["epochs"]:  # epochs finished before a crash: the tracker logs those it has not got
-        logger.epoch(record)
+        step = build_train_step(model, optimizer, cfg, attack_gen, log)
+        start_epoch = len(metrics["epochs"]) + 1
+        log(f"{cfg.method} {cfg.arch} on {cfg.dataset}: lr {cfg.lr} batch {cfg.batch_size} seed {cfg.seed}, "
+            f"{len(batches)} iterations/epoch on {device}" + _device_detail(device, metrics["environment"]))
+        logger.start({**config, **{f"model_{k}": v for k, v in model_spec.items()},
+                      "effective_step": metrics["effective_step"]})
+        for record in metrics["epochs"]:  # epochs finished before a crash: the tracker logs those it has not got
+            logger.epoch(record)
 
-    select = "val_pgd_acc" if attacks_in_training(cfg) else "val_clean_acc"
-    guard = attacks_in_training(cfg) and len(data.val_y) > 0
-    stopped = metrics.get("stopped_early")
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if stopped:
-            break
-        started = time.perf_counter()
-        reset_peak_memory(device)
-        record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        record.update(train_one_epoch(model, optimizer, scheduler, batches, cfg, attack_gen, epoch, log, step,
-                                      average))
-        if probes is not None and epoch % cfg.probe_every == 0:
-            record.update(_probe(model, optimizer, data, probes, cfg, epoch, metrics["effective_step"],
-                                 [data_gen, attack_gen]))
-        record.update(evaluate_epoch(model, data, test_index, cfg))
-        if average is not None:
-            record.update({f"ema_{k}": v for k, v in evaluate_epoch(average.averaged(model), data, test_index,
-                                                                    cfg).items()})
-        record["peak_memory_mb"] = peak_memory_mb(device)
-        record["epoch_wall_time_s"] = time.perf_counter() - started
-        metrics["peak_memory_mb"] = max(metrics["peak_memory_mb"] or 0.0, record["peak_memory_mb"])
-        best_before = max((r["val_pgd_acc"] for r in metrics["epochs"] if r["val_pgd_acc"] is not None), default=None)
-        collapsed = guard and is_collapse(record["val_pgd_acc"], best_before, cfg.co_drop)
-        record["co_collapse"] = float(collapsed) if guard else None  # MLflow epoch/co_collapse: 1 at a collapse
-        metrics["epochs"].append(record)
-        if collapsed:
-            collapse = {"epoch": epoch, "val_pgd_acc": record["val_pgd_acc"], "best_before": best_before,
-                        "drop": cfg.co_drop}
-            metrics["collapses"].append(collapse)
-            log(f"WARNING: catastrophic overfitting at epoch {epoch}: validation PGD accuracy "
-                f"{_pct(record['val_pgd_acc'])}, more than {cfg.co_drop:.0%} below its best so far "
-                f"{_pct(best_before)}" + ("; stopping, the run keeps epoch " f"{epoch - 1}" if cfg.co_early_stop
-                                          else ""))
-            if cfg.co_early_stop:  # the collapsed weights are not kept: last.pt is the epoch before
-                metrics["stopped_early"] = stopped = {"epoch": epoch, "kept_epoch": epoch - 1,
-                                                      "reason": "catastrophic overfitting"}
-                account_time()
-                _update_saved_metrics(checkpoint_path, metrics)
-                write_json(running / "metrics.json", metrics)
-                logger.epoch(record)
+        select = "val_pgd_acc" if attacks_in_training(cfg) else "val_clean_acc"
+        guard = attacks_in_training(cfg) and len(data.val_y) > 0
+        stopped = metrics.get("stopped_early")
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            if stopped:
                 break
-        summary = {k: record[k] for k in ("epoch", "val_clean_acc", "val_pgd_acc", "test_pgd_acc", "test_clean_acc")}
-        metrics["last"] = summary
-        # best.pt is picked on held-out training images, never on the test set: by PGD accuracy, or by clean
-        # accuracy for standard training (K = 0); without a validation split the latest epoch stands in.
-        if metrics["best"] is None or record[select] is None or record[select] > metrics["best"][select]:
-            metrics["best"] = summary
-            save_checkpoint(running / "best.pt", {"config": config, "model_spec": model_spec, "epoch": epoch,
-                                                  "model": model.state_dict(), "metrics": summary})
-        state = {"config": config, "model_spec": model_spec, "epoch": epoch, "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_state(device, data_gen, attack_gen)}
-        if average is not None:
-            _track_average(metrics, record, running, config, model_spec, epoch, average, select)
-            state["ema"] = average.state_dict()
-        attempt["last_epoch"] = epoch
-        account_time()
-        save_checkpoint(checkpoint_path, {**state, "metrics": metrics})
-        write_json(running / "metrics.json", metrics)
-        logger.epoch(record)
-        log(_epoch_line(record, cfg.epochs, eta_s=(cfg.epochs - epoch) * metrics["wall_time_s"] / epoch))
+            started = time.perf_counter()
+            reset_peak_memory(device)
+            record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+            record.update(train_one_epoch(model, optimizer, scheduler, batches, cfg, attack_gen, epoch, log, step,
+                                          average))
+            if probes is not None and epoch % cfg.probe_every == 0:
+                record.update(_probe(model, optimizer, data, probes, cfg, epoch, metrics["effective_step"],
+                                     [data_gen, attack_gen]))
+            record.update(evaluate_epoch(model, data, test_index, cfg))
+            if average is not None:
+                record.update({f"ema_{k}": v for k, v in evaluate_epoch(average.averaged(model), data, test_index,
+                                                                        cfg).items()})
+            record["peak_memory_mb"] = peak_memory_mb(device)
+            record["epoch_wall_time_s"] = time.perf_counter() - started
+            metrics["peak_memory_mb"] = max(metrics["peak_memory_mb"] or 0.0, record["peak_memory_mb"])
+            best_before = max((r["val_pgd_acc"] for r in metrics["epochs"] if r["val_pgd_acc"] is not None), default=None)
+            collapsed = guard and is_collapse(record["val_pgd_acc"], best_before, cfg.co_drop)
+            record["co_collapse"] = float(collapsed) if guard else None  # MLflow epoch/co_collapse: 1 at a collapse
+            metrics["epochs"].append(record)
+            if collapsed:
+                collapse = {"epoch": epoch, "val_pgd_acc": record["val_pgd_acc"], "best_before": best_before,
+                            "drop": cfg.co_drop}
+                metrics["collapses"].append(collapse)
+                log(f"WARNING: catastrophic overfitting at epoch {epoch}: validation PGD accuracy "
+                    f"{_pct(record['val_pgd_acc'])}, more than {cfg.co_drop:.0%} below its best so far "
+                    f"{_pct(best_before)}" + ("; stopping, the run keeps epoch " f"{epoch - 1}" if cfg.co_early_stop
+                                              else ""))
+                if cfg.co_early_stop:  # the collapsed weights are not kept: last.pt is the epoch before
+                    metrics["stopped_early"] = stopped = {"epoch": epoch, "kept_epoch": epoch - 1,
+                                                          "reason": "catastrophic overfitting"}
+                    account_time()
+                    _update_saved_metrics(checkpoint_path, metrics)
+                    write_json(running / "metrics.json", metrics)
+                    logger.epoch(record)
+                    break
+            summary = {k: record[k] for k in ("epoch", "val_clean_acc", "val_pgd_acc", "test_pgd_acc", "test_clean_acc")}
+            metrics["last"] = summary
+            # best.pt is picked on held-out training images, never on the test set: by PGD accuracy, or by clean
+            # accuracy for standard training (K = 0); without a validation split the latest epoch stands in.
+            if metrics["best"] is None or record[select] is None or record[select] > metrics["best"][select]:
+                metrics["best"] = summary
+                save_checkpoint(running / "best.pt", {"config": config, "model_spec": model_spec, "epoch": epoch,
+                                                      "model": model.state_dict(), "metrics": summary})
+            state = {"config": config, "model_spec": model_spec, "epoch": epoch, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": rng_state(device, data_gen, attack_gen)}
+            if average is not None:
+                _track_average(metrics, record, running, config, model_spec, epoch, average, select)
+                state["ema"] = average.state_dict()
+            attempt["last_epoch"] = epoch
+            account_time()
+            save_checkpoint(checkpoint_path, {**state, "metrics": metrics})
+            write_json(running / "metrics.json", metrics)
+            logger.epoch(record)
+            log(_epoch_line(record, cfg.epochs, eta_s=(cfg.epochs - epoch) * metrics["wall_time_s"] / epoch))
 
-    for name, source in (("last.pt", checkpoint_path), ("best.pt", running / "best.pt")):
-        atomic_write(out / name, lambda f, source=source: f.write(source.read_bytes()))
-    if average is not None:
-        last_state = load_checkpoint(checkpoint_path)
-        save_checkpoint(out / "last_ema.pt", {"config": config, "model_spec": model_spec,
-                                              "epoch": last_state["epoch"], "model": last_state["ema"]["model"],
-                                              "metrics": metrics["last_ema"]})
-        atomic_write(out / "best_ema.pt", lambda f: f.write((running / "best_ema.pt").read_bytes()))
-    metrics["status"] = "complete"
-    metrics["finished_at"] = time.time()
-    account_time()
-    write_json(final_metrics, metrics)
-    shutil.move(str(history), out / LOG_FILE)
-    log.path = out / LOG_FILE
-    shutil.rmtree(running)
-    logger.end(metrics, out)
-    log(f"done: best epoch {metrics['best']['epoch']} (val PGD {_pct(metrics['best']['val_pgd_acc'])}), "
-        f"last test PGD {_pct(metrics['last']['test_pgd_acc'])}, {_hms(metrics['wall_time_s'])} in all"
-        + (f" over {len(metrics['attempts'])} attempts" if len(metrics["attempts"]) > 1 else ""))
-    return metrics
+        for name, source in (("last.pt", checkpoint_path), ("best.pt", running / "best.pt")):
+            atomic_write(out / name, lambda f, source=source: f.write(source.read_bytes()))
+        if average is not None:
+            last_state = load_checkpoint(checkpoint_path)
+            save_checkpoint(out / "last_ema.pt", {"config": config, "model_spec": model_spec,
+                                                  "epoch": last_state["epoch"], "model": last_state["ema"]["model"],
+                                                  "metrics": metrics["last_ema"]})
+            atomic_write(out / "best_ema.pt", lambda f: f.write((running / "best_ema.pt").read_bytes()))
+        metrics["status"] = "complete"
+        metrics["finished_at"] = time.time()
+        account_time()
+        write_json(final_metrics, metrics)
+        shutil.move(str(history), out / LOG_FILE)
+        log.path = out / LOG_FILE
+        shutil.rmtree(running)
+        logger.end(metrics, out)
+        log(f"done: best epoch {metrics['best']['epoch']} (val PGD {_pct(metrics['best']['val_pgd_acc'])}), "
+            f"last test PGD {_pct(metrics['last']['test_pgd_acc'])}, {_hms(metrics['wall_time_s'])} in all"
+            + (f" over {len(metrics['attempts'])} attempts" if len(metrics["attempts"]) > 1 else ""))
+        return metrics
 
 
 def _probe(model, optimizer, data, probes: torch.Tensor, cfg: TrainConfig, epoch: int, effective: float,
@@ -354,6 +356,20 @@ def _update_saved_metrics(checkpoint_path: Path, metrics: dict[str, Any]) -> Non
     metrics.json lost later is published again from it whole."""
     state = load_checkpoint(checkpoint_path)
     save_checkpoint(checkpoint_path, {**state, "metrics": metrics})
+
+
+@contextlib.contextmanager
+def _nothing_left_if_nothing_kept(history: Path, checkpoint_path: Path):
+    """An attempt that fails before any epoch was kept (a full disk, a bad dataset, a crash at the first step)
+    leaves no log behind in running/: nothing half-written, and the next attempt starts as the first."""
+    try:
+        yield
+    except BaseException:
+        if not checkpoint_path.is_file():
+            history.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                history.parent.rmdir()  # only if empty
+        raise
 
 
 class _RunLog:

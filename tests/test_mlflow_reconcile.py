@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from test_reliability import TRAIN, deat, job_env, make_tracking_file, snakemake, wait_until, write_config

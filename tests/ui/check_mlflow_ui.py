@@ -180,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
             first = {name: text.find(name) for name in ("epoch/test_pgd_acc", "eval/best", "summary/best")}
             check(-1 < first["epoch/test_pgd_acc"] < min(v for v in first.values() if v > -1) + 1,
                   f"the per-epoch curves come first on the run's chart page ({first})", failures)
-            # The best checkpoint logged as an MLflow model: listed on the run's artifacts page, and it opens.
-            artifacts = f"{experiment_page}/runs/{children[0].info.run_id}/artifacts"
-            text = visible_text(chromium(browser, scratch / "profile", artifacts, "--dump-dom"))
-            check("best_model" in text, f"child run {children[0].info.run_name!r} lists the artifact best_model",
+            # The best checkpoint logged as an MLflow model: MLflow 3 lists a run's logged models on its overview
+            # page (not under Artifacts), and it opens.
+            overview = f"{experiment_page}/runs/{children[0].info.run_id}?workflowType=machine_learning"
+            text = visible_text(chromium(browser, scratch / "profile", overview, "--dump-dom"))
+            check("best_model" in text, f"child run {children[0].info.run_name!r} lists its logged model best_model",
                   failures)
             check(opens_best_model(store, children[0].info.run_id), "mlflow.pytorch.load_model opens best_model "
                   "and it classifies a batch", failures)
