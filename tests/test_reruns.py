@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_reliability import TRAIN, deat, job_env, snakemake, snakemake_command, wait_until, write_config
+from test_reliability import TRAIN, deat, job_env, snakemake, wait_until, write_config
 from tiny_study import tiny_study
 
 from deat.checkpoint import save_checkpoint, write_json
@@ -270,30 +270,59 @@ def test_a_failed_workflow_leaves_no_study_running_in_mlflow(tmp_path):
 # ------------------------------------------------------------------------------------------ resuming
 
 @pytest.mark.slow
-def test_a_custom_study_resumes_with_its_flags_and_the_bare_command_names_it(tmp_path):
-    """Issue 12, case 5b: a study started with --config/--configfile, killed with kill -9 mid-training."""
+def readme_commands(after: str) -> list[str]:
+    """The commands of the first bash block after the line containing `after` in README.md, comments removed."""
+    text = (REPO / "README.md").read_text()
+    rest = text[text.index(after):]
+    start = rest.index("```bash\n") + len("```bash\n")
+    return [line.split("#")[0].strip() for line in rest[start:rest.index("```", start)].splitlines()
+            if line.split("#")[0].strip()]
+
+
+def run_as_written(command: str, cwd: Path, timeout: int = 900, background: bool = False):
+    """A README command as written, run in `cwd` against this repository's Snakefile or package."""
+    import shlex
+
+    argv = shlex.split(command)
+    if argv[0] == "snakemake":
+        argv = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *argv[1:]]
+    else:
+        assert argv[:3] == ["python", "-m", "deat"], command
+        argv = [sys.executable, *argv[1:]]
+    if background:
+        return subprocess.Popen(argv, cwd=cwd, env=job_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    return subprocess.run(argv, cwd=cwd, env=job_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_readme_resume_commands_as_written_resume_a_custom_study_killed_with_kill_9(tmp_path):
+    """Issue 12, case 5b, and issue 26: the README's resume block, run as written, on a study started with
+    --config/--configfile and killed with kill -9 mid-training; the bare command names the interrupted run."""
+    unlock, bare, with_flags = readme_commands("## Resuming after a crash")
+    assert unlock == "snakemake --unlock" and bare == "snakemake --cores all --rerun-incomplete"
+    assert with_flags == "snakemake --cores all --rerun-incomplete --config run=[res] --configfile res.yaml"
     write_config(tmp_path, tiny_study())  # the project's config.yaml: study `tiny` only
     custom = tiny_study(epochs=20)  # 1-2 s an epoch: long enough to be killed mid-training
-    custom["studies"] = {"res": {**custom["studies"]["tiny"], "methods": ["deat"]}}
-    (tmp_path / "res.yaml").write_text(yaml.safe_dump({"studies": custom["studies"]}))
-    flags = ("--config", "run=[res]", "--configfile", str(tmp_path / "res.yaml"))  # relative to the cwd
-    job = subprocess.Popen(snakemake_command(tmp_path, "--cores", "1", *flags), env=job_env(),
-                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (tmp_path / "res.yaml").write_text(yaml.safe_dump({"studies": {"res": {**custom["studies"]["tiny"],
+                                                                            "methods": ["deat"]}}}))
+    started = with_flags.replace(" --rerun-incomplete", "")  # what the user started with
+    job = run_as_written(started, tmp_path, background=True)
     wait_until(lambda: any((tmp_path / "results/runs").rglob("running/checkpoint.pt")), 600, "a finished epoch")
     os.killpg(job.pid, signal.SIGKILL)
     job.wait(timeout=60)
-    assert snakemake(tmp_path, "--unlock").returncode == 0
+    assert run_as_written(unlock, tmp_path).returncode == 0
 
-    bare = snakemake(tmp_path, "--cores", "1", "--rerun-incomplete", "-n")
-    assert bare.returncode == 0
-    assert "interrupted run(s) belong to no study" in bare.stderr and "deat" in bare.stderr
+    dry = run_as_written(bare + " -n", tmp_path)
+    assert dry.returncode == 0
+    assert "interrupted run(s) belong to no study" in dry.stderr and "deat" in dry.stderr
 
-    resumed = snakemake(tmp_path, "--cores", "1", "--rerun-incomplete", *flags)
+    resumed = run_as_written(with_flags, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     [metrics] = (tmp_path / "results/runs").rglob("metrics.json")
-    assert json.loads(metrics.read_text())["status"] == "complete"
+    record = json.loads(metrics.read_text())
+    assert record["status"] == "complete" and len(record["attempts"]) == 2
     log = next((tmp_path / "results/logs/train").rglob("*.log")).read_text()
-    assert "resuming" in log  # continued from its last epoch, not started over
+    assert "=== resuming" in log and log.index("iterations/epoch") < log.index("=== resuming")  # history kept
     assert {r.info.status for r in mlflow_runs(tmp_path)} == {"FINISHED"}
 
 
@@ -356,11 +385,13 @@ def test_committed_studies_load_into_mlflow_once(tmp_path, finished_study):
     results = tmp_path / "results"
     shutil.copytree(finished_study / "results", results, ignore=shutil.ignore_patterns("mlflow", "*.pt",
                                                                                         "mlflow_run_id"))
-    uri = f"sqlite:///{tmp_path}/store.db"
-    first = deat("mlflow-import", "--results-dir", str(results), "--tracking-uri", uri, cwd=tmp_path)
+    (command,) = [c for c in readme_commands("browsed the same way") if "mlflow-import" in c]
+    assert command == "python -m deat mlflow-import --results-dir results"
+    first = run_as_written(command, tmp_path)  # as written: the store the README's `mlflow ui` opens
     assert first.returncode == 0, first.stderr[-2000:]
     assert "1 study run(s) and 1 run(s) added" in first.stdout
-    again = deat("mlflow-import", "--results-dir", str(results), "--tracking-uri", uri, cwd=tmp_path)
+    uri = f"sqlite:///{tmp_path}/results/mlflow/mlflow.db"
+    again = run_as_written(command, tmp_path)
     assert "0 study run(s) and 0 run(s) added" in again.stdout
 
     from mlflow.tracking import MlflowClient
