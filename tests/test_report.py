@@ -1120,3 +1120,17 @@ def test_the_best_setting_is_chosen_on_validation_not_on_the_test_images(tmp_pat
     assert at_alpha["mean"] == pytest.approx(expected)
     text = (tmp_path / "tables" / "best_setting.md").read_text(encoding="utf-8")
     assert "chosen on validation, never on the test images" in text
+
+
+def test_results_readme_links_and_embeds_only_files_that_exist():
+    """results/README.md is read on the web: every table and figure it names is a link (or an embedded image) to a
+    committed file, and every figure a verdict rests on is embedded."""
+    import re
+
+    results = Path(__file__).resolve().parents[1] / "results"
+    text = (results / "README.md").read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(((?:tables|figures)/[^)\s]+)\)", text)
+    assert len(targets) > 30
+    missing = [t for t in targets if not (results / t).is_file()]
+    assert missing == []
+    assert len(re.findall(r"!\[[^\]]*\]\(figures/[^)]+\.png\)", text)) >= 10
