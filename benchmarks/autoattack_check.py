@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import tempfile
 import time
@@ -37,6 +36,9 @@ from deat import attack_suite, autoattack_runner, evaluate
 from deat.config import TrainConfig
 from deat.data import load_dataset
 from deat.runtime import resolve_device
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this script
+from common import emit, fill_defaults  # noqa: E402
 
 TARGET_S, TARGET_IMAGES = 120, 10_000  # issue 25: standard AutoAttack on 10k CIFAR-10 images within 120 s
 QUICK = {"n_images": 16, "chunk": 8, "batch_size": 8, "epochs": 1, "arch": "small_cnn", "pgd_steps": 2}
@@ -62,24 +64,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for name in ("n_images", "chunk", "batch_size", "epochs"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    fill_defaults(args, QUICK if args.quick else FULL, ("n_images", "chunk", "batch_size", "epochs"))
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise ValueError(f"--checkpoint: {args.checkpoint} is not a file")
     return args
-
-
-def emit(line: dict, out: Path | None) -> None:
-    text = json.dumps(line)
-    print(text, flush=True)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:
-            f.write(text + "\n")
 
 
 def random_npz(path: Path) -> Path:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -41,6 +40,9 @@ from deat.config import TrainConfig
 from deat.data import load_dataset
 from deat.models import ARCHITECTURES, build_model
 from deat.runtime import resolve_device
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this script
+from common import emit, fill_defaults  # noqa: E402
 
 OBJECTIVES = ("pgd_at", "trades", "mart", "fast_at")
 PRECISIONS = ("reference", "fp32", "bf16", "bf16_unfixed")
@@ -67,22 +69,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for name in ("train_steps", "batch_size", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    fill_defaults(args, QUICK if args.quick else FULL, ("train_steps", "batch_size", "repeats"))
     return args
-
-
-def emit(line: dict, out: Path | None) -> None:
-    text = json.dumps(line)
-    print(text, flush=True)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:
-            f.write(text + "\n")
 
 
 def images(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,

@@ -45,6 +45,9 @@ from deat.objectives import adversarial_step
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import augment_of, load_images  # noqa: E402  (the sibling script's data loading)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this script
+from common import emit  # noqa: E402
+
 PATHS = {  # name -> (precision, channels_last, cuda_graph)
     "fp32 eager": ("fp32", False, False),
     "fp32 eager again": ("fp32", False, False),
@@ -66,15 +69,6 @@ FAST_OPTIONS = {"precision": "bf16", "channels_last": True, "cuda_graph": True}
 TARGETS = {"at_images_per_s_bs128": 4000, "at_images_per_s_bs512_plus": 7000, "deat_over_pgd_at": 1.01,
            "batch_share": 0.02, "at_images_per_s_bs128_issue25": 6000, "autoattack_10k_s": 120}
 TARGETS_10K = 10_000  # images of the AutoAttack target
-
-
-def emit(line: dict, out: Path | None) -> None:
-    text = json.dumps(line)
-    print(text, flush=True)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:
-            f.write(text + "\n")
 
 
 # ------------------------------------------------------------------------------------------- numerics

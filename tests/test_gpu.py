@@ -280,24 +280,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(scope="module")
 def cuda_problem():
-    """small_cnn trained 60 SGD steps (IEEE fp32) on CIFAR-shaped images with a smooth per-class pattern, on CUDA,
-    and a batch of 64 images in [0.1, 0.9]: tests/test_objectives.py's bf16 problem on the GPU."""
-    device = torch.device("cuda")
-    gen = torch.Generator().manual_seed(0)
-    patterns = F.interpolate(torch.rand(10, 3, 4, 4, generator=gen), size=32, mode="bilinear")
-    y = torch.randint(0, 10, (1024,), generator=gen)
-    x = 0.1 + 0.8 * (0.4 * patterns[y] + 0.6 * torch.rand(1024, 3, 32, 32, generator=gen))
-    x, y = x.to(device), y.to(device)
-    torch.manual_seed(0)
-    model = build_model("small_cnn", 10, in_channels=3).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    with deat.objectives.full_precision(device):
-        for step in range(60):
-            batch = slice(64 * (step % 16), 64 * (step % 16 + 1))
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[batch]), y[batch]).backward()
-            optimizer.step()
-    return model.eval(), x[:64], y[:64]
+    """tests/test_objectives.py's bf16 problem on the GPU."""
+    from test_objectives import pattern_problem
+
+    return pattern_problem(torch.device("cuda"))
 
 
 def cuda_attack(model, x, y, objective, steps, precision):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+import deat.objectives
 from deat.config import (METHODS, OBJECTIVES, TrainConfig, objective_of, outer_step_of, run_identity,
                          unused_options)
 from deat.models import build_model
@@ -166,23 +167,30 @@ def test_no_attack_steps_is_standard_training_for_the_pgd_style_objectives(metho
 BF16_OBJECTIVES = ("pgd_at", "trades", "mart", "fast_at")
 
 
-@pytest.fixture(scope="module")
-def bf16_problem():
-    """small_cnn (seed 0) trained 60 SGD steps on CIFAR-shaped images with a smooth per-class pattern, so that its
-    logits are confident and its input gradients far from zero; and a batch of 64 of those images."""
+def pattern_problem(device: torch.device = torch.device("cpu")):
+    """small_cnn (seed 0) trained 60 SGD steps (IEEE fp32) on CIFAR-shaped images with a smooth per-class pattern,
+    so that its logits are confident and its input gradients far from zero; and a batch of 64 of those images in
+    [0.1, 0.9], on `device` (tests/test_gpu.py runs the same problem on CUDA)."""
     gen = torch.Generator().manual_seed(0)
     patterns = F.interpolate(torch.rand(10, 3, 4, 4, generator=gen), size=32, mode="bilinear")
     y = torch.randint(0, 10, (1024,), generator=gen)
     x = 0.1 + 0.8 * (0.4 * patterns[y] + 0.6 * torch.rand(1024, 3, 32, 32, generator=gen))
+    x, y = x.to(device), y.to(device)
     torch.manual_seed(0)
-    model = build_model("small_cnn", 10, in_channels=3)
+    model = build_model("small_cnn", 10, in_channels=3).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for step in range(60):
-        batch = slice(64 * (step % 16), 64 * (step % 16 + 1))
-        optimizer.zero_grad()
-        F.cross_entropy(model(x[batch]), y[batch]).backward()
-        optimizer.step()
+    with deat.objectives.full_precision(device):
+        for step in range(60):
+            batch = slice(64 * (step % 16), 64 * (step % 16 + 1))
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
     return model.eval(), x[:64], y[:64]
+
+
+@pytest.fixture(scope="module")
+def bf16_problem():
+    return pattern_problem()
 
 
 class Float64(torch.nn.Module):
