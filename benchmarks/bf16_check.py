@@ -11,8 +11,8 @@ step of 1.25·ε for fast AT; BatchNorm in eval mode) runs on one batch (--batch
   reference     IEEE fp32 (deat.objectives.full_precision: no autocast; on CUDA TF32 off);
   fp32          the process's fp32, i.e. what `precision: fp32` trains with (on CUDA torch lets cuDNN use TF32
                 for convolutions by default: `tf32_conv` says whether it did);
-  bf16          bf16 autocast, what `precision: bf16` trains with (TRADES: clean logits and first step in fp32);
-  bf16_unfixed  TRADES only: bf16 with that fp32 first step switched off, i.e. the attack before issue 25.
+  bf16          bf16 autocast, what `precision: bf16` trains with (TRADES and MART: first step in fp32);
+  bf16_unfixed  TRADES and MART: bf16 with that fp32 first step switched off (the attacks before issue 25).
 
 Keys: first_step_agreement (fraction of pixels whose first step moves the same way as the reference's: the same
 random start, so x' after one step differs exactly where the sign does), attack_loss (the attack's objective at
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for objective in args.objectives:
         steps = 10  # PGD-10; fast AT takes its one step whatever pgd_steps says
-        precisions = [p for p in PRECISIONS if p != "bf16_unfixed" or objective == "trades"]
+        precisions = [p for p in PRECISIONS if p != "bf16_unfixed" or objective in ("trades", "mart")]
         first = {p: attack(model, x, y, objective, 1, p, args.seed + 1) for p in precisions}
         full, times = {}, {}
         for precision in precisions:

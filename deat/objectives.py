@@ -161,19 +161,28 @@ def _trades_attack(model: torch.nn.Module, x: torch.Tensor, eps: float, alpha: f
     if steps == 0 or eps == 0:
         return x
     with torch.enable_grad():
-        # The clean logits and the first step in fp32 whatever the caller's autocast: at x + 0.001·N the KL's
-        # gradient is proportional to f(x') − f(x), a logit change far below bf16's (and TF32's) rounding of the
-        # logits, so under bf16 its sign is mostly noise. From the second step on, x' − x is about alpha and bf16
-        # gives the fp32 sign as often as for the cross-entropy attacks (docs/method.md has the measurements).
+        # The clean logits in fp32 whatever the caller's autocast: the KL's gradient near x is proportional to
+        # f(x') − f(x), a logit change far below bf16's (and TF32's) rounding of the logits.
         with full_precision(x.device):
             with torch.no_grad():
                 clean_logits = model(x).float()
 
-            def objective(x_adv: torch.Tensor) -> torch.Tensor:
-                return kl_per_example(clean_logits, model(x_adv)).sum()
+        def objective(x_adv: torch.Tensor) -> torch.Tensor:
+            return kl_per_example(clean_logits, model(x_adv)).sum()
 
-            x_adv = _ascend(objective, x, _gaussian_start(x, generator), eps, alpha, 1, norm)
-        return _ascend(objective, x, x_adv, eps, alpha, steps - 1, norm)
+        return _ascend_from_gaussian_start(objective, x, eps, alpha, steps, norm, generator)
+
+
+def _ascend_from_gaussian_start(objective, x: torch.Tensor, eps: float, alpha: float, steps: int, norm: str,
+                                generator: torch.Generator | None) -> torch.Tensor:
+    """TRADES' and MART's ascent from x + 0.001·N(0, 1): the first step in fp32 (`full_precision`), the others
+    under the caller's autocast. At that start the gradient is tiny (TRADES' KL: ∝ f(x') − f(x); MART's
+    cross-entropy: ∝ 1 − p_y(x), near 0 on confident examples), so under bf16 its sign is partly rounding noise.
+    From the second step on, x' − x is about alpha and bf16 gives the fp32 sign as often as for PGD-AT's attack
+    from its uniform start (docs/method.md, "Precision of the attacks", has the measurements)."""
+    with full_precision(x.device):
+        x_adv = _ascend(objective, x, _gaussian_start(x, generator), eps, alpha, 1, norm)
+    return _ascend(objective, x, x_adv, eps, alpha, steps - 1, norm)
 
 
 def trades_attack(model: torch.nn.Module, x: torch.Tensor, eps: float, alpha: float, steps: int, norm: str = "linf",
@@ -196,17 +205,15 @@ def _mart_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: 
     x = x.detach()
     if steps == 0 or eps == 0:
         return x
-    # Stays under the caller's autocast: unlike the KL, the cross-entropy's gradient at x is not small, and bf16
-    # gives fp32's sign in about 99 % of pixels at the first step as at every later one (docs/method.md).
     with torch.enable_grad():
-        return _ascend(lambda x_adv: F.cross_entropy(model(x_adv).float(), y, reduction="sum"), x,
-                       _gaussian_start(x, generator), eps, alpha, steps, norm)
+        return _ascend_from_gaussian_start(lambda x_adv: F.cross_entropy(model(x_adv).float(), y, reduction="sum"),
+                                           x, eps, alpha, steps, norm, generator)
 
 
 def mart_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
                 norm: str = "linf", generator: torch.Generator | None = None) -> torch.Tensor:
     """MART's inner max: PGD on the summed cross-entropy from x + 0.001·N(0, 1) (not attacks.pgd's uniform start).
-    Same conventions and errors as `trades_attack`; y: (B,) class indices. Runs under the caller's autocast."""
+    Same conventions, precision rule and errors as `trades_attack`; y: (B,) class indices."""
     _check_attack_args(x, y, eps, alpha, steps, norm, True, 1, generator)
     check_pixel_range(x, "mart_attack")
     return _mart_attack(model, x, y, eps, alpha, steps, norm, generator)
