@@ -1,9 +1,12 @@
-"""Shared test fixtures: one torch thread, RNG hygiene, MLflow kept inside tmp_path, the shared CIFAR subset."""
+"""Shared test fixtures: one torch thread, RNG hygiene, MLflow kept inside tmp_path, the shared CIFAR subset, and
+one finished tiny study for the whole session."""
 
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
+from tiny_study import FINISHED_STUDY, snakemake, write_config
 
 # ../shared/data beside the repository; a fresh clone has no ../shared, so tests needing it skip.
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10_small.npz"
@@ -42,3 +45,21 @@ def shared_cifar() -> Path:
     if not SHARED_CIFAR.is_file():
         pytest.skip(f"{SHARED_CIFAR} is absent (it lives beside the repository, not in a fresh clone)")
     return SHARED_CIFAR
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_study(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """A folder where the real snakemake has run FINISHED_STUDY to the end (2 runs, their evaluations, the report,
+    the MLflow store); its output is in snakemake_output.txt. Built once per session, whichever xdist worker asks
+    first (the others wait on a file lock), and shared: read it, or copy it before running anything in it."""
+    root = tmp_path_factory.getbasetemp()
+    if hasattr(request.config, "workerinput"):  # an xdist worker: its basetemp is one of the session's
+        root = root.parent
+    workdir = root / "finished_tiny_study"
+    with FileLock(str(root / "finished_tiny_study.lock")):
+        if not (workdir / "snakemake_output.txt").is_file():
+            write_config(workdir, FINISHED_STUDY)
+            result = snakemake(workdir, "--cores", "2", timeout=900)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            (workdir / "snakemake_output.txt").write_text(result.stdout + result.stderr)
+    return workdir

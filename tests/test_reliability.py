@@ -21,46 +21,24 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from deat import server
 from deat.config import NON_RESULT_KEYS, unused_options
-from tiny_study import tiny_study
+from tiny_study import FINISHED_STUDY, job_env, snakemake, snakemake_command, write_config
 
-REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--dataset", "mnist5k", "--arch", "small_cnn", "--width", "8", "--batch-size", "256", "--eps", "0.1",
          "--pgd-steps", "2", "--val-size", "200", "--eval-examples", "100", "--eval-pgd-steps", "3",
          "--device", "cpu"]
 TIMING_KEYS = ("images_per_s", "epoch_time_s", "epoch_wall_time_s", "peak_memory_mb")  # the only per-epoch values allowed to differ between two runs
-EPOCHS_DAG = 2
-STUDY = tiny_study(epochs=EPOCHS_DAG, eval_pgd_steps=3)
+STUDY = FINISHED_STUDY  # conftest's finished_tiny_study is the uninterrupted reference of the kill -9 tests
 SERVER_STUDY = {**STUDY, "mlflow": {"tracking_uri": "server"}}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def job_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-
-
 def deat(*args: str, cwd: Path, timeout: int = 300, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     return subprocess.run([*prefix, sys.executable, "-m", "deat", *args], cwd=cwd, env=job_env(),
                           capture_output=True, text=True, timeout=timeout)
-
-
-def snakemake_command(workdir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-            *args]
-
-
-def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(snakemake_command(workdir, *args), env=job_env(), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def write_config(workdir: Path, config: dict) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
 
 
 def make_tracking_file(path: Path, uri_now: str, uri_for_jobs: str) -> str:
@@ -236,18 +214,8 @@ def test_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path)
     assert_mlflow_holds_run(uri, runs[0], resumed)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_study(tmp_path_factory):
-    """The DAG run once without interruption, with the embedded sqlite store."""
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    write_config(workdir, STUDY)
-    result = snakemake(workdir, "--cores", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
-
-
 @pytest.mark.slow
-def test_snakemake_killed_mid_dag_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted_study):
+def test_snakemake_killed_mid_dag_resumes_to_the_uninterrupted_result(tmp_path, finished_tiny_study):
     """SIGKILL of Snakemake's whole process group (its jobs too) mid-DAG; then the same command again. Also the
     server's life cycle: the killed run's server goes with it, the rerun starts and stops its own."""
     write_config(tmp_path, SERVER_STUDY)
@@ -276,11 +244,11 @@ def test_snakemake_killed_mid_dag_resumes_to_the_uninterrupted_result(tmp_path, 
     assert len(manifest["runs"]) == 2
     for run in manifest["runs"]:
         resumed = json.loads((tmp_path / run["dir"] / "metrics.json").read_text())
-        reference = json.loads((uninterrupted_study / run["dir"] / "metrics.json").read_text())
+        reference = json.loads((finished_tiny_study / run["dir"] / "metrics.json").read_text())
         assert without_timing(resumed["epochs"]) == without_timing(reference["epochs"]), run["dir"]
-        assert_same_weights(tmp_path / run["dir"] / "last.pt", uninterrupted_study / run["dir"] / "last.pt")
+        assert_same_weights(tmp_path / run["dir"] / "last.pt", finished_tiny_study / run["dir"] / "last.pt")
         evaluated = json.loads((tmp_path / run["eval"]).read_text())["checkpoints"]
-        expected = json.loads((uninterrupted_study / run["eval"]).read_text())["checkpoints"]
+        expected = json.loads((finished_tiny_study / run["eval"]).read_text())["checkpoints"]
         for checkpoint in ("best", "last"):
             for key in ("clean_acc", "pgd10_acc", "pgd_acc", "aa_acc"):
                 assert evaluated[checkpoint][key] == expected[checkpoint][key], (run["dir"], checkpoint, key)

@@ -302,7 +302,7 @@ def test_the_readme_resume_commands_as_written_resume_a_custom_study_killed_with
     assert unlock == "snakemake --unlock" and bare == "snakemake --cores all --rerun-incomplete"
     assert with_flags == "snakemake --cores all --rerun-incomplete --config run=[res] --configfile res.yaml"
     write_config(tmp_path, tiny_study())  # the project's config.yaml: study `tiny` only
-    custom = tiny_study(epochs=20)  # 1-2 s an epoch: long enough to be killed mid-training
+    custom = tiny_study(epochs=5)  # 1-3 s an epoch: killed after the first, 4 left (attempts == 2 checks it)
     (tmp_path / "res.yaml").write_text(yaml.safe_dump({"studies": {"res": {**custom["studies"]["tiny"],
                                                                             "methods": ["deat"]}}}))
     started = with_flags.replace(" --rerun-incomplete", "")  # what the user started with

@@ -5,41 +5,30 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from tiny_study import tiny_study
+from tiny_study import FINISHED_STUDY, snakemake, tiny_study, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
 TINY = tiny_study(lrs=(0.05, 0.1), epochs=EPOCHS)
-TINY_RUNS = [(m, lr) for m in TINY["studies"]["tiny"]["methods"] for lr in TINY["studies"]["tiny"]["lrs"]]
+FINISHED = FINISHED_STUDY["studies"]["tiny"]  # what the `tiny_study` fixture holds, finished
+assert FINISHED["train"]["epochs"] == EPOCHS
+TINY_RUNS = [(m, lr) for m in FINISHED["methods"] for lr in FINISHED["lrs"]]
 EPOCH_METRICS = ("lr", "train_loss", "train_robust_acc", "val_clean_acc", "val_pgd_acc", "test_clean_acc",
                  "test_pgd_acc", "images_per_s", "epoch_time_s")
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-                           "--directory", str(workdir), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def write_config(workdir: Path, config: dict) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-
-
 @pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("workflow")
-    write_config(workdir, TINY)
-    result = snakemake(workdir, "--cores", "2")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (workdir / "snakemake_output.txt").write_text(result.stdout + result.stderr)
+def tiny_study(finished_tiny_study, tmp_path_factory):
+    """A private copy of the session's finished study (conftest.py), Snakemake's metadata and file times included."""
+    workdir = tmp_path_factory.mktemp("workflow") / "study"
+    shutil.copytree(finished_tiny_study, workdir, symlinks=True)
     return workdir
 
 
@@ -54,7 +43,7 @@ def test_a_fresh_run_prints_no_warning(tiny_study):
 @pytest.mark.slow
 def test_every_expected_output_exists(tiny_study):
     manifest = json.loads((tiny_study / "results/studies/tiny/manifest.json").read_text())
-    assert len(manifest["runs"]) == 4
+    assert len(manifest["runs"]) == len(TINY_RUNS)
     for run in manifest["runs"]:
         run_dir = tiny_study / run["dir"]
         for name in ("metrics.json", "best.pt", "last.pt", "mlflow_run_id"):
@@ -85,7 +74,7 @@ def test_mlflow_holds_one_child_run_per_grid_point_with_every_epoch(tiny_study):
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("deat.role") == "study"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
+    assert len(parents) == 1 and len(children) == len(TINY_RUNS) and len(runs) == 1 + len(TINY_RUNS)
     for child in children:
         assert child.info.status == "FINISHED"
         # The name ends in the directory's settings hash; the run lists its study and its process.
@@ -222,24 +211,23 @@ def test_matched_studies_pair_every_pgd_at_point_with_a_deat_run_of_equal_step_a
 @pytest.mark.slow
 def test_gpu_study_script_runs_the_workflows_commands_without_snakemake_and_archives_the_json(tmp_path):
     """benchmarks/gpu_study.sh: plan with Snakemake here, run where only torch is (here: DEVICE=cpu), unpack."""
-    import shutil
     import tarfile
 
     shutil.copy(REPO / "Snakefile", tmp_path)
     shutil.copytree(REPO / "workflow", tmp_path / "workflow")
-    write_config(tmp_path, TINY)
+    write_config(tmp_path, FINISHED_STUDY)  # 2 runs
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true", "DEVICE": "cpu",
            "OUT": str(tmp_path / "returned")}
     script = str(REPO / "benchmarks" / "gpu_study.sh")
     plan = subprocess.run(["bash", script, "plan", "tiny", "2"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
-    assert "planned 4 training and 4 evaluation jobs of study tiny, 2 at a time" in plan.stdout, plan.stderr
+    assert "planned 2 training and 2 evaluation jobs of study tiny, 2 at a time" in plan.stdout, plan.stderr
     commands = (tmp_path / ".bench_data/gpu_study/train.txt").read_text()
-    assert "--mlflow" not in commands and commands.count("--device cpu") == 4
+    assert "--mlflow" not in commands and commands.count("--device cpu") == 2
     run = subprocess.run(["bash", script, "run"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "4 metrics.json, 4 eval files archived" in run.stdout
+    assert "2 metrics.json, 2 eval files archived" in run.stdout
     manifest = json.loads((tmp_path / "results/studies/tiny/manifest.json").read_text())
     with tarfile.open(tmp_path / "returned/gpu_study.tgz") as archive:
         names = set(archive.getnames())

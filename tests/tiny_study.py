@@ -1,6 +1,15 @@
-"""The tiny study the end-to-end tests run with the real snakemake: seconds per job on one CPU core."""
+"""The tiny study the end-to-end tests run with the real snakemake (seconds per job on one CPU core), and the
+helpers that run it: a config file in a folder, the jobs' environment, the snakemake command line."""
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_study(lrs=(0.05,), epochs=2, **train_options) -> dict:
@@ -22,3 +31,26 @@ def tiny_study(lrs=(0.05,), epochs=2, **train_options) -> dict:
             }
         },
     })
+
+
+# What conftest's `finished_tiny_study` runs once per test session, for every test that reads a finished study.
+FINISHED_STUDY = tiny_study(eval_pgd_steps=3)
+
+
+def write_config(workdir: Path, config: dict) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def job_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def snakemake_command(workdir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+            *args]
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(snakemake_command(workdir, *args), env=job_env(), capture_output=True, text=True,
+                          timeout=timeout)
