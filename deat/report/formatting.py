@@ -58,6 +58,25 @@ def json_value(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+SUMMARY_DIGITS = 12
+
+
+def rounded(value, digits: int = SUMMARY_DIGITS):
+    """`value` (nested dicts and lists) with every float rounded to `digits` significant digits, for summary.json.
+
+    A statistic's last bits depend on the summation order of the numpy/scipy build and its BLAS (seen: a Pearson r
+    differing in the 17th digit between two environments), so full-precision floats would make a regenerated
+    summary.json differ from the committed one although no result changed. 12 digits keep far more than any table
+    shows."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(item, digits) for item in value]
+    return value
+
+
 def records(frame: pd.DataFrame) -> list[dict]:
     return [{key: json_value(value) for key, value in row.items()} for row in frame.to_dict("records")]
 

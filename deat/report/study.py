@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import (averaging_tables, comparisons, figures, mechanism_tables, paper_tables, selection, step_tables,
                study_tables)
-from .formatting import run_label
+from .formatting import rounded, run_label
 from .loading import CHECKPOINTS, EVAL_METRICS, RUNS_CSV_LEAVES_OUT, load_runs, study_aa_label
 from .protocol import PROTOCOL_FILE, protocol_markdown
 from .render import write_table
@@ -124,6 +124,7 @@ def build_report(manifest: dict, tables_dir: str | Path, figures_dir: str | Path
         "skipped": skipped,
     }
     summary_path = tables_dir / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    summary_path.write_text(json.dumps(rounded(summary), indent=2, ensure_ascii=False) + "\n",
+                            encoding="utf-8")
     written.append(summary_path)
     return written
