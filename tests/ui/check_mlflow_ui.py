@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,7 +22,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -31,7 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from deat import server  # noqa: E402
-from tiny_study import tiny_study  # noqa: E402
+from tiny_study import snakemake, tiny_study, write_config  # noqa: E402
 
 TINY = tiny_study()
 TINY["mlflow"] = {"log_model": True}  # each run's best checkpoint as an MLflow PyTorch model (off by default)
@@ -50,11 +48,8 @@ def find_chromium() -> str | None:
 
 
 def run_tiny_study(workdir: Path) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(TINY))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-                             "--directory", str(workdir), "--cores", "2"], env=env, capture_output=True, text=True)
+    write_config(workdir, TINY)
+    result = snakemake(workdir, "--cores", "2", timeout=900)
     if result.returncode != 0:
         raise RuntimeError(f"the tiny study failed:\n{result.stderr[-3000:]}")
 
