@@ -21,15 +21,16 @@ from pathlib import Path
 import pytest
 import yaml
 from test_reliability import TRAIN, deat, job_env, snakemake, wait_until, write_config
-from tiny_study import tiny_study
+from tiny_study import FINISHED_STUDY, tiny_study
 
 from deat.checkpoint import save_checkpoint, write_json
 from deat.config import TrainConfig, run_identity
 
 REPO = Path(__file__).resolve().parents[1]
-PGD_AT_STUDY = tiny_study(epochs=2, k1=0.5)
-PGD_AT_STUDY["studies"]["tiny"]["methods"] = ["pgd_at"]
-PGD_AT_STUDY["studies"]["tiny"]["description"] = "A tiny PGD-AT study."
+# The session's finished study narrowed to its PGD-AT run, with a k1 that PGD-AT does not read.
+PGD_AT_STUDY = yaml.safe_load(yaml.safe_dump(FINISHED_STUDY))
+PGD_AT_STUDY["studies"]["tiny"].update(methods=["pgd_at"], description="A tiny PGD-AT study.")
+PGD_AT_STUDY["studies"]["tiny"]["train"]["k1"] = 0.5
 TRAINING_RULES = {"train", "evaluate", "prepare_dataset"}
 
 
@@ -61,11 +62,26 @@ def mlflow_runs(workdir: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def finished_study(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("finished")
+def finished_study(finished_tiny_study, tmp_path_factory) -> Path:
+    """PGD_AT_STUDY, finished: a copy of the session's finished study without its DEAT run (directory, logs and
+    MLflow run deleted), rerun under PGD_AT_STUDY's config. That rerun rewrites the study's manifest and tables and
+    must train and evaluate nothing: the PGD-AT run's identity leaves k1 out."""
+    from mlflow.tracking import MlflowClient
+
+    workdir = tmp_path_factory.mktemp("finished") / "study"
+    shutil.copytree(finished_tiny_study, workdir, symlinks=True)
+    [deat_run] = (workdir / "results/runs").glob("*/*/deat/*/*")
+    client = MlflowClient(f"sqlite:///{workdir}/results/mlflow/mlflow.db")
+    client.delete_run((deat_run / "mlflow_run_id").read_text().strip())
+    shutil.rmtree(deat_run)
+    for rule in ("train", "evaluate"):  # and its jobs' logs
+        shutil.rmtree(workdir / "results/logs" / rule / deat_run.parent.relative_to(workdir / "results/runs"))
     write_config(workdir, PGD_AT_STUDY)
     result = snakemake(workdir, "--cores", "2")
     assert result.returncode == 0, result.stderr[-3000:]
+    ran = {line.split()[1].rstrip(":") for line in (result.stdout + result.stderr).splitlines()
+           if line.startswith(("rule ", "localrule "))}
+    assert "report" in ran and not ran & TRAINING_RULES, ran
     return workdir
 
 

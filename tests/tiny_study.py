@@ -33,8 +33,9 @@ def tiny_study(lrs=(0.05,), epochs=2, **train_options) -> dict:
     })
 
 
-# What conftest's `finished_tiny_study` runs once per test session, for every test that reads a finished study.
-FINISHED_STUDY = tiny_study(eval_pgd_steps=3)
+# What conftest's `finished_tiny_study` runs once per test session, for every test that reads a finished study;
+# each run's best checkpoint is also logged as an MLflow PyTorch model (off by default) for the MLflow UI check.
+FINISHED_STUDY = {**tiny_study(eval_pgd_steps=3), "mlflow": {"log_model": True}}
 
 
 def write_config(workdir: Path, config: dict) -> None:

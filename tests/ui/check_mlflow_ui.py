@@ -5,8 +5,9 @@ that the study's parent run, its child runs and a metric chart are on screen, an
     python tests/ui/check_mlflow_ui.py [--workdir DIR] [--screenshot docs/img/mlflow_ui.png]
         [--readme-screenshot docs/img/mlflow_ui_runs.png]
 
-DIR holds a finished study (results/mlflow/mlflow.db); without --workdir a tiny one (two runs, two epochs) is run
-first with snakemake in a temporary folder. Needs Debian's `chromium` (apt-get install chromium). Exit code 0
+DIR holds a finished study (results/mlflow/mlflow.db) run with `mlflow: {log_model: true}`; without --workdir a
+tiny one (two runs, two epochs, tests/tiny_study.py's FINISHED_STUDY) is run first with snakemake in a temporary
+folder. Needs Debian's `chromium` (apt-get install chromium). Exit code 0
 means every check passed.
 """
 
@@ -29,10 +30,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from deat import server  # noqa: E402
-from tiny_study import snakemake, tiny_study, write_config  # noqa: E402
+from tiny_study import FINISHED_STUDY, snakemake, write_config  # noqa: E402
 
-TINY = tiny_study()
-TINY["mlflow"] = {"log_model": True}  # each run's best checkpoint as an MLflow PyTorch model (off by default)
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars", "--window-size=1400,900",
@@ -48,7 +47,7 @@ def find_chromium() -> str | None:
 
 
 def run_tiny_study(workdir: Path) -> None:
-    write_config(workdir, TINY)
+    write_config(workdir, FINISHED_STUDY)  # logs each run's best model, as the check needs
     result = snakemake(workdir, "--cores", "2", timeout=900)
     if result.returncode != 0:
         raise RuntimeError(f"the tiny study failed:\n{result.stderr[-3000:]}")

@@ -1,4 +1,4 @@
-"""Runs check_mlflow_ui.py: a tiny study in MLflow's UI, seen through headless Chromium."""
+"""Runs check_mlflow_ui.py: the session's finished tiny study in MLflow's UI, seen through headless Chromium."""
 
 import shutil
 import subprocess
@@ -11,11 +11,14 @@ SCRIPT = Path(__file__).resolve().parent / "check_mlflow_ui.py"
 
 
 @pytest.mark.slow
-def test_mlflow_ui_opens_the_readmes_url_on_the_runs_table_and_shows_the_study_and_a_chart(tmp_path):
-    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_mlflow_ui_opens_the_readmes_url_on_the_runs_table_and_shows_the_study_and_a_chart(tmp_path,
+                                                                                           finished_tiny_study):
     screenshot, runs_table = tmp_path / "mlflow_ui.png", tmp_path / "mlflow_ui_runs.png"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--screenshot", str(screenshot),
+    workdir = tmp_path / "study"  # a private copy: the server reads the store, other tests may share the original
+    shutil.copytree(finished_tiny_study, workdir, symlinks=True)
+    result = subprocess.run([sys.executable, str(SCRIPT), "--workdir", str(workdir), "--screenshot", str(screenshot),
                              "--readme-screenshot", str(runs_table)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "FAIL" not in result.stdout and screenshot.stat().st_size > 10_000
