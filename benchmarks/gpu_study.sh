@@ -28,8 +28,9 @@ plan() {
     snakemake --cores 1 --nolock "results/studies/$study/manifest.json" "${args[@]}" > "$PLAN/snakemake.log" 2>&1 ||
         { tail -n 20 "$PLAN/snakemake.log" >&2; return 1; }
     snakemake -n -p --forceall "${args[@]}" 2>&1 | sed -n 's/^Shell command: //p' > "$PLAN/dry_run.txt"
+    # The GPU image has no MLflow: every MLflow flag goes, a study's `mlflow: {log_model: true}` included.
     for rule in train evaluate; do
-        grep "python -m deat $rule " "$PLAN/dry_run.txt" | sed -e 's/ --mlflow-setup [^ ]* [^ ]* [^ ]*//' -e 's/ --mlflow [^ ]*//' > "$PLAN/$rule.txt" || true
+        grep "python -m deat $rule " "$PLAN/dry_run.txt" | sed -e 's/ --mlflow-log-model//' -e 's/ --mlflow-setup [^ ]* [^ ]* [^ ]*//' -e 's/ --mlflow [^ ]*//' > "$PLAN/$rule.txt" || true
     done
     local autoattack
     autoattack=$(python3 -c "import os, pyautoattack; print(os.path.dirname(pyautoattack.__file__))")
