@@ -9,6 +9,7 @@ where files must survive.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -28,17 +29,22 @@ from deat.config import TrainConfig, run_identity
 
 REPO = Path(__file__).resolve().parents[1]
 # The session's finished study narrowed to its PGD-AT run, with a k1 that PGD-AT does not read.
-PGD_AT_STUDY = yaml.safe_load(yaml.safe_dump(FINISHED_STUDY))
+PGD_AT_STUDY = copy.deepcopy(FINISHED_STUDY)
 PGD_AT_STUDY["studies"]["tiny"].update(methods=["pgd_at"], description="A tiny PGD-AT study.")
 PGD_AT_STUDY["studies"]["tiny"]["train"]["k1"] = 0.5
 TRAINING_RULES = {"train", "evaluate", "prepare_dataset"}
+
+
+def rules_in(output: str) -> set[str]:
+    """The rules snakemake's output names as scheduled (a dry run) or run (`localrule` in a real local run)."""
+    return {line.split()[1].rstrip(":") for line in output.splitlines() if line.startswith(("rule ", "localrule "))}
 
 
 def scheduled_rules(workdir: Path, *args: str) -> set[str]:
     """The rules a dry run would execute."""
     result = snakemake(workdir, "--cores", "2", "-n", *args, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    return {line.split()[1].rstrip(":") for line in result.stdout.splitlines() if line.startswith("rule ")}
+    return rules_in(result.stdout)
 
 
 def edit_config(workdir: Path, edit) -> None:
@@ -79,8 +85,7 @@ def finished_study(finished_tiny_study, tmp_path_factory) -> Path:
     write_config(workdir, PGD_AT_STUDY)
     result = snakemake(workdir, "--cores", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    ran = {line.split()[1].rstrip(":") for line in (result.stdout + result.stderr).splitlines()
-           if line.startswith(("rule ", "localrule "))}
+    ran = rules_in(result.stdout + result.stderr)
     assert "report" in ran and not ran & TRAINING_RULES, ran
     return workdir
 
