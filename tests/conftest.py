@@ -1,12 +1,15 @@
 """Shared test fixtures: one torch thread, RNG hygiene, MLflow kept inside tmp_path, the shared CIFAR subset, and
 one finished tiny study for the whole session."""
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from filelock import FileLock
-from tiny_study import FINISHED_STUDY, snakemake, write_config
+from tiny_study import STUDY_RETURNCODE, job_env
 
 # ../shared/data beside the repository; a fresh clone has no ../shared, so tests needing it skip.
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10_small.npz"
@@ -47,19 +50,58 @@ def shared_cifar() -> Path:
     return SHARED_CIFAR
 
 
-@pytest.fixture(scope="session")
-def finished_tiny_study(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
-    """A folder where the real snakemake has run FINISHED_STUDY to the end (2 runs, their evaluations, the report,
-    the MLflow store); its output is in snakemake_output.txt. Built once per session, whichever xdist worker asks
-    first (the others wait on a file lock), and shared: read it, or copy it before running anything in it."""
-    root = tmp_path_factory.getbasetemp()
-    if hasattr(request.config, "workerinput"):  # an xdist worker: its basetemp is one of the session's
-        root = root.parent
-    workdir = root / "finished_tiny_study"
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The end-to-end tests (marked slow) first, those that need no finished study before those that do: two xdist
+    workers then run the unit tests beside and after them instead of ending the session on one long test while
+    the other worker idles, and the session study builds in the background meanwhile (`start_finished_tiny_study`).
+    The sort is stable: within a group, tests keep the order of their files."""
+    def group(item: pytest.Item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return 2
+        return 1 if "finished_tiny_study" in item.fixturenames else 0
+
+    items.sort(key=group)
+
+
+def _session_root(request: pytest.FixtureRequest) -> Path:
+    """The folder every xdist worker of this session shares (each worker's basetemp is one of its subfolders)."""
+    root = request.getfixturevalue("tmp_path_factory").getbasetemp()
+    return root.parent if hasattr(request.config, "workerinput") else root
+
+
+def _start_study_build(root: Path) -> None:
+    """Start `python tests/tiny_study.py DIR` in the background unless a worker of this session already did."""
     with FileLock(str(root / "finished_tiny_study.lock")):
-        if not (workdir / "snakemake_output.txt").is_file():
-            write_config(workdir, FINISHED_STUDY)
-            result = snakemake(workdir, "--cores", "2", timeout=900)
-            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-            (workdir / "snakemake_output.txt").write_text(result.stdout + result.stderr)
+        started = root / "finished_tiny_study.started"
+        if not started.exists():
+            started.touch()
+            subprocess.Popen([sys.executable, str(Path(__file__).with_name("tiny_study.py")),
+                              str(root / "finished_tiny_study")], env=job_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_finished_tiny_study(request: pytest.FixtureRequest) -> None:
+    """As the session starts, begin building the finished tiny study when a selected test needs it: its 2 minutes
+    of snakemake jobs then overlap other tests instead of stalling the first test that asks for it."""
+    if any("finished_tiny_study" in item.fixturenames for item in request.session.items):
+        _start_study_build(_session_root(request))
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_study(request: pytest.FixtureRequest) -> Path:
+    """A folder where the real snakemake has run FINISHED_STUDY to the end (2 runs, their evaluations, the report,
+    the MLflow store); its output is in snakemake_output.txt. Built once per session in the background (started
+    by `start_finished_tiny_study`; every xdist worker waits for the same build) and shared: read it, or copy it
+    with tiny_study.copy_finished_study before running anything in it."""
+    root = _session_root(request)
+    _start_study_build(root)
+    workdir = root / "finished_tiny_study"
+    returncode = workdir / STUDY_RETURNCODE
+    deadline = time.monotonic() + 900
+    while not returncode.is_file():
+        assert time.monotonic() < deadline, f"the session's tiny study did not finish in 900 s: {workdir}"
+        time.sleep(0.5)
+    output = (workdir / "snakemake_output.txt").read_text()
+    assert returncode.read_text() == "0", output[-6000:]
     return workdir

@@ -24,14 +24,14 @@ import torch
 
 from deat import server
 from deat.config import NON_RESULT_KEYS, unused_options
-from tiny_study import FINISHED_STUDY, job_env, snakemake, snakemake_command, write_config
+from tiny_study import FINISHED_STUDY, copy_finished_study, forget_run, job_env, snakemake, snakemake_command, write_config
 
 TRAIN = ["--dataset", "mnist5k", "--arch", "small_cnn", "--width", "8", "--batch-size", "256", "--eps", "0.1",
          "--pgd-steps", "2", "--val-size", "200", "--eval-examples", "100", "--eval-pgd-steps", "3",
          "--device", "cpu"]
 TIMING_KEYS = ("images_per_s", "epoch_time_s", "epoch_wall_time_s", "peak_memory_mb")  # the only per-epoch values allowed to differ between two runs
 STUDY = FINISHED_STUDY  # conftest's finished_tiny_study is the uninterrupted reference of the kill -9 tests
-SERVER_STUDY = {**STUDY, "mlflow": {"tracking_uri": "server"}}
+SERVER_STUDY = {**STUDY, "mlflow": {**STUDY["mlflow"], "tracking_uri": "server"}}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -147,33 +147,33 @@ def mlflow_server(tmp_path_factory):
 # ------------------------------------------------------------------------------------------------ concurrency
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store", ["sqlite", "server"])
-def test_eight_concurrent_training_jobs_lose_no_param_and_no_epoch(store, tmp_path, request):
-    if store == "server":
-        workdir, state = request.getfixturevalue("mlflow_server")
-        uri_now, uri_for_jobs = state["uri"], "server"
-    else:
-        workdir = tmp_path
-        uri_now = uri_for_jobs = f"sqlite:///{tmp_path}/mlflow.db"
-    tracking = workdir / f"tracking_{store}.json"
-    parent = make_tracking_file(tracking, uri_now, uri_for_jobs)
-    jobs = []
-    for i in range(8):
-        method, lr = ("pgd_at", "0.05") if i % 2 else ("deat", "0.1")
-        args = [*TRAIN, "--method", method, "--lr", lr, "--seed", str(i), "--epochs", "2",
-                "--out", f"runs_{store}/job{i}", "--mlflow", str(tracking)]
-        jobs.append(subprocess.Popen([sys.executable, "-m", "deat", "train", *args], cwd=workdir, env=job_env(),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+def test_twelve_concurrent_training_jobs_lose_no_param_and_no_epoch(tmp_path, mlflow_server):
+    """Twelve training jobs at once: eight into one embedded sqlite store and four through the workflow's server
+    (half PGD-AT, half DEAT in each): every run holds every param and every epoch exactly once."""
+    server_dir, state = mlflow_server
+    stores = {"sqlite": (tmp_path, f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/mlflow.db", 8),
+              "server": (server_dir, state["uri"], "server", 4)}
+    parents, jobs = {}, []
+    for store, (workdir, uri_now, uri_for_jobs, count) in stores.items():
+        tracking = workdir / f"tracking_{store}.json"
+        parents[store] = make_tracking_file(tracking, uri_now, uri_for_jobs)
+        for i in range(count):
+            method, lr = ("pgd_at", "0.05") if i % 2 else ("deat", "0.1")
+            args = [*TRAIN, "--method", method, "--lr", lr, "--seed", str(i), "--epochs", "2",
+                    "--out", f"runs_{store}/job{i}", "--mlflow", str(tracking)]
+            jobs.append(subprocess.Popen([sys.executable, "-m", "deat", "train", *args], cwd=workdir, env=job_env(),
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [job.communicate(timeout=600)[0] for job in jobs]
     for job, output in zip(jobs, outputs):
         assert job.returncode == 0 and "Traceback" not in output, output[-2000:]
 
-    runs = child_runs(uri_now, parent)
-    assert sorted(r.data.tags["deat.run_dir"] for r in runs) == [f"runs_{store}/job{i}" for i in range(8)]
-    for run in runs:
-        metrics = json.loads((workdir / run.data.tags["deat.run_dir"] / "metrics.json").read_text())
-        assert len(metrics["epochs"]) == 2
-        assert_mlflow_holds_run(uri_now, run, metrics)
+    for store, (workdir, uri_now, _, count) in stores.items():
+        runs = child_runs(uri_now, parents[store])
+        assert sorted(r.data.tags["deat.run_dir"] for r in runs) == [f"runs_{store}/job{i}" for i in range(count)]
+        for run in runs:
+            metrics = json.loads((workdir / run.data.tags["deat.run_dir"] / "metrics.json").read_text())
+            assert len(metrics["epochs"]) == 2
+            assert_mlflow_holds_run(uri_now, run, metrics)
 
 
 # ------------------------------------------------------------------------------------------------ kill -9
@@ -217,51 +217,57 @@ def test_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path)
 @pytest.mark.slow
 def test_snakemake_killed_mid_dag_resumes_to_the_uninterrupted_result(tmp_path, finished_tiny_study):
     """SIGKILL of Snakemake's whole process group (its jobs too) mid-DAG; then the same command again. Also the
-    server's life cycle: the killed run's server goes with it, the rerun starts and stops its own."""
-    write_config(tmp_path, SERVER_STUDY)
-    killed = subprocess.Popen(snakemake_command(tmp_path, "--cores", "2"), env=job_env(), start_new_session=True,
+    server's life cycle: the killed run's server goes with it, the rerun starts and stops its own. The DAG left to
+    run is the session study's DEAT run (deleted from a copy): its training, its evaluation and the report."""
+    workdir = copy_finished_study(finished_tiny_study, tmp_path / "study")
+    deat_run = forget_run(workdir, "deat")
+    [pgd_at_last] = (workdir / "results/runs").glob("*/*/pgd_at/*/*/last.pt")
+    pgd_at_written = pgd_at_last.stat().st_mtime_ns
+    write_config(workdir, SERVER_STUDY)
+    killed = subprocess.Popen(snakemake_command(workdir, "--cores", "2"), env=job_env(), start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # The first metrics.json (running/ has one after every epoch): the kill lands just after an epoch, where a
-    # resumed run must still log that epoch to MLflow.
-    wait_until(lambda: any((tmp_path / "results/runs").rglob("metrics.json")), 600, "a finished epoch")
-    killed_server = json.loads(server.state_file(tmp_path / "results").read_text())
+    # The DEAT run's first metrics.json (running/ has one after every epoch): the kill lands just after an epoch,
+    # where a resumed run must still log that epoch to MLflow.
+    wait_until(lambda: any(deat_run.rglob("metrics.json")), 600, "a finished epoch")
+    killed_server = json.loads(server.state_file(workdir / "results").read_text())
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait(timeout=60)
-    assert not (tmp_path / "results/tables/tiny").exists()
+    assert not (deat_run / "metrics.json").exists()
     # No onerror hook runs after SIGKILL: the kernel's parent-death signal stops the server.
     port = int(killed_server["uri"].rsplit(":", 1)[1])
-    wait_until(lambda: not mlflow_processes_under(tmp_path) and not listening_addresses(port), 60,
+    wait_until(lambda: not mlflow_processes_under(workdir) and not listening_addresses(port), 60,
                f"the killed run's server (pid {killed_server['pid']}) to stop")
 
-    unlock = snakemake(tmp_path, "--unlock")  # SIGKILL left Snakemake's directory lock behind
+    unlock = snakemake(workdir, "--unlock")  # SIGKILL left Snakemake's directory lock behind
     assert unlock.returncode == 0, unlock.stderr[-2000:]
-    rerun = snakemake(tmp_path, "--cores", "2", "--rerun-incomplete")
+    rerun = snakemake(workdir, "--cores", "2", "--rerun-incomplete")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "MLflow server http://127.0.0.1:" in rerun.stderr and "stopped" in rerun.stderr
-    assert not server.state_file(tmp_path / "results").exists() and not mlflow_processes_under(tmp_path)
+    assert not server.state_file(workdir / "results").exists() and not mlflow_processes_under(workdir)
+    assert pgd_at_last.stat().st_mtime_ns == pgd_at_written  # the finished run was not trained again
 
-    manifest = json.loads((tmp_path / "results/studies/tiny/manifest.json").read_text())
+    manifest = json.loads((workdir / "results/studies/tiny/manifest.json").read_text())
     assert len(manifest["runs"]) == 2
     for run in manifest["runs"]:
-        resumed = json.loads((tmp_path / run["dir"] / "metrics.json").read_text())
+        resumed = json.loads((workdir / run["dir"] / "metrics.json").read_text())
         reference = json.loads((finished_tiny_study / run["dir"] / "metrics.json").read_text())
         assert without_timing(resumed["epochs"]) == without_timing(reference["epochs"]), run["dir"]
-        assert_same_weights(tmp_path / run["dir"] / "last.pt", finished_tiny_study / run["dir"] / "last.pt")
-        evaluated = json.loads((tmp_path / run["eval"]).read_text())["checkpoints"]
+        assert_same_weights(workdir / run["dir"] / "last.pt", finished_tiny_study / run["dir"] / "last.pt")
+        evaluated = json.loads((workdir / run["eval"]).read_text())["checkpoints"]
         expected = json.loads((finished_tiny_study / run["eval"]).read_text())["checkpoints"]
         for checkpoint in ("best", "last"):
             for key in ("clean_acc", "pgd10_acc", "pgd_acc", "aa_acc"):
                 assert evaluated[checkpoint][key] == expected[checkpoint][key], (run["dir"], checkpoint, key)
 
-    uri = f"sqlite:///{tmp_path}/results/mlflow/mlflow.db"  # the server is gone; read its store directly
-    parent = json.loads((tmp_path / "results/studies/tiny/mlflow.json").read_text())["parent_run_id"]
+    uri = f"sqlite:///{workdir}/results/mlflow/mlflow.db"  # the server is gone; read its store directly
+    parent = json.loads((workdir / "results/studies/tiny/mlflow.json").read_text())["parent_run_id"]
     runs = child_runs(uri, parent)
     assert len(runs) == 2  # no duplicate MLflow run for a resumed job
     for run in runs:
-        metrics = json.loads((tmp_path / run.data.tags["deat.run_dir"] / "metrics.json").read_text())
+        metrics = json.loads((workdir / run.data.tags["deat.run_dir"] / "metrics.json").read_text())
         assert_mlflow_holds_run(uri, run, metrics)
 
-    again = snakemake(tmp_path, "--cores", "2")
+    again = snakemake(workdir, "--cores", "2")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
     assert "MLflow server" not in again.stderr  # nothing to do: no server started
 

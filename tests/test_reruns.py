@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_reliability import TRAIN, deat, job_env, snakemake, wait_until, write_config
-from tiny_study import FINISHED_STUDY, tiny_study
+from tiny_study import FINISHED_STUDY, copy_finished_study, forget_run, tiny_study
 
 from deat.checkpoint import save_checkpoint, write_json
 from deat.config import TrainConfig, run_identity
@@ -72,16 +72,8 @@ def finished_study(finished_tiny_study, tmp_path_factory) -> Path:
     """PGD_AT_STUDY, finished: a copy of the session's finished study without its DEAT run (directory, logs and
     MLflow run deleted), rerun under PGD_AT_STUDY's config. That rerun rewrites the study's manifest and tables and
     must train and evaluate nothing: the PGD-AT run's identity leaves k1 out."""
-    from mlflow.tracking import MlflowClient
-
-    workdir = tmp_path_factory.mktemp("finished") / "study"
-    shutil.copytree(finished_tiny_study, workdir, symlinks=True)
-    [deat_run] = (workdir / "results/runs").glob("*/*/deat/*/*")
-    client = MlflowClient(f"sqlite:///{workdir}/results/mlflow/mlflow.db")
-    client.delete_run((deat_run / "mlflow_run_id").read_text().strip())
-    shutil.rmtree(deat_run)
-    for rule in ("train", "evaluate"):  # and its jobs' logs
-        shutil.rmtree(workdir / "results/logs" / rule / deat_run.parent.relative_to(workdir / "results/runs"))
+    workdir = copy_finished_study(finished_tiny_study, tmp_path_factory.mktemp("finished") / "study")
+    forget_run(workdir, "deat")
     write_config(workdir, PGD_AT_STUDY)
     result = snakemake(workdir, "--cores", "2")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -94,7 +86,7 @@ def finished_study(finished_tiny_study, tmp_path_factory) -> Path:
 def study(finished_study, tmp_path) -> Path:
     """A private copy of the finished study (mtimes, Snakemake's metadata and the MLflow store included)."""
     workdir = tmp_path / "study"
-    shutil.copytree(finished_study, workdir, symlinks=True)
+    copy_finished_study(finished_study, workdir)
     return workdir
 
 
@@ -290,7 +282,6 @@ def test_a_failed_workflow_leaves_no_study_running_in_mlflow(tmp_path):
 
 # ------------------------------------------------------------------------------------------ resuming
 
-@pytest.mark.slow
 def readme_commands(after: str) -> list[str]:
     """The commands of the first bash block after the line containing `after` in README.md, comments removed."""
     text = (REPO / "README.md").read_text()
@@ -316,6 +307,7 @@ def run_as_written(command: str, cwd: Path, timeout: int = 900, background: bool
     return subprocess.run(argv, cwd=cwd, env=job_env(), capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_the_readme_resume_commands_as_written_resume_a_custom_study_killed_with_kill_9(tmp_path):
     """Issue 12, case 5b, and issue 26: the README's resume block, run as written, on a study started with
     --config/--configfile and killed with kill -9 mid-training; the bare command names the interrupted run."""

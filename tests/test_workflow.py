@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_study import FINISHED_STUDY, snakemake, tiny_study, write_config
+from tiny_study import FINISHED_STUDY, copy_finished_study, snakemake, tiny_study, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -28,7 +28,7 @@ EPOCH_METRICS = ("lr", "train_loss", "train_robust_acc", "val_clean_acc", "val_p
 def tiny_study(finished_tiny_study, tmp_path_factory):
     """A private copy of the session's finished study (conftest.py), Snakemake's metadata and file times included."""
     workdir = tmp_path_factory.mktemp("workflow") / "study"
-    shutil.copytree(finished_tiny_study, workdir, symlinks=True)
+    copy_finished_study(finished_tiny_study, workdir)
     return workdir
 
 

@@ -1,10 +1,16 @@
 """The tiny study the end-to-end tests run with the real snakemake (seconds per job on one CPU core), and the
-helpers that run it: a config file in a folder, the jobs' environment, the snakemake command line."""
+helpers that run it: a config file in a folder, the jobs' environment, the snakemake command line.
+
+    python tests/tiny_study.py DIR    # run FINISHED_STUDY in DIR (what conftest starts once per test session)
+"""
 
 import copy
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import yaml
@@ -43,6 +49,36 @@ def write_config(workdir: Path, config: dict) -> None:
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
 
 
+# Where MLflow's sqlite store keeps absolute artifact paths (file: URIs): a copied store must point at its own copy.
+ARTIFACT_COLUMNS = {"experiments": "artifact_location", "runs": "artifact_uri", "logged_models": "artifact_location"}
+
+
+def copy_finished_study(source: Path, workdir: Path) -> Path:
+    """A private copy of a finished study folder (file times and Snakemake's metadata kept) whose MLflow store
+    writes into the copy: without the rewrite, a run or report in the copy would log its artifacts into `source`."""
+    shutil.copytree(source, workdir, symlinks=True)
+    store = workdir / "results/mlflow/mlflow.db"
+    if store.is_file():
+        with sqlite3.connect(store) as db:
+            for table, column in ARTIFACT_COLUMNS.items():
+                db.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)", (str(source), str(workdir)))
+        db.close()
+    return workdir
+
+
+def forget_run(workdir: Path, method: str) -> Path:
+    """Delete the one run of `method` from a copied finished study: its folder, its train and evaluate logs and its
+    MLflow run, so that the workflow has that run to train again. Returns the run's folder."""
+    from mlflow.tracking import MlflowClient
+
+    [run] = (workdir / "results/runs").glob(f"*/*/{method}/*/*")
+    MlflowClient(f"sqlite:///{workdir}/results/mlflow/mlflow.db").delete_run((run / "mlflow_run_id").read_text().strip())
+    shutil.rmtree(run)
+    for rule in ("train", "evaluate"):
+        shutil.rmtree(workdir / "results/logs" / rule / run.parent.relative_to(workdir / "results/runs"))
+    return run
+
+
 def job_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
@@ -55,3 +91,28 @@ def snakemake_command(workdir: Path, *args: str) -> list[str]:
 def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(snakemake_command(workdir, *args), env=job_env(), capture_output=True, text=True,
                           timeout=timeout)
+
+
+STUDY_RETURNCODE = "snakemake_returncode"  # written last by build_finished_study: the study is complete
+
+
+def build_finished_study(workdir: Path) -> int:
+    """Run FINISHED_STUDY to the end in `workdir`; its output goes to snakemake_output.txt, then its exit status
+    to STUDY_RETURNCODE (written last, atomically: a reader that sees it sees the finished folder)."""
+    try:
+        write_config(workdir, FINISHED_STUDY)
+        result = snakemake(workdir, "--cores", "2", timeout=900)
+        output, returncode = result.stdout + result.stderr, result.returncode
+    except subprocess.TimeoutExpired as err:
+        output, returncode = f"snakemake timed out after {err.timeout} s", -1
+    except Exception:  # noqa: BLE001 - the waiting tests must see why, not wait out their timeout
+        output, returncode = traceback.format_exc(), -1
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "snakemake_output.txt").write_text(output)
+    (workdir / f"{STUDY_RETURNCODE}.tmp").write_text(str(returncode))
+    os.replace(workdir / f"{STUDY_RETURNCODE}.tmp", workdir / STUDY_RETURNCODE)
+    return returncode
+
+
+if __name__ == "__main__":
+    sys.exit(0 if build_finished_study(Path(sys.argv[1])) == 0 else 1)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_study import copy_finished_study
 
 SCRIPT = Path(__file__).resolve().parent / "check_mlflow_ui.py"
 
@@ -17,7 +18,7 @@ def test_mlflow_ui_opens_the_readmes_url_on_the_runs_table_and_shows_the_study_a
                                                                                            finished_tiny_study):
     screenshot, runs_table = tmp_path / "mlflow_ui.png", tmp_path / "mlflow_ui_runs.png"
     workdir = tmp_path / "study"  # a private copy: the server reads the store, other tests may share the original
-    shutil.copytree(finished_tiny_study, workdir, symlinks=True)
+    copy_finished_study(finished_tiny_study, workdir)
     result = subprocess.run([sys.executable, str(SCRIPT), "--workdir", str(workdir), "--screenshot", str(screenshot),
                              "--readme-screenshot", str(runs_table)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
