@@ -58,16 +58,17 @@ def json_value(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-SUMMARY_DIGITS = 12
+SUMMARY_DIGITS = 9
 
 
 def rounded(value, digits: int = SUMMARY_DIGITS):
     """`value` (nested dicts and lists) with every float rounded to `digits` significant digits, for summary.json.
 
-    A statistic's last bits depend on the summation order of the numpy/scipy build and its BLAS (seen: a Pearson r
-    differing in the 17th digit between two environments), so full-precision floats would make a regenerated
-    summary.json differ from the committed one although no result changed. 12 digits keep far more than any table
-    shows."""
+    A statistic's last bits depend on the numpy/scipy/statsmodels build and its BLAS: seen, a Pearson r differing in
+    the 17th digit between two environments, and an ANOVA F (a ratio of sums of squares that partly cancel)
+    differing in the 12th (0.521097046413 vs 0.521097046414). Full-precision floats, or 12 digits, would make a
+    regenerated summary.json differ from the committed one although no result changed. 9 digits keep far more than
+    any table shows (at most 4) and leave three orders of magnitude for such noise."""
     if isinstance(value, float):
         return float(f"{value:.{digits}g}") if math.isfinite(value) else value
     if isinstance(value, dict):
