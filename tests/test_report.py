@@ -195,8 +195,8 @@ def test_correlations_match_scipys_exact_tests_on_the_seed_means(full_report):
                 statistic, p = exact_p(x, means, test)
                 (got,) = [r for r in summary["table3_correlation"] if r["method"] == method and r["x"] == x_name
                           and r["test"] == test and r["checkpoint"] == "best"]
-                assert got["statistic"] == pytest.approx(statistic, abs=1e-12)
-                assert got["p"] == pytest.approx(p, rel=1e-9), (method, x_name, test)
+                assert got["statistic"] == pytest.approx(statistic, rel=1e-8)  # summary.json keeps 9 digits
+                assert got["p"] == pytest.approx(p, rel=1e-8), (method, x_name, test)
     text = (root / "tables" / "table3_correlation.csv").read_text(encoding="utf-8")
     means = np.array([statistics.mean(best_pgd10("deat", lr, b, s) for s in SEEDS) for lr in LRS
                       for b in BATCH_SIZES])
