@@ -24,7 +24,8 @@ import torch
 
 from deat import server
 from deat.config import NON_RESULT_KEYS, unused_options
-from tiny_study import FINISHED_STUDY, copy_finished_study, forget_run, job_env, snakemake, snakemake_command, write_config
+from tiny_study import (FINISHED_STUDY, copy_finished_study, forget_run, job_env, snakemake, snakemake_command,
+                        write_config)
 
 TRAIN = ["--dataset", "mnist5k", "--arch", "small_cnn", "--width", "8", "--batch-size", "256", "--eps", "0.1",
          "--pgd-steps", "2", "--val-size", "200", "--eval-examples", "100", "--eval-pgd-steps", "3",

@@ -72,7 +72,8 @@ def forget_run(workdir: Path, method: str) -> Path:
     from mlflow.tracking import MlflowClient
 
     [run] = (workdir / "results/runs").glob(f"*/*/{method}/*/*")
-    MlflowClient(f"sqlite:///{workdir}/results/mlflow/mlflow.db").delete_run((run / "mlflow_run_id").read_text().strip())
+    client = MlflowClient(f"sqlite:///{workdir}/results/mlflow/mlflow.db")
+    client.delete_run((run / "mlflow_run_id").read_text().strip())
     shutil.rmtree(run)
     for rule in ("train", "evaluate"):
         shutil.rmtree(workdir / "results/logs" / rule / run.parent.relative_to(workdir / "results/runs"))
